@@ -1,0 +1,5 @@
+import asyncio
+
+from core_service.app import main
+
+asyncio.run(main())

@@ -1,0 +1,111 @@
+"""The core process: RPC handlers over NATS, the outbox relay and housekeeping."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from core_service import VERSION
+from core_service.admin import Admin
+from core_service.context import CoreContext
+from core_service.db import Database
+from core_service.keys import Vault, load_master_key
+from core_service.mfa import Mfa
+from core_service.outbox import OutboxRelay
+from core_service.settings import CoreSettings
+from events import subjects
+from events.bus import Bus
+from events.clock import Clock, SystemClock
+from events.logs import configure_logging
+from events.service import stop_event
+from schemas import rpc
+
+log = logging.getLogger("core_service")
+
+HOUSEKEEPING_INTERVAL_S = 30
+
+
+class Core:
+    """The wiring of one core process; tests run it in-process too."""
+
+    def __init__(self, settings: CoreSettings, *, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.db = Database(settings.resolved_database_url())
+        secret = settings.secret_key.get_secret_value() if settings.secret_key else None
+        self.vault = Vault(load_master_key(secret, settings.state_dir))
+        self.bus: Bus | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.settings.auto_migrate:
+            await self.db.migrate()
+        self.bus = await Bus.connect(
+            self.settings.nats_url, "core", publish_timeout_s=self.settings.publish_timeout_s
+        )
+        await self.bus.ensure_streams()
+        relay = OutboxRelay(self.db, self.bus, self.clock)
+        ctx = CoreContext(settings=self.settings, db=self.db, vault=self.vault, clock=self.clock, relay=relay)
+        self.mfa = Mfa(ctx)
+        self.admin = Admin(ctx)
+        await relay.flush()  # what a previous run committed but could not publish
+        for subject, request_type, handler in self._routes():
+            await self.bus.serve_rpc(subject, request_type, handler)
+        self._tasks = [
+            asyncio.create_task(relay.run(self.settings.outbox_interval_s), name="outbox"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+        log.info("core ready (version %s, database %s)", VERSION, self.db.engine.url.render_as_string(hide_password=True))
+
+    def _routes(self) -> list[tuple[str, type, object]]:
+        admin, mfa = self.admin, self.mfa
+        return [
+            (subjects.RPC_CORE_HELLO, rpc.CoreHello, self._hello),
+            (subjects.RPC_MFA_START, rpc.MfaStartRequest, mfa.start),
+            (subjects.RPC_MFA_FINISH, rpc.MfaFinishRequest, mfa.finish),
+            (subjects.admin_rpc("location_add"), rpc.LocationAddRequest, admin.location_add),
+            (subjects.admin_rpc("location_list"), rpc.Empty, lambda _req: admin.location_list()),
+            (subjects.admin_rpc("gateway_credentials"), rpc.GatewayCredentialsRequest, admin.gateway_credentials),
+            (subjects.admin_rpc("user_add"), rpc.UserAddRequest, admin.user_add),
+            (subjects.admin_rpc("user_list"), rpc.Empty, lambda _req: admin.user_list()),
+            (subjects.admin_rpc("totp_enroll"), rpc.TotpEnrollRequest, admin.totp_enroll),
+            (subjects.admin_rpc("totp_confirm"), rpc.TotpConfirmRequest, admin.totp_confirm),
+            (subjects.admin_rpc("device_add"), rpc.DeviceAddRequest, admin.device_add),
+            (subjects.admin_rpc("device_list"), rpc.DeviceListRequest, admin.device_list),
+            (subjects.admin_rpc("sessions"), rpc.SessionsRequest, admin.sessions),
+            (subjects.admin_rpc("revoke"), rpc.RevokeRequest, admin.revoke),
+        ]
+
+    async def _hello(self, _req: rpc.CoreHello) -> rpc.CoreHelloResult:
+        return rpc.CoreHelloResult(rpc_public_key=self.vault.rpc_public_key, version=VERSION)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            try:
+                expired = await self.mfa.expire_logins()
+                if expired:
+                    log.info("expired %s MFA logins", expired)
+            except Exception as exc:
+                log.warning("housekeeping: %s", exc)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.bus is not None:
+            await self.bus.close()
+        await self.db.close()
+
+
+async def main() -> None:
+    settings = CoreSettings()
+    configure_logging("core", settings.log_level)
+    core = Core(settings)
+    stop = stop_event()
+    await core.start()
+    await stop.wait()
+    log.info("core stopping")
+    await core.stop()

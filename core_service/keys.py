@@ -1,0 +1,72 @@
+"""The core's master key and what derives from it: encryption at rest and the RPC key."""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+
+from nacl.exceptions import CryptoError
+from nacl.hash import blake2b
+from nacl.encoding import RawEncoder
+from nacl.public import PrivateKey
+from nacl.secret import SecretBox
+from nacl.utils import random
+
+from events.sealing import b64encode, unseal
+
+_PREFIX = "v1:"
+
+
+class SecretKeyError(ValueError):
+    pass
+
+
+def load_master_key(configured: str | None, state_dir: Path) -> bytes:
+    """The configured key, else the state directory's key file, created on first use."""
+    if configured:
+        try:
+            key = base64.b64decode(configured, validate=True)
+        except (binascii.Error, ValueError):
+            raise SecretKeyError("WGMFA_SECRET_KEY is not valid base64") from None
+        if len(key) != 32:
+            raise SecretKeyError("WGMFA_SECRET_KEY must be 32 bytes (base64)")
+        return key
+    path = state_dir / "core-secret.key"
+    if path.exists():
+        return load_master_key(path.read_text().strip(), state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key = random(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(b64encode(key) + "\n")
+    return key
+
+
+def _derive(master: bytes, purpose: bytes) -> bytes:
+    return blake2b(b"", key=master, person=purpose, digest_size=32, encoder=RawEncoder)
+
+
+class Vault:
+    """Encrypts secrets at rest (XSalsa20-Poly1305) and opens what was sealed to the core."""
+
+    def __init__(self, master: bytes) -> None:
+        self._box = SecretBox(_derive(master, b"wgmfa-at-rest"))
+        rpc_private = PrivateKey(_derive(master, b"wgmfa-rpc-key"))
+        self._rpc_private = b64encode(bytes(rpc_private))
+        self.rpc_public_key = b64encode(bytes(rpc_private.public_key))
+
+    def encrypt(self, plaintext: str) -> str:
+        return _PREFIX + b64encode(self._box.encrypt(plaintext.encode()))
+
+    def decrypt(self, stored: str) -> str:
+        if not stored.startswith(_PREFIX):
+            raise SecretKeyError("unknown encryption format")
+        try:
+            return self._box.decrypt(base64.b64decode(stored[len(_PREFIX):])).decode()
+        except CryptoError:
+            raise SecretKeyError("stored secret cannot be decrypted with this key (WGMFA_SECRET_KEY changed?)") from None
+
+    def open_sealed(self, sealed: str) -> str:
+        """Opens a value a caller sealed to the RPC key; raises events.sealing.SealError."""
+        return unseal(self._rpc_private, sealed).decode()

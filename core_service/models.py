@@ -1,0 +1,160 @@
+"""SQL tables (sqlmodel). Every datetime is timezone-aware UTC; secrets are stored
+encrypted (`*_enc`) or hashed (`*_hash`)."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import Column, Index, JSON, UniqueConstraint, text
+from sqlmodel import Field, SQLModel
+
+from schemas.common import utcnow
+
+_LIVE_SESSION = text("state IN ('authorized', 'connected')")
+_LIVE_LOGIN = text("state IN ('pending', 'approved')")
+_UNPUBLISHED = text("published_at IS NULL")
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "user"
+    __table_args__ = (UniqueConstraint("oidc_issuer", "oidc_subject", name="uq_user_oidc_identity"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    username: str = Field(max_length=64, unique=True)
+    email: str = Field(max_length=254)
+    is_active: bool = True
+    totp_secret_enc: str | None = None
+    totp_pending_secret_enc: str | None = Field(default=None, description="enrolled, not yet confirmed")
+    totp_last_step: int | None = Field(default=None, description="the last accepted TOTP time step")
+    email_mfa_enabled: bool = False
+    mfa_failures: int = Field(default=0, description="consecutive failed factors, reset on success")
+    mfa_locked_until: datetime | None = None
+    oidc_issuer: str | None = Field(default=None, max_length=512)
+    oidc_subject: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "device"
+    __table_args__ = (UniqueConstraint("user_id", "name", name="uq_device_user_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    name: str = Field(max_length=64)
+    pubkey: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class MobileKey(SQLModel, table=True):
+    __tablename__ = "mobile_key"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    device_id: int = Field(foreign_key="device.id", unique=True)
+    public_key: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Location(SQLModel, table=True):
+    __tablename__ = "location"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    endpoint: str = Field(max_length=255)
+    listen_port: int
+    network: str = Field(max_length=64)
+    gateway_address: str = Field(max_length=64)
+    wg_public_key: str = Field(max_length=64)
+    wg_private_key_enc: str
+    sealing_public_key: str = Field(max_length=64)
+    sealing_private_key_enc: str
+    mfa_mode: str = Field(max_length=16)
+    peer_disconnect_threshold_s: int = 300
+    session_lifetime_s: int = 43200
+    keepalive_s: int = 25
+    allowed_groups: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class LocationDevice(SQLModel, table=True):
+    __tablename__ = "location_device"
+    __table_args__ = (UniqueConstraint("location_id", "address", name="uq_location_device_address"),)
+
+    location_id: int = Field(foreign_key="location.id", primary_key=True)
+    device_id: int = Field(foreign_key="device.id", primary_key=True)
+    address: str = Field(max_length=64)
+    generation: int = Field(default=0, description="the last peer-state generation issued")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class MfaLogin(SQLModel, table=True):
+    __tablename__ = "mfa_login"
+    __table_args__ = (
+        Index(
+            "uq_mfa_login_live",
+            "location_id",
+            "device_id",
+            unique=True,
+            sqlite_where=_LIVE_LOGIN,
+            postgresql_where=_LIVE_LOGIN,
+        ),
+    )
+
+    id: uuid.UUID = Field(primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    location_id: int = Field(foreign_key="location.id")
+    device_id: int = Field(foreign_key="device.id", index=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    method: str = Field(max_length=16)
+    state: str = Field(max_length=16)
+    challenge: str | None = Field(default=None, max_length=128)
+    email_code_hash: str | None = Field(default=None, max_length=64)
+    failed_attempts: int = 0
+    client_ip: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime = Field(index=True)
+    finished_at: datetime | None = None
+
+
+class VpnSession(SQLModel, table=True):
+    __tablename__ = "vpn_session"
+    __table_args__ = (
+        UniqueConstraint("location_id", "device_id", "generation", name="uq_vpn_session_generation"),
+        Index(
+            "uq_vpn_session_live",
+            "location_id",
+            "device_id",
+            unique=True,
+            sqlite_where=_LIVE_SESSION,
+            postgresql_where=_LIVE_SESSION,
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    generation: int
+    location_id: int = Field(foreign_key="location.id")
+    device_id: int = Field(foreign_key="device.id", index=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    login_id: uuid.UUID | None = None
+    method: str = Field(max_length=16)
+    psk_enc: str | None = Field(default=None, description="deleted on revoke")
+    state: str = Field(max_length=16)
+    authorized_at: datetime
+    connected_at: datetime | None = None
+    expires_at: datetime
+    revoked_at: datetime | None = None
+    revoke_reason: str | None = Field(default=None, max_length=32)
+
+
+class Outbox(SQLModel, table=True):
+    """Messages committed with the change that caused them, published after the commit."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_unpublished", "id", sqlite_where=_UNPUBLISHED, postgresql_where=_UNPUBLISHED),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16, description="peer: compare-and-set on the peer subject; event: audit")
+    event_type: str = Field(max_length=64)
+    payload: str
+    created_at: datetime = Field(default_factory=utcnow)
+    published_at: datetime | None = None

@@ -1,0 +1,195 @@
+"""VPN sessions: issuing a PSK (authorize), revoking, and the lookups both need."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core_service.context import CoreContext
+from core_service.models import Device, Location, LocationDevice, User, VpnSession
+from core_service.outbox import enqueue_event, enqueue_peer_state
+from events.sealing import generate_psk, seal
+from schemas.common import LIVE_SESSION_STATES, MfaMode, RevokeReason, SessionState
+from schemas.events import PeerAuthorized, PeerRevoked, SessionAuthorized, SessionRevoked
+from schemas.rpc import ErrorStatus, RpcFailure
+
+
+def names(location: Location, device: Device, user: User) -> dict[str, object]:
+    """The identifying fields every audit event about a device at a location carries."""
+    return {
+        "location_id": location.id,
+        "location_name": location.name,
+        "device_id": device.id,
+        "device_name": device.name,
+        "user_id": user.id,
+        "username": user.username,
+    }
+
+
+async def find_location(session: AsyncSession, ref: str | int) -> Location:
+    """A location by id or name; 404 when there is none."""
+    location = None
+    text = str(ref)
+    if text.isdigit():
+        location = await session.get(Location, int(text))
+    if location is None:
+        location = (await session.exec(select(Location).where(Location.name == text))).first()
+    if location is None:
+        raise RpcFailure(ErrorStatus.NOT_FOUND, f"location {text} not found")
+    return location
+
+
+async def find_user(session: AsyncSession, username: str) -> User:
+    user = (await session.exec(select(User).where(User.username == username))).first()
+    if user is None:
+        raise RpcFailure(ErrorStatus.NOT_FOUND, f"user {username} not found")
+    return user
+
+
+async def lock_location_device(session: AsyncSession, location_id: int, device_id: int) -> LocationDevice:
+    """The device's row at the location, locked: it holds the generation counter."""
+    row = (
+        await session.exec(
+            select(LocationDevice)
+            .where(LocationDevice.location_id == location_id, LocationDevice.device_id == device_id)
+            .with_for_update()
+        )
+    ).first()
+    if row is None:
+        raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "device not found")
+    return row
+
+
+def peer_authorized(
+    ctx: CoreContext,
+    location: Location,
+    device: Device,
+    placement: LocationDevice,
+    *,
+    session_id: int | None,
+    psk: str | None,
+    authorized_at: datetime,
+    expires_at: datetime | None,
+) -> PeerAuthorized:
+    mfa = location.mfa_mode != MfaMode.DISABLED
+    return PeerAuthorized(
+        location_id=location.id,  # type: ignore[arg-type]
+        device_id=device.id,  # type: ignore[arg-type]
+        generation=placement.generation,
+        session_id=session_id,
+        pubkey=device.pubkey,
+        allowed_ips=[f"{placement.address.split('/')[0]}/32"],
+        keepalive_s=location.keepalive_s,
+        psk_sealed=seal(location.sealing_public_key, psk) if psk else None,
+        authorized_at=authorized_at,
+        expires_at=expires_at,
+        threshold_s=location.peer_disconnect_threshold_s if mfa else None,
+    )
+
+
+async def revoke(
+    session: AsyncSession,
+    vpn_session: VpnSession,
+    location: Location,
+    device: Device,
+    user: User,
+    reason: RevokeReason,
+    now: datetime,
+    *,
+    publish_peer: bool = True,
+) -> None:
+    """Mark a live session revoked, forget its PSK, and (unless a newer authorize replaces
+    it) tell every gateway to remove the peer."""
+    previous = SessionState(vpn_session.state)
+    vpn_session.state = SessionState.REVOKED
+    vpn_session.revoked_at = now
+    vpn_session.revoke_reason = reason
+    vpn_session.psk_enc = None
+    session.add(vpn_session)
+    enqueue_event(
+        session,
+        SessionRevoked(
+            **names(location, device, user),
+            session_id=vpn_session.id,
+            generation=vpn_session.generation,
+            reason=reason,
+            previous_state=previous,
+        ),
+    )
+    if publish_peer:
+        enqueue_peer_state(
+            session,
+            PeerRevoked(
+                location_id=location.id,  # type: ignore[arg-type]
+                device_id=device.id,  # type: ignore[arg-type]
+                generation=vpn_session.generation,
+                session_id=vpn_session.id,
+                pubkey=device.pubkey,
+                reason=reason,
+            ),
+        )
+
+
+async def authorize(
+    ctx: CoreContext,
+    session: AsyncSession,
+    location: Location,
+    device: Device,
+    user: User,
+    *,
+    method: str,
+    login_id: object,
+    now: datetime,
+) -> tuple[VpnSession, str]:
+    """Issue a fresh PSK for the device at the location: supersede its live session, take
+    the next generation, and queue peer.authorized (PSK sealed to the location)."""
+    placement = await lock_location_device(session, location.id, device.id)  # type: ignore[arg-type]
+    live = (
+        await session.exec(
+            select(VpnSession).where(
+                VpnSession.location_id == location.id,
+                VpnSession.device_id == device.id,
+                col(VpnSession.state).in_(LIVE_SESSION_STATES),
+            )
+        )
+    ).all()
+    for old in live:
+        await revoke(session, old, location, device, user, RevokeReason.REPLACED, now, publish_peer=False)
+    await session.flush()  # the old session leaves the live index before the new one enters
+
+    placement.generation += 1
+    session.add(placement)
+    psk = generate_psk()
+    expires_at = now + timedelta(seconds=location.session_lifetime_s)
+    vpn_session = VpnSession(
+        generation=placement.generation,
+        location_id=location.id,  # type: ignore[arg-type]
+        device_id=device.id,  # type: ignore[arg-type]
+        user_id=user.id,  # type: ignore[arg-type]
+        login_id=login_id,  # type: ignore[arg-type]
+        method=method,
+        psk_enc=ctx.vault.encrypt(psk),
+        state=SessionState.AUTHORIZED,
+        authorized_at=now,
+        expires_at=expires_at,
+    )
+    session.add(vpn_session)
+    await session.flush()
+    enqueue_peer_state(
+        session,
+        peer_authorized(
+            ctx, location, device, placement, session_id=vpn_session.id, psk=psk, authorized_at=now, expires_at=expires_at
+        ),
+    )
+    enqueue_event(
+        session,
+        SessionAuthorized(
+            **names(location, device, user),
+            session_id=vpn_session.id,
+            generation=vpn_session.generation,
+            method=method,  # type: ignore[arg-type]
+            expires_at=expires_at,
+        ),
+    )
+    return vpn_session, psk

@@ -1,0 +1,401 @@
+"""The NATS connection every service uses: events with envelopes, request/reply with
+error replies, JetStream consumers that dead-letter what they cannot decode."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy as JsAckPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
+from pydantic import BaseModel, ValidationError
+
+from events import headers as hdr
+from events import streams, subjects
+from schemas.events import PEER_STATE_ADAPTER, DeadLetter, Event, PeerAuthorized, PeerRevoked, peer_state_order
+from schemas.rpc import ErrorStatus, RpcError, RpcFailure, RpcReply
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Req = TypeVar("Req", bound=BaseModel)
+
+WRONG_LAST_SEQUENCE = 10071
+MAX_DLQ_PAYLOAD = 8192
+_SECRET_KEYS = re.compile(r"code|token|psk|preshared|secret|password|private|signature|sealed", re.I)
+_SECRET_PAIRS = re.compile(
+    r'("[^"]*(?:code|token|psk|preshared|secret|password|private|signature|sealed)[^"]*"\s*:\s*)"[^"]*"?',
+    re.I,
+)
+
+
+class BusUnavailable(Exception):
+    """The bus or the service behind a subject did not answer."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A reason without the offending values (they may be secrets)."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)[:1000]
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "[redacted]" if _SECRET_KEYS.search(str(k)) else _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def redact_payload(data: bytes) -> tuple[str, str]:
+    """(payload, encoding) for a DLQ copy: JSON with secret-looking fields masked, other text
+    with `"…secret…": "…"` pairs masked, anything else base64; at most 8 KiB."""
+    data = data[:MAX_DLQ_PAYLOAD]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode(), "base64"
+    try:
+        return json.dumps(_redact_value(json.loads(text))), "utf-8"
+    except ValueError:
+        return _SECRET_PAIRS.sub(r'\1"[redacted]"', text), "utf-8"
+
+
+@dataclass
+class PeerStateRecord:
+    sequence: int
+    state: PeerAuthorized | PeerRevoked | None  # None: the last message does not decode
+
+
+class Bus:
+    def __init__(self, nc: Client, service: str, *, publish_timeout_s: float = 5.0) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=publish_timeout_s)
+        self.service = service
+        self.publish_timeout_s = publish_timeout_s
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._subscriptions: list[Any] = []
+        self._consumers: list[asyncio.Task[Any]] = []
+        self.closing = False
+
+    # --- connection -------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        service: str,
+        *,
+        publish_timeout_s: float = 5.0,
+        wait_s: float | None = None,
+    ) -> "Bus":
+        """Connect, retrying until `wait_s` (None: forever); reconnect forever afterwards."""
+        loop = asyncio.get_running_loop()
+        deadline = None if wait_s is None else loop.time() + wait_s
+        delay = 0.2
+
+        bus: Bus | None = None
+
+        async def on_disconnected() -> None:
+            if bus is None or not bus.closing:
+                log.warning("disconnected from NATS")
+
+        async def on_reconnected() -> None:
+            log.info("reconnected to NATS")
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS error: %s", exc)
+
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=[u.strip() for u in url.split(",") if u.strip()],
+                    name=service,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                    error_cb=on_error,
+                )
+                bus = cls(nc, service, publish_timeout_s=publish_timeout_s)
+                return bus
+            except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+                if deadline is not None and loop.time() + delay > deadline:
+                    raise BusUnavailable(f"cannot connect to NATS at {url}: {exc}") from None
+                log.warning("waiting for NATS at %s: %s", url, exc or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def ensure_streams(self) -> None:
+        await streams.ensure_streams(self.js)
+
+    async def close(self) -> None:
+        self.closing = True
+        for task in self._consumers:
+            task.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+        for sub in self._subscriptions:
+            try:
+                await sub.drain()
+            except Exception:  # connection already gone
+                pass
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:
+                await self.nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    # --- events -----------------------------------------------------------------------
+
+    async def publish(
+        self,
+        subject: str,
+        event: Event,
+        *,
+        expected_last_subject_seq: int | None = None,
+        timeout: float | None = None,
+    ) -> PubAck:
+        """Publish to JetStream with `Nats-Msg-Id` = event_id and wait for the ack."""
+        headers = {hdr.MSG_ID: str(event.event_id), hdr.SERVICE: self.service}
+        if expected_last_subject_seq is not None:
+            headers[hdr.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_last_subject_seq)
+        return await self.js.publish(
+            subject,
+            event.model_dump_json().encode(),
+            headers=headers,
+            timeout=timeout or self.publish_timeout_s,
+        )
+
+    async def publish_event(self, event: Event) -> PubAck:
+        """An audit event on wgmfa.events.<type>."""
+        return await self.publish(subjects.event(event.type), event)
+
+    async def notify(self, subject: str, event: Event) -> None:
+        """Core NATS, no stream: a wake-up call that carries no secret."""
+        await self.nc.publish(subject, event.model_dump_json().encode(), headers={hdr.MSG_ID: str(event.event_id)})
+
+    # --- peer state: a compacted log ordered by generation --------------------------
+
+    async def last_peer_state(self, location_id: int, device_id: int) -> PeerStateRecord | None:
+        try:
+            raw = await self.js.get_last_msg(streams.PEERS.name, subjects.peer(location_id, device_id))
+        except nats.js.errors.NotFoundError:
+            return None
+        try:
+            state = PEER_STATE_ADAPTER.validate_json(raw.data or b"")
+        except ValidationError:
+            log.error("undecodable peer state at sequence %s; treating the subject as empty", raw.seq)
+            return PeerStateRecord(sequence=raw.seq or 0, state=None)
+        return PeerStateRecord(sequence=raw.seq or 0, state=state)
+
+    async def publish_peer_state(self, state: PeerAuthorized | PeerRevoked, *, attempts: int = 10) -> bool:
+        """Compare-and-set: publish only over an older state (by generation), with the
+        subject's last sequence expected, so that concurrent writers cannot put an older
+        state last. True when `state` is (now) the subject's last message."""
+        subject = subjects.peer(state.location_id, state.device_id)
+        for _ in range(attempts):
+            last = await self.last_peer_state(state.location_id, state.device_id)
+            if last is not None and last.state is not None:
+                if last.state.event_id == state.event_id:
+                    return True
+                if peer_state_order(last.state) >= peer_state_order(state):
+                    log.info(
+                        "not publishing %s generation %s on %s: %s generation %s is newer",
+                        state.type, state.generation, subject, last.state.type, last.state.generation,
+                    )
+                    return False
+            try:
+                await self.publish(subject, state, expected_last_subject_seq=last.sequence if last else 0)
+                return True
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+        raise BusUnavailable(f"could not publish to {subject}: the subject keeps changing")
+
+    # --- request/reply ----------------------------------------------------------------
+
+    async def request(self, subject: str, request: BaseModel, *, timeout: float) -> RpcReply:
+        try:
+            msg = await self.nc.request(subject, request.model_dump_json().encode(), timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise BusUnavailable(f"no service answers {subject}") from None
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            raise BusUnavailable(f"no reply on {subject} within {timeout:g} s") from None
+        except nats.errors.ConnectionClosedError:
+            raise BusUnavailable("not connected to NATS") from None
+        try:
+            return RpcReply.model_validate_json(msg.data)
+        except ValidationError as exc:
+            raise BusUnavailable(f"malformed reply on {subject}: {describe_validation_error(exc)}") from None
+
+    async def call(self, subject: str, request: BaseModel, result_type: type[T], *, timeout: float) -> T:
+        """request() that returns the typed result or raises RpcFailure."""
+        reply = await self.request(subject, request, timeout=timeout)
+        if not reply.ok or reply.error is not None:
+            error = reply.error or RpcError(status=ErrorStatus.INTERNAL, message="error reply without a reason")
+            raise RpcFailure(error.status, error.message, error.retry_after_s)
+        return result_type.model_validate(reply.result or {})  # type: ignore[attr-defined]
+
+    async def serve_rpc(
+        self,
+        subject: str,
+        request_type: type[Req],
+        handler: Callable[[Req], Awaitable[BaseModel | None]],
+        *,
+        queue: str = subjects.CORE_QUEUE,
+        concurrency: int = 64,
+    ) -> None:
+        """Answer requests on `subject`; a request that does not decode gets an
+        invalid_argument reply and a DLQ copy, and the service goes on."""
+        limit = asyncio.Semaphore(concurrency)
+
+        async def respond(msg: Msg, reply: RpcReply) -> None:
+            if msg.reply:
+                try:
+                    await msg.respond(reply.model_dump_json(exclude_none=True).encode())
+                except Exception as exc:
+                    log.warning("could not answer on %s: %s", subject, exc)
+
+        async def handle(msg: Msg) -> None:
+            try:
+                try:
+                    request = request_type.model_validate_json(msg.data)
+                except ValidationError as exc:
+                    reason = f"invalid {request_type.__name__}: {describe_validation_error(exc)}"
+                    await self.dead_letter(msg.subject, msg.data, msg.headers, reason)
+                    await respond(msg, RpcReply(ok=False, error=RpcError(status=ErrorStatus.INVALID_ARGUMENT, message=reason)))
+                    return
+                try:
+                    result = await handler(request)
+                except RpcFailure as failure:
+                    await respond(msg, RpcReply(ok=False, error=failure.error))
+                    return
+                except Exception:
+                    log.exception("handler for %s failed", subject)
+                    await respond(msg, RpcReply(ok=False, error=RpcError(status=ErrorStatus.INTERNAL, message="Internal server error")))
+                    return
+                await respond(msg, RpcReply(ok=True, result=result.model_dump(mode="json") if result else {}))
+            finally:
+                limit.release()
+
+        async def on_message(msg: Msg) -> None:
+            await limit.acquire()
+            task = asyncio.create_task(handle(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self._subscriptions.append(await self.nc.subscribe(subject, queue=queue, cb=on_message))
+
+    # --- JetStream consumers ----------------------------------------------------------
+
+    async def dead_letter(self, subject: str, data: bytes, headers: dict[str, str] | None, reason: str) -> None:
+        payload, encoding = redact_payload(data or b"")
+        letter = DeadLetter(
+            original_subject=subject,
+            service=self.service,
+            reason=reason,
+            headers={k: str(v)[:256] for k, v in (headers or {}).items()},
+            payload=payload,
+            payload_encoding=encoding,  # type: ignore[arg-type]
+        )
+        log.warning("dead-lettered a message from %s: %s", subject, reason)
+        try:
+            await self.publish(subjects.dlq(subject), letter)
+        except Exception as exc:
+            log.error("could not publish the DLQ copy of a message from %s: %s", subject, exc)
+
+    def consume(
+        self,
+        *,
+        stream: str,
+        durable: str | None,
+        filter_subject: str,
+        decode: Callable[[bytes], T],
+        handler: Callable[[T, Msg], Awaitable[None]],
+        deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
+        max_deliver: int = 10,
+        ack_wait_s: float = 30,
+        batch: int = 64,
+        on_idle: Callable[[], Awaitable[None]] | None = None,
+    ) -> asyncio.Task[None]:
+        """Run a pull consumer in the background. Acks after the handler returns; a handler
+        error redelivers with a growing delay, up to `max_deliver`, then dead-letters; a
+        message that does not decode is dead-lettered and terminated at once."""
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=JsAckPolicy.EXPLICIT,
+            deliver_policy=deliver_policy,
+            max_deliver=max_deliver,
+            ack_wait=ack_wait_s,
+            filter_subject=filter_subject,
+        )
+
+        async def process(msg: Msg) -> None:
+            try:
+                item = decode(msg.data)
+            except (ValidationError, ValueError) as exc:
+                reason = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+                await self.dead_letter(msg.subject, msg.data, msg.headers, f"undecodable: {reason}")
+                await msg.term()
+                return
+            try:
+                await handler(item, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delivered = msg.metadata.num_delivered
+                if delivered >= max_deliver:
+                    log.exception("giving up on a message from %s after %s deliveries", msg.subject, delivered)
+                    await self.dead_letter(msg.subject, msg.data, msg.headers, f"failed {delivered} times: {exc}")
+                    await msg.term()
+                else:
+                    log.warning("handler for %s failed (delivery %s): %s", msg.subject, delivered, exc)
+                    await msg.nak(delay=min(2.0 ** (delivered - 1), 30.0))
+                return
+            await msg.ack_sync()
+
+        async def run() -> None:
+            psub = None
+            while True:
+                try:
+                    if psub is None:
+                        psub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream, config=config)
+                    try:
+                        msgs = await psub.fetch(batch, timeout=1)
+                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                        msgs = []
+                    for msg in msgs:
+                        await process(msg)
+                    if not msgs and on_idle is not None:
+                        await on_idle()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("consumer on %s: %s; retrying", filter_subject, exc)
+                    psub = None
+                    await asyncio.sleep(1)
+
+        task = asyncio.create_task(run(), name=f"consume {filter_subject}")
+        self._consumers.append(task)
+        return task

@@ -1,0 +1,37 @@
+"""Log set-up shared by every process: one line per record, `key=value` extras.
+
+Log lines never carry secrets: callers log ids, never codes, tokens or keys, and a
+filter masks anything that looks like a 32-byte base64 key as a last line of defence.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from datetime import datetime, timezone
+
+_KEY_LIKE = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=(?![A-Za-z0-9+/=])")
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        message = _KEY_LIKE.sub("[key]", record.getMessage())
+        line = f"{stamp}Z {record.levelname:<7} {self.service} {record.name}: {message}"
+        if record.exc_info:
+            line += "\n" + _KEY_LIKE.sub("[key]", self.formatException(record.exc_info))
+        return line
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("nats", "uvicorn.access", "asyncio", "aiosqlite", "sqlalchemy.engine"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

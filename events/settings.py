@@ -1,0 +1,34 @@
+"""Settings every process shares; each service extends this with its own model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BusSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WGMFA_", extra="ignore")
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    """Comma-separated NATS server URLs."""
+    state_dir: Path = Path(".wgmfa")
+    """Where embedded state lives: database, JetStream store, keys."""
+    log_level: str = "INFO"
+    rpc_timeout_s: float = 5.0
+    """How long a caller waits for the core's reply."""
+    publish_timeout_s: float = 5.0
+    """How long a JetStream publish waits for its acknowledgement."""
+
+
+class LivenessSettings(BusSettings):
+    """The rules of DESIGN §6 that the core, the gateways and the reaper must agree on."""
+
+    stats_interval: float = 30.0
+    """Seconds between a gateway's handshake samples (WGMFA_STATS_INTERVAL)."""
+    min_threshold_s: int = 180
+    """The rekey allowance in the threshold floor: an MFA location's peer disconnect
+    threshold must be at least this plus two stats intervals."""
+
+    @property
+    def threshold_floor_s(self) -> int:
+        return int(self.min_threshold_s + 2 * self.stats_interval)

@@ -1,0 +1,93 @@
+"""Every subject wgmfa uses. Handlers build subjects only through this module."""
+from __future__ import annotations
+
+import re
+from typing import Final
+
+ROOT: Final = "wgmfa"
+
+# request/reply, queue group `core`
+CORE_QUEUE: Final = "core"
+RPC_CORE_HELLO: Final = "wgmfa.rpc.core.hello"
+RPC_MFA_START: Final = "wgmfa.rpc.mfa.start"
+RPC_MFA_FINISH: Final = "wgmfa.rpc.mfa.finish"
+RPC_MFA_FINISH_REMOTE: Final = "wgmfa.rpc.mfa.finish_remote"
+RPC_MFA_TOKEN_STATUS: Final = "wgmfa.rpc.mfa.token_status"
+RPC_OIDC_AUTH_URL: Final = "wgmfa.rpc.oidc.auth_url"
+RPC_OIDC_CALLBACK: Final = "wgmfa.rpc.oidc.callback"
+RPC_ENROLL_MOBILE: Final = "wgmfa.rpc.enroll.mobile"
+RPC_ADMIN_PREFIX: Final = "wgmfa.rpc.admin"
+RPC_ALL: Final = "wgmfa.rpc.>"
+
+# streams
+PEER_PREFIX: Final = "wgmfa.peer"
+PEER_ALL: Final = "wgmfa.peer.>"
+STATS_PREFIX: Final = "wgmfa.stats"
+STATS_ALL: Final = "wgmfa.stats.>"
+EVENTS_PREFIX: Final = "wgmfa.events"
+EVENTS_ALL: Final = "wgmfa.events.>"
+DLQ_PREFIX: Final = "wgmfa.dlq"
+DLQ_ALL: Final = "wgmfa.dlq.>"
+
+# core NATS, no stream
+NOTIFY_LOGIN_PREFIX: Final = "wgmfa.notify.login"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def token(value: object) -> str:
+    """One subject token; refuses wildcards, dots and whitespace."""
+    text = str(value)
+    if not _TOKEN.match(text):
+        raise ValueError(f"not a valid subject token: {text!r}")
+    return text
+
+
+def admin_rpc(command: str) -> str:
+    return f"{RPC_ADMIN_PREFIX}.{token(command)}"
+
+
+def peer(location_id: int, device_id: int) -> str:
+    return f"{PEER_PREFIX}.{token(location_id)}.{token(device_id)}"
+
+
+def peers_of_location(location_id: int) -> str:
+    return f"{PEER_PREFIX}.{token(location_id)}.*"
+
+
+def stats(location_id: int, gateway_id: str) -> str:
+    return f"{STATS_PREFIX}.{token(location_id)}.{token(gateway_id)}"
+
+
+def stats_of_location(location_id: int) -> str:
+    return f"{STATS_PREFIX}.{token(location_id)}.*"
+
+
+def event(event_type: str) -> str:
+    """wgmfa.events.<area>.<what> for an event type `area.what`."""
+    return f"{EVENTS_PREFIX}.{'.'.join(token(part) for part in event_type.split('.'))}"
+
+
+def events_filter(pattern: str | None) -> str:
+    """A filter for `events tail`: `mfa.*` → wgmfa.events.mfa.*; a full subject passes as is."""
+    if not pattern:
+        return EVENTS_ALL
+    if pattern.startswith(f"{ROOT}."):
+        return pattern
+    return f"{EVENTS_PREFIX}.{pattern}"
+
+
+def dlq(original_subject: str) -> str:
+    return f"{DLQ_PREFIX}.{original_subject}"
+
+
+def notify_login(login_id: object) -> str:
+    return f"{NOTIFY_LOGIN_PREFIX}.{token(login_id)}"
+
+
+def parse_peer(subject: str) -> tuple[int, int]:
+    """(location_id, device_id) of a wgmfa.peer.<location>.<device> subject."""
+    parts = subject.split(".")
+    if len(parts) != 4 or f"{parts[0]}.{parts[1]}" != PEER_PREFIX:
+        raise ValueError(f"not a peer subject: {subject!r}")
+    return int(parts[2]), int(parts[3])

@@ -1,0 +1,36 @@
+"""The client-facing HTTP API: wire-compatible with Defguard's proxy (snake_case JSON,
+`method` an integer, errors as {"error": "..."})."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+
+class _Request(BaseModel):
+    # Defguard's mobile client sends extra fields (posture_data); they are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ClientMfaStartRequest(_Request):
+    location_id: StrictInt
+    pubkey: StrictStr = Field(max_length=256)
+    method: StrictInt
+
+
+class ClientMfaStartResponse(BaseModel):
+    token: str
+    challenge: str | None = None
+
+
+class ClientMfaFinishRequest(_Request):
+    token: StrictStr = Field(max_length=512)
+    code: StrictStr | None = Field(None, max_length=512)
+    auth_pub_key: StrictStr | None = Field(None, max_length=256)
+
+
+class ClientMfaFinishResponse(BaseModel):
+    preshared_key: str
+    token: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
