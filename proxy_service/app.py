@@ -1,0 +1,184 @@
+"""The FastAPI application: Defguard-compatible client MFA routes, health and metrics."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from events.bus import Bus, BusUnavailable
+from proxy_service.core_client import BusHolder, CoreClient
+from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
+from proxy_service.settings import ProxySettings
+from schemas.http import (
+    ClientMfaFinishRequest,
+    ClientMfaFinishResponse,
+    ClientMfaStartRequest,
+    ClientMfaStartResponse,
+)
+from schemas.rpc import ClientInfo, ErrorStatus, RpcFailure
+
+log = logging.getLogger("proxy_service")
+access_log = logging.getLogger("proxy_service.access")
+
+HTTP_STATUS = {
+    ErrorStatus.INVALID_ARGUMENT: 400,
+    ErrorStatus.UNAUTHENTICATED: 401,
+    ErrorStatus.PERMISSION_DENIED: 403,
+    ErrorStatus.NOT_FOUND: 404,
+    ErrorStatus.CONFLICT: 409,
+    ErrorStatus.FAILED_PRECONDITION: 428,
+    ErrorStatus.RATE_LIMITED: 429,
+    ErrorStatus.UNAVAILABLE: 503,
+    ErrorStatus.INTERNAL: 500,
+}
+INTERNAL_ERROR = "Internal server error"
+CORE_UNAVAILABLE = "core unavailable"
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def describe_request_error(exc: RequestValidationError) -> str:
+    """The reason a body was refused, without echoing the values (they may be secrets)."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append(f"invalid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
+        elif err.get("type") == "model_attributes_type" or not loc:
+            parts.append(f"body: {err.get('msg')}")
+        else:
+            parts.append(f"{'.'.join(loc)}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
+    holder = BusHolder()
+    core = CoreClient(holder, settings.rpc_timeout_s)
+    client_address = ClientAddress(settings.trusted_proxies)
+    limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+    registry = CollectorRegistry()
+    requests_total = Counter(
+        "wgmfa_proxy_requests", "HTTP requests by route and status", ["route", "status"], registry=registry
+    )
+    latency = Histogram("wgmfa_proxy_request_seconds", "HTTP request latency by route", ["route"], registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        connector = None
+        if bus is not None:
+            holder.bus = bus
+        else:
+
+            async def connect() -> None:
+                holder.bus = await Bus.connect(settings.nats_url, "proxy", publish_timeout_s=settings.publish_timeout_s)
+                log.info("connected to NATS")
+
+            connector = asyncio.create_task(connect())
+        log.info("proxy listening on %s:%s", settings.proxy_host, settings.proxy_port)
+        yield
+        if connector is not None:
+            connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connector
+        if holder.bus is not None and bus is None:
+            await holder.bus.close()
+
+    app = FastAPI(title="wgmfa proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/api/v1/openapi.json")
+    app.state.core = core
+    app.state.holder = holder
+
+    def client_info(request: Request) -> ClientInfo:
+        peer = request.client.host if request.client else None
+        ip = client_address.of(peer, request.headers.get("x-forwarded-for"))
+        user_agent = request.headers.get("user-agent")
+        if user_agent and "<" in user_agent:  # looks like markup: do not carry it into audit logs
+            user_agent = None
+        return ClientInfo(ip=ip, user_agent=user_agent[:512] if user_agent else None)
+
+    @app.middleware("http")
+    async def edge(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        route = request.url.path
+        if limiter.enabled and route.startswith("/api/v1/") and not route.endswith("/health"):
+            ip = client_info(request).ip or "unknown"
+            wait = limiter.acquire(ip)
+            if wait > 0:
+                response: Response = error(429, "too many requests", {"Retry-After": retry_after_header(wait)})
+                _record(request, route, response, started)
+                return response
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, route)
+            response = error(500, INTERNAL_ERROR)
+        if route.startswith("/api/"):
+            response.headers["Cache-Control"] = "no-store"
+        _record(request, route, response, started)
+        return response
+
+    def _record(request: Request, route: str, response: Response, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        matched = request.scope.get("route")
+        label = getattr(matched, "path", "unmatched")
+        requests_total.labels(label, str(response.status_code)).inc()
+        latency.labels(label).observe(elapsed)
+        # the path only: query strings may carry tokens
+        access_log.info(
+            "%s %s %s %.1fms", request.method, route, response.status_code, elapsed * 1000
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(400, describe_request_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "error"
+        return error(exc.status_code, message.lower() if message in ("Not Found", "Method Not Allowed") else message)
+
+    @app.exception_handler(RpcFailure)
+    async def on_core_error(_request: Request, exc: RpcFailure) -> JSONResponse:
+        status = HTTP_STATUS.get(exc.error.status, 500)
+        if status == 500:
+            return error(500, INTERNAL_ERROR)
+        headers = {"Retry-After": str(exc.error.retry_after_s)} if exc.error.retry_after_s else None
+        return error(status, exc.error.message, headers)
+
+    @app.exception_handler(BusUnavailable)
+    async def on_bus_unavailable(_request: Request, exc: BusUnavailable) -> JSONResponse:
+        log.warning("core unavailable: %s", exc)
+        return error(503, CORE_UNAVAILABLE)
+
+    @app.post("/api/v1/client-mfa/start", response_model=ClientMfaStartResponse)
+    async def client_mfa_start(body: ClientMfaStartRequest, request: Request) -> ClientMfaStartResponse:
+        token, challenge = await core.start(body.location_id, body.pubkey, body.method, client_info(request))
+        return ClientMfaStartResponse(token=token, challenge=challenge)
+
+    @app.post("/api/v1/client-mfa/finish", response_model=ClientMfaFinishResponse)
+    async def client_mfa_finish(body: ClientMfaFinishRequest, request: Request) -> ClientMfaFinishResponse:
+        psk, token = await core.finish(body.token, body.code, body.auth_pub_key, client_info(request))
+        return ClientMfaFinishResponse(preshared_key=psk, token=token)
+
+    @app.get("/api/v1/health")
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if holder.bus is None or not holder.bus.connected:
+            return error(503, "not connected to NATS")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    @app.get("/api/v1/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return BodyLimit(app, settings.max_body_bytes)  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""The `wgmfa` command: `up`, `admin`, the reference `client`, `events tail`."""

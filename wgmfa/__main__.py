@@ -1,0 +1,5 @@
+import sys
+
+from wgmfa.cli import main
+
+sys.exit(main())

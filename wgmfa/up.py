@@ -1,0 +1,222 @@
+"""`wgmfa up`: the whole system on embedded defaults, each service a supervised child.
+
+nats-server (JetStream, store under the state directory), the core on SQLite, the proxy.
+A child that dies is restarted with a growing delay; Ctrl-C stops everything in order.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from events import subjects
+from events.bus import Bus, BusUnavailable
+from events.server import NatsServer, NatsServerError
+from events.settings import BusSettings
+from schemas import rpc
+from wgmfa.output import fail
+
+MAX_BACKOFF_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class UpSettings(BusSettings):
+    nats_port: int = 4222
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    failures: int = 0
+    restart_at: float = 0.0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        self.started_at = time.monotonic()
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait_or_kill(self, deadline: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"wgmfa: {self.name} did not stop in time; killing it", file=sys.stderr)
+            self.process.kill()
+            self.process.wait()
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+async def wait_for_core(url: str, timeout_s: float) -> str:
+    bus = await Bus.connect(url, "wgmfa-up", wait_s=timeout_s)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                hello = await bus.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.CoreHelloResult, timeout=2)
+                return hello.version
+            except BusUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    finally:
+        await bus.close()
+
+
+def wait_for_http(url: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+class Supervisor:
+    def __init__(self, settings: UpSettings) -> None:
+        self.settings = settings
+        self.state_dir = settings.state_dir.resolve()
+        self.nats = NatsServer(self.state_dir / "nats", port=settings.nats_port, log_file=self.state_dir / "nats-server.log")
+        self.children: list[Child] = []
+        self.stopping = False
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            WGMFA_NATS_URL=self.nats.url,
+            WGMFA_STATE_DIR=str(self.state_dir),
+            WGMFA_PROXY_HOST=self.settings.proxy_host,
+            WGMFA_PROXY_PORT=str(self.settings.proxy_port),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def plan(self) -> list[Child]:
+        env = self.child_env()
+        python = sys.executable
+        return [
+            Child("core", [python, "-m", "core_service"], env),
+            Child("proxy", [python, "-m", "proxy_service"], env),
+        ]
+
+    def run(self) -> int:
+        s = self.settings
+        if not port_free("127.0.0.1", s.nats_port):
+            return fail(f"port {s.nats_port} is in use (is wgmfa already up? set WGMFA_NATS_PORT)")
+        if not port_free(s.proxy_host, s.proxy_port):
+            return fail(f"port {s.proxy_port} on {s.proxy_host} is in use (set WGMFA_PROXY_PORT)")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            self.nats.start()
+        except NatsServerError as exc:
+            return fail(str(exc))
+        print(f"wgmfa: nats-server with JetStream at {self.nats.url} (store {self.nats.data_dir})", flush=True)
+        self.children = self.plan()
+        for child in self.children:
+            child.start()
+        try:
+            version = asyncio.run(wait_for_core(self.nats.url, 60))
+        except BusUnavailable as exc:
+            self.shutdown()
+            return fail(f"the core did not start: {exc}")
+        proxy_url = f"http://{s.proxy_host}:{s.proxy_port}"
+        if not wait_for_http(f"{proxy_url}/api/v1/health", 30):
+            print("wgmfa: the proxy is not answering yet; see its log above", file=sys.stderr)
+        self.banner(version, proxy_url)
+        return self.supervise()
+
+    def banner(self, version: str, proxy_url: str) -> None:
+        print(
+            f"\nwgmfa {version} is up. State in {self.state_dir}\n"
+            f"  proxy   {proxy_url}/api/v1/client-mfa/start\n"
+            f"  NATS    {self.nats.url}\n"
+            f"From another terminal (after `. .venv/bin/activate`):\n"
+            f"  wgmfa admin location add office --endpoint 192.0.2.1:51820 --network 10.10.0.0/24 --mfa internal\n"
+            f"  wgmfa events tail\n"
+            f"Ctrl-C stops everything.\n",
+            flush=True,
+        )
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.stopping = True
+
+    def supervise(self) -> int:
+        while not self.stopping:
+            time.sleep(0.3)
+            if self.nats.process is not None and self.nats.process.poll() is not None and not self.stopping:
+                print("wgmfa: nats-server exited; restarting it", file=sys.stderr, flush=True)
+                try:
+                    self.nats.start()
+                except NatsServerError as exc:
+                    print(f"wgmfa: {exc}", file=sys.stderr)
+            now = time.monotonic()
+            for child in self.children:
+                code = child.exited()
+                if code is None or self.stopping:
+                    continue
+                if child.restart_at == 0.0:
+                    # quick deaths count against the backoff; a long healthy run resets it
+                    child.failures = child.failures + 1 if now - child.started_at < 60 else 1
+                    delay = min(2.0 ** (child.failures - 1), MAX_BACKOFF_S)
+                    child.restart_at = now + delay
+                    print(f"wgmfa: {child.name} exited with code {code}; restarting in {delay:g} s", file=sys.stderr, flush=True)
+                elif now >= child.restart_at:
+                    child.restart_at = 0.0
+                    child.start()
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        print("\nwgmfa: stopping", flush=True)
+        for child in reversed(self.children):
+            child.stop()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in reversed(self.children):
+            child.wait_or_kill(deadline)
+        self.nats.stop()
+        print("wgmfa: stopped", flush=True)
+
+
+def up(_args: argparse.Namespace) -> int:
+    return Supervisor(UpSettings()).run()
+
+
+def add_parser(subparsers: argparse._SubParsersAction, _json_flag: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("up", help="start the whole system on embedded defaults (Ctrl-C stops it)")
+    p.set_defaults(run=up, sync=True)
