@@ -110,33 +110,37 @@ class Bus:
         bus: Bus | None = None
 
         async def on_disconnected() -> None:
-            if bus is None or not bus.closing:
+            if bus is not None and not bus.closing:
                 log.warning("disconnected from NATS")
 
         async def on_reconnected() -> None:
             log.info("reconnected to NATS")
 
         async def on_error(exc: Exception) -> None:
-            log.warning("NATS error: %s", exc)
+            if bus is not None and not bus.closing:
+                log.warning("NATS error: %s", exc)
 
         while True:
             try:
+                # One round over the servers here (the loop below retries with backoff);
+                # once connected, reconnect forever.
                 nc = await nats.connect(
                     servers=[u.strip() for u in url.split(",") if u.strip()],
                     name=service,
                     connect_timeout=2,
                     allow_reconnect=True,
-                    max_reconnect_attempts=-1,
+                    max_reconnect_attempts=1,
                     reconnect_time_wait=1,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
                     error_cb=on_error,
                 )
+                nc.options["max_reconnect_attempts"] = -1
                 bus = cls(nc, service, publish_timeout_s=publish_timeout_s)
                 return bus
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
                 if deadline is not None and loop.time() + delay > deadline:
-                    raise BusUnavailable(f"cannot connect to NATS at {url}: {exc}") from None
+                    raise BusUnavailable(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
                 log.warning("waiting for NATS at %s: %s", url, exc or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
