@@ -172,7 +172,7 @@ class Admin:
             keepalive_s=keepalive,
         )
         try:
-            async with self.ctx.db.transaction() as session:
+            async with self.ctx.transaction() as session:
                 session.add(location)
                 await session.flush()
                 enqueue_event(
@@ -188,7 +188,6 @@ class Admin:
                 )
         except IntegrityError:
             raise RpcFailure(ErrorStatus.CONFLICT, f"location {req.name} already exists") from None
-        await self.ctx.relay.flush()
         return LocationAddResult(
             location=location_info(location),
             credentials_sealed=self._sealed_credentials(location, req.reply_key),
@@ -223,13 +222,12 @@ class Admin:
     async def user_add(self, req: UserAddRequest) -> UserInfo:
         user = User(username=req.username, email=req.email)
         try:
-            async with self.ctx.db.transaction() as session:
+            async with self.ctx.transaction() as session:
                 session.add(user)
                 await session.flush()
                 enqueue_event(session, UserCreated(user_id=user.id, username=user.username))  # type: ignore[arg-type]
         except IntegrityError:
             raise RpcFailure(ErrorStatus.CONFLICT, f"user {req.username} already exists") from None
-        await self.ctx.relay.flush()
         return user_info(user)
 
     async def user_list(self) -> UserListResult:
@@ -243,13 +241,12 @@ class Admin:
             sealed_uri = seal(req.reply_key, totp.provisioning_uri(secret, req.username, self.ctx.settings.totp_issuer))
         except SealError as exc:
             raise _invalid(f"reply_key: {exc}") from None
-        async with self.ctx.db.transaction() as session:
+        async with self.ctx.transaction() as session:
             user = await find_user(session, req.username)
             # The active factor (if any) keeps working until the new one is confirmed.
             user.totp_pending_secret_enc = self.ctx.vault.encrypt(secret)
             session.add(user)
             enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=False))  # type: ignore[arg-type]
-        await self.ctx.relay.flush()
         return TotpEnrollResult(otpauth_uri_sealed=sealed_uri)
 
     async def totp_confirm(self, req: TotpConfirmRequest) -> UserInfo:
@@ -257,7 +254,7 @@ class Admin:
             code = self.ctx.vault.open_sealed(req.code_sealed)
         except SealError as exc:
             raise _invalid(f"code_sealed: {exc}") from None
-        async with self.ctx.db.transaction() as session:
+        async with self.ctx.transaction() as session:
             user = await find_user(session, req.username)
             if user.totp_pending_secret_enc is None:
                 raise _invalid(f"no TOTP enrollment is pending for {user.username}: run `totp enroll` first")
@@ -272,7 +269,6 @@ class Admin:
             user.totp_last_step = step  # the confirmation code cannot be used to log in
             session.add(user)
             enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=True))  # type: ignore[arg-type]
-        await self.ctx.relay.flush()
         return user_info(user)
 
     # --- devices --------------------------------------------------------------------------
@@ -281,18 +277,19 @@ class Admin:
         if not is_key(req.pubkey):
             raise _invalid("invalid public key: expected base64 of 32 bytes")
         try:
-            async with self.ctx.db.transaction() as session:
+            async with self.ctx.transaction() as session:
                 result = await self._device_add(session, req)
         except IntegrityError:
-            raise RpcFailure(ErrorStatus.CONFLICT, "a device with this public key already exists") from None
-        await self.ctx.relay.flush()
+            raise RpcFailure(ErrorStatus.CONFLICT, "the device conflicts with one added at the same moment; retry") from None
         return result
 
     async def _device_add(self, session: AsyncSession, req: DeviceAddRequest) -> DeviceConfig:
         user = await find_user(session, req.username)
-        location = await find_location(session, req.location)
+        location = await find_location(session, req.location, lock=True)  # serialises address allocation
         device = (await session.exec(select(Device).where(Device.user_id == user.id, Device.name == req.name))).first()
         if device is None:
+            if (await session.exec(select(Device.id).where(Device.pubkey == req.pubkey))).first() is not None:
+                raise RpcFailure(ErrorStatus.CONFLICT, "a device with this public key already exists")
             device = Device(user_id=user.id, name=req.name, pubkey=req.pubkey)  # type: ignore[arg-type]
             session.add(device)
             await session.flush()
@@ -377,7 +374,7 @@ class Admin:
         return SessionsResult(sessions=[session_info(*row) for row in rows])
 
     async def revoke(self, req: RevokeRequest) -> SessionInfo:
-        async with self.ctx.db.transaction() as session:
+        async with self.ctx.transaction() as session:
             vpn_session = (
                 await session.exec(select(VpnSession).where(VpnSession.id == req.session_id).with_for_update())
             ).first()
@@ -390,5 +387,4 @@ class Admin:
             user = await session.get(User, vpn_session.user_id)
             assert location and device and user
             await revoke(session, vpn_session, location, device, user, RevokeReason.ADMIN, self.ctx.clock.now())
-        await self.ctx.relay.flush()
         return session_info(vpn_session, location, device, user)

@@ -36,6 +36,7 @@ class Core:
         self.vault = Vault(load_master_key(secret, settings.state_dir))
         self.bus: Bus | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._relay: OutboxRelay | None = None
 
     async def start(self) -> None:
         if self.settings.auto_migrate:
@@ -44,7 +45,7 @@ class Core:
             self.settings.nats_url, "core", publish_timeout_s=self.settings.publish_timeout_s
         )
         await self.bus.ensure_streams()
-        relay = OutboxRelay(self.db, self.bus, self.clock)
+        relay = self._relay = OutboxRelay(self.db, self.bus, self.clock)
         ctx = CoreContext(settings=self.settings, db=self.db, vault=self.vault, clock=self.clock, relay=relay)
         self.mfa = Mfa(ctx)
         self.admin = Admin(ctx)
@@ -95,6 +96,9 @@ class Core:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._relay is not None:
+            with contextlib.suppress(Exception):
+                await self._relay.mark_published()
         if self.bus is not None:
             await self.bus.close()
         await self.db.close()

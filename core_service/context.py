@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service.db import Database
 from core_service.keys import Vault
-from core_service.outbox import OutboxRelay
+from core_service.outbox import OutboxRelay, pending_rows
 from core_service.settings import CoreSettings
 from events.clock import Clock
 
@@ -18,3 +22,12 @@ class CoreContext:
     vault: Vault
     clock: Clock
     relay: OutboxRelay
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A database transaction whose outbox rows are published right after it commits."""
+        async with self.db.transaction() as session:
+            yield session
+            rows = pending_rows(session)
+        if rows:
+            await self.relay.publish(rows)

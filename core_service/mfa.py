@@ -70,7 +70,7 @@ class Mfa:
             raise _bad("reply_key must be an X25519 public key")
         now = self.ctx.clock.now()
         token = secrets.token_urlsafe(TOKEN_BYTES)
-        async with self.ctx.db.transaction() as session:
+        async with self.ctx.transaction() as session:
             location = await session.get(Location, req.location_id)
             if location is None:
                 raise _bad(LOCATION_NOT_FOUND)
@@ -129,7 +129,6 @@ class Mfa:
                     expires_at=login.expires_at,
                 ),
             )
-        await self.ctx.relay.flush()
         return MfaStartResult(token_sealed=seal(req.reply_key, token), challenge=None)
 
     @staticmethod
@@ -150,7 +149,7 @@ class Mfa:
         login_id: UUID | None = None
         expired = False
         try:
-            async with self.ctx.db.transaction() as session:
+            async with self.ctx.transaction() as session:
                 login = (
                     await session.exec(select(MfaLogin).where(MfaLogin.token_hash == token_hash(token)).with_for_update())
                 ).first()
@@ -169,7 +168,6 @@ class Mfa:
             raise RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED) from None
         if expired:
             raise _bad(LOGIN_NOT_FOUND)
-        await self.ctx.relay.flush()
         return MfaFinishResult(psk_sealed=seal(req.reply_key, psk))
 
     async def _verify_and_authorize(
@@ -225,7 +223,7 @@ class Mfa:
         user (locked out for a growing while after every max_failed_attempts in a row)."""
         limit = self.ctx.settings.max_failed_attempts
         now = self.ctx.clock.now()
-        async with self.ctx.db.transaction() as session:
+        async with self.ctx.transaction() as session:
             login = (await session.exec(select(MfaLogin).where(MfaLogin.id == login_id).with_for_update())).one()
             if login.state != LoginState.PENDING:
                 return
@@ -272,12 +270,11 @@ class Mfa:
                     ),
                 )
         log.info("MFA login %s failed (%s), attempt %s", login_id, reason, login.failed_attempts)
-        await self.ctx.relay.flush()
 
     async def expire_logins(self) -> int:
         """Close logins past their expiry and drop old finished ones."""
         now = self.ctx.clock.now()
-        async with self.ctx.db.transaction() as session:
+        async with self.ctx.transaction() as session:
             result = await session.exec(
                 update(MfaLogin)
                 .where(col(MfaLogin.state).in_(LIVE_LOGIN_STATES), col(MfaLogin.expires_at) <= now)

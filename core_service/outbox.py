@@ -7,7 +7,7 @@ import logging
 from datetime import timedelta
 from typing import Protocol
 
-from sqlmodel import col, delete, select, update
+from sqlmodel import col, delete, func, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service.db import Database
@@ -19,14 +19,24 @@ log = logging.getLogger(__name__)
 
 KIND_PEER = "peer"
 KIND_EVENT = "event"
+PENDING = "wgmfa.outbox"  # session.info key: the rows this transaction adds
+
+
+def _enqueue(session: AsyncSession, row: Outbox) -> None:
+    session.add(row)
+    session.info.setdefault(PENDING, []).append(row)
 
 
 def enqueue_peer_state(session: AsyncSession, state: PeerAuthorized | PeerRevoked) -> None:
-    session.add(Outbox(kind=KIND_PEER, event_type=state.type, payload=state.model_dump_json()))
+    _enqueue(session, Outbox(kind=KIND_PEER, event_type=state.type, payload=state.model_dump_json()))
 
 
 def enqueue_event(session: AsyncSession, event: Event) -> None:
-    session.add(Outbox(kind=KIND_EVENT, event_type=event.type, payload=event.model_dump_json()))
+    _enqueue(session, Outbox(kind=KIND_EVENT, event_type=event.type, payload=event.model_dump_json()))
+
+
+def pending_rows(session: AsyncSession) -> list[Outbox]:
+    return list(session.info.get(PENDING, []))
 
 
 class EventSink(Protocol):
@@ -38,35 +48,57 @@ class EventSink(Protocol):
 
 
 class OutboxRelay:
+    """Publishes outbox rows. A transaction's own rows go out right after its commit
+    (`publish`); the background loop retries whatever is still unpublished a round later."""
+
     def __init__(self, db: Database, sink: EventSink, clock: Clock, *, batch: int = 500) -> None:
         self.db = db
         self.sink = sink
         self.clock = clock
         self.batch = batch
         self._lock = asyncio.Lock()
+        self._seen_pending = 0  # the newest unpublished row id seen by the last round
+        # Rows published but not yet marked: marking them in one batch per round keeps a
+        # write transaction off every request. A crash before the mark republishes them,
+        # which NATS deduplicates by Nats-Msg-Id.
+        self._unmarked: set[int] = set()
 
-    async def flush(self) -> int:
-        """Publish every unpublished row; returns how many were published."""
+    async def publish(self, rows: list[Outbox]) -> None:
+        """Publish these committed rows now; failures stay for the loop."""
+        self._unmarked.update(await self._publish(rows))
+
+    async def flush(self, *, up_to_id: int | None = None) -> int:
+        """Publish every unpublished row (up to `up_to_id`); returns how many went out."""
         async with self._lock:
+            await self.mark_published()
             total = 0
             while True:
+                query = select(Outbox).where(col(Outbox.published_at).is_(None))
+                if up_to_id is not None:
+                    query = query.where(col(Outbox.id) <= up_to_id)
                 async with self.db.reader() as session:
-                    rows = (
-                        await session.exec(
-                            select(Outbox).where(col(Outbox.published_at).is_(None)).order_by(col(Outbox.id)).limit(self.batch)
-                        )
-                    ).all()
+                    rows = list((await session.exec(query.order_by(col(Outbox.id)).limit(self.batch))).all())
                 if not rows:
                     return total
                 done = await self._publish(rows)
-                if done:
-                    async with self.db.transaction() as session:
-                        await session.exec(
-                            update(Outbox).where(col(Outbox.id).in_(done)).values(published_at=self.clock.now())
-                        )
+                await self._mark(done)
                 total += len(done)
                 if len(done) < len(rows):
                     return total
+
+    async def _mark(self, done: list[int]) -> None:
+        for start in range(0, len(done), 500):
+            chunk = done[start : start + 500]
+            async with self.db.transaction() as session:
+                await session.exec(update(Outbox).where(col(Outbox.id).in_(chunk)).values(published_at=self.clock.now()))
+
+    async def mark_published(self) -> None:
+        done, self._unmarked = sorted(self._unmarked), set()
+        try:
+            await self._mark(done)
+        except Exception:
+            self._unmarked.update(done)
+            raise
 
     async def _publish(self, rows: list[Outbox]) -> list[int]:
         # Peer states of one device go out in order; everything else concurrently.
@@ -95,12 +127,24 @@ class OutboxRelay:
         await asyncio.gather(*(publish_group(g) for g in groups.values()))
         return done
 
+    async def retry_round(self) -> int:
+        """Publish rows that were already pending in the previous round, so that a row
+        gets one round to be published by the transaction that wrote it."""
+        await self.mark_published()
+        published = await self.flush(up_to_id=self._seen_pending) if self._seen_pending else 0
+        async with self.db.reader() as session:
+            newest = (
+                await session.exec(select(func.max(Outbox.id)).where(col(Outbox.published_at).is_(None)))
+            ).one()
+        self._seen_pending = newest or 0
+        return published
+
     async def run(self, interval_s: float) -> None:
         """Retry what failed, and purge what was published a day ago."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.flush()
+                await self.retry_round()
                 async with self.db.transaction() as session:
                     await session.exec(
                         delete(Outbox).where(col(Outbox.published_at) < self.clock.now() - timedelta(days=1))

@@ -27,14 +27,11 @@ def names(location: Location, device: Device, user: User) -> dict[str, object]:
     }
 
 
-async def find_location(session: AsyncSession, ref: str | int) -> Location:
-    """A location by id or name; 404 when there is none."""
-    location = None
+async def find_location(session: AsyncSession, ref: str | int, *, lock: bool = False) -> Location:
+    """A location by id or name (locked for update when asked); 404 when there is none."""
     text = str(ref)
-    if text.isdigit():
-        location = await session.get(Location, int(text))
-    if location is None:
-        location = (await session.exec(select(Location).where(Location.name == text))).first()
+    query = select(Location).where(Location.id == int(text)) if text.isdigit() else select(Location).where(Location.name == text)
+    location = (await session.exec(query.with_for_update() if lock else query)).first()
     if location is None:
         raise RpcFailure(ErrorStatus.NOT_FOUND, f"location {text} not found")
     return location
