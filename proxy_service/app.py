@@ -63,6 +63,7 @@ def describe_request_error(exc: RequestValidationError) -> str:
 
 def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
     holder = BusHolder()
+    holder.bus = bus
     core = CoreClient(holder, settings.rpc_timeout_s)
     client_address = ClientAddress(settings.trusted_proxies)
     limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
@@ -75,9 +76,7 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         connector = None
-        if bus is not None:
-            holder.bus = bus
-        else:
+        if bus is None:
 
             async def connect() -> None:
                 holder.bus = await Bus.connect(settings.nats_url, "proxy", publish_timeout_s=settings.publish_timeout_s)
