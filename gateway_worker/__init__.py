@@ -1,0 +1,2 @@
+"""The gateway: applies a location's peer state to one real WireGuard interface and
+publishes handshake statistics."""

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real nats-server per test, real PostgreSQL on demand."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from events.server import NatsServer
+from tests.support.postgres import PostgresCluster, PostgresUnavailable
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        skip_root = pytest.mark.skip(reason="needs root (network namespaces, TUN, wireguard-go)")
+        for item in items:
+            if "root" in item.keywords:
+                item.add_marker(skip_root)
+
+
+@contextlib.contextmanager
+def running_nats() -> Iterator[NatsServer]:
+    """A real nats-server with JetStream on a free port and a fresh store."""
+    directory = Path(tempfile.mkdtemp(prefix="wgmfa-nats-"))
+    server = NatsServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    with running_nats() as server:
+        yield server
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the session; each test takes a new database."""
+    directory = Path(tempfile.mkdtemp(prefix="wgmfa-pg-"))
+    try:
+        cluster = PostgresCluster(directory)
+        cluster.start()
+    except PostgresUnavailable as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.skip(str(exc))
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+_databases = itertools.count(1)
+
+
+def new_database_url(kind: str, request: pytest.FixtureRequest, directory: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{directory / 'core.db'}"
+    cluster = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database(f"wgmfa_{os.getpid()}_{next(_databases)}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on SQLite and on PostgreSQL."""
+    return new_database_url(request.param, request, tmp_path)

@@ -1,0 +1,268 @@
+"""Run wgmfa's services as real processes for end-to-end tests, and talk to them the way
+clients and operators do."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyotp
+
+from events import subjects
+from events.bus import Bus, BusUnavailable
+from events.sealing import generate_keypair
+from schemas import rpc
+from schemas.common import utcnow
+from wgmfa.admin import AdminClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll `check` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class ServiceProcess:
+    """`python -m PACKAGE` with its own environment; stdout and stderr go to a log file."""
+
+    def __init__(self, package: str, env: dict[str, str], log_file: Path) -> None:
+        self.package = package
+        self.env = env
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.package], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            )
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+def service_env(nats_url: str, state_dir: Path, **settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WGMFA_")}
+    env.update(WGMFA_NATS_URL=nats_url, WGMFA_STATE_DIR=str(state_dir), PYTHONUNBUFFERED="1")
+    for key, value in settings.items():
+        env[f"WGMFA_{key.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+async def confirm_totp(admin: AdminClient, username: str, secret: str) -> None:
+    """Confirm with the previous step's code, so the current step is still free for a
+    login; once more if a step boundary passed between computing and checking it."""
+    for attempt in range(2):
+        previous = pyotp.TOTP(secret).at(utcnow() - timedelta(seconds=30))
+        try:
+            await admin.call(
+                "totp_confirm",
+                rpc.TotpConfirmRequest(username=username, code_sealed=await admin.seal_for_core(previous)),
+                rpc.UserInfo,
+            )
+            return
+        except rpc.RpcFailure as failure:
+            if attempt or failure.error.status != rpc.ErrorStatus.UNAUTHENTICATED:
+                raise
+
+
+async def read_stream(bus: Bus, filter_subject: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:
+    """Every stored message on `filter_subject`, oldest first, as JSON objects."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    sub = await bus.js.subscribe(filter_subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    found = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except Exception:
+                break
+            found.append({"subject": msg.subject, **json.loads(msg.data)})
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+class Stack:
+    """nats-server (given) + core + proxy as processes, and clients to drive them."""
+
+    def __init__(self, nats_url: str, work_dir: Path, *, database_url: str | None = None, **settings: Any) -> None:
+        self.nats_url = nats_url
+        self.work_dir = work_dir
+        self.state_dir = work_dir / "state"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.proxy_port = free_port()
+        self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
+        common = dict(settings)
+        if database_url:
+            common["database_url"] = database_url
+        self.env = service_env(nats_url, self.state_dir, proxy_port=str(self.proxy_port), **common)
+        self.core = ServiceProcess("core_service", self.env, work_dir / "core.log")
+        self.proxy = ServiceProcess("proxy_service", self.env, work_dir / "proxy.log")
+        self.admin: AdminClient | None = None
+        self.http = httpx.AsyncClient(base_url=self.proxy_url, timeout=15)
+
+    async def start(self) -> "Stack":
+        self.core.start()
+        self.proxy.start()
+        await self.wait_core()
+        await eventually(self._proxy_healthy, timeout=20, what="proxy health")
+        bus = await Bus.connect(self.nats_url, "test-admin", wait_s=5)
+        self.admin = AdminClient(bus, timeout_s=10)
+        return self
+
+    async def wait_core(self, timeout: float = 30) -> None:
+        bus = await Bus.connect(self.nats_url, "test-wait", wait_s=5)
+        try:
+
+            async def answered() -> bool:
+                try:
+                    await bus.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.CoreHelloResult, timeout=1)
+                    return True
+                except BusUnavailable:
+                    assert self.core.process and self.core.process.poll() is None, f"core exited:\n{self.core.log()}"
+                    return False
+
+            await eventually(answered, timeout=timeout, interval=0.1, what="the core")
+        finally:
+            await bus.close()
+
+    async def _proxy_healthy(self) -> bool:
+        try:
+            return (await self.http.get("/api/v1/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def stop(self) -> None:
+        await self.http.aclose()
+        if self.admin is not None:
+            await self.admin.close()
+        self.proxy.stop()
+        self.core.stop()
+
+    def logs(self) -> str:
+        return self.core.log() + self.proxy.log()
+
+    # --- operator actions ---------------------------------------------------------------
+
+    async def add_location(self, name: str = "office", *, mfa: str = "internal", network: str = "10.10.0.0/24", **kw: Any) -> rpc.LocationAddResult:
+        assert self.admin
+        return await self.admin.call(
+            "location_add",
+            rpc.LocationAddRequest(
+                name=name, endpoint="192.0.2.1:51820", network=network, mfa_mode=mfa, reply_key=self.admin.reply_key.public, **kw
+            ),
+            rpc.LocationAddResult,
+        )
+
+    async def add_user_with_totp(self, username: str = "alice") -> str:
+        """Creates the user, enrolls and confirms TOTP; returns the secret. The confirmation
+        uses the previous time step, so the current step is still free for a login."""
+        assert self.admin
+        await self.admin.call("user_add", rpc.UserAddRequest(username=username, email=f"{username}@example.com"), rpc.UserInfo)
+        enrolled = await self.admin.call(
+            "totp_enroll", rpc.TotpEnrollRequest(username=username, reply_key=self.admin.reply_key.public), rpc.TotpEnrollResult
+        )
+        secret = pyotp.parse_uri(self.admin.reply_key.open(enrolled.otpauth_uri_sealed)).secret
+        await confirm_totp(self.admin, username, secret)
+        return secret
+
+    async def add_device(self, username: str, name: str, location: str) -> tuple[str, rpc.DeviceConfig]:
+        """Returns (private key, config)."""
+        assert self.admin
+        private, public = generate_keypair()
+        config = await self.admin.call(
+            "device_add", rpc.DeviceAddRequest(username=username, name=name, location=location, pubkey=public), rpc.DeviceConfig
+        )
+        return private, config
+
+
+class BusCapture:
+    """Every message on the server (`>`: streams, requests, replies, inboxes), for
+    checking that no secret crosses the bus in clear."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, dict[str, str]]] = []
+        self._bus: Bus | None = None
+
+    async def start(self, nats_url: str) -> "BusCapture":
+        self._bus = await Bus.connect(nats_url, "test-capture", wait_s=5)
+
+        async def record(msg: Any) -> None:
+            self.messages.append((msg.subject, msg.data, dict(msg.headers or {})))
+
+        await self._bus.nc.subscribe(">", cb=record)
+        await self._bus.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        if self._bus is not None:
+            await self._bus.nc.flush()
+            await asyncio.sleep(0.2)
+            await self._bus.close()
+
+    def text(self) -> str:
+        parts = []
+        for subject, data, headers in self.messages:
+            parts.append(subject)
+            parts.append(data.decode("utf-8", errors="replace"))
+            parts.extend(f"{k}: {v}" for k, v in headers.items())
+        return "\n".join(parts)
+
+    def subjects(self) -> set[str]:
+        return {subject for subject, _, _ in self.messages}
+
+
+def assert_no_secret(text: str, secrets: dict[str, str], where: str) -> None:
+    """None of `secrets` appears in `text`. Six-digit codes count only where they stand
+    alone (not inside a longer number or a timestamp)."""
+    import re
+
+    for name, secret in secrets.items():
+        if not secret:
+            continue
+        if secret.isdigit() and len(secret) <= 8:
+            pattern = re.compile(rf"(?<![\d.:]){re.escape(secret)}(?!\d)")
+            found = pattern.search(text)
+        else:
+            found = secret in text
+        assert not found, f"the {name} appears in clear in {where}"

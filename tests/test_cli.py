@@ -1,0 +1,128 @@
+"""`wgmfa admin` and `wgmfa events tail` as an operator runs them, against running services."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pyotp
+import pytest
+import pytest_asyncio
+
+from schemas.common import utcnow
+from tests.conftest import running_nats
+from tests.support.stack import REPO, Stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    with running_nats() as server:
+        running = Stack(server.url, tmp_path_factory.mktemp("cli"), rate_limit_per_s="0")
+        await running.start()
+        yield running
+        await running.stop()
+
+
+async def wgmfa(stack: Stack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wgmfa", *args,
+        env=stack.env, cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
+
+
+async def test_an_operator_sets_up_a_location_a_user_and_a_device(stack: Stack, tmp_path: Path) -> None:
+    refused = await wgmfa(stack, "admin", "location", "add", "hq", "--endpoint", "vpn.example.com:51820",
+                          "--network", "10.20.0.0/24", "--mfa", "internal", "--threshold", "120")
+    assert refused.returncode == 1
+    assert "below the floor of 240 s" in refused.stderr
+
+    created = await wgmfa(stack, "admin", "location", "add", "hq", "--endpoint", "vpn.example.com:51820",
+                          "--network", "10.20.0.0/24", "--mfa", "internal", "--json")
+    assert created.returncode == 0, created.stderr
+    document = json.loads(created.stdout)
+    assert document["location"]["name"] == "hq" and document["location"]["threshold_s"] == 300
+    assert set(document["credentials"]) >= {"private_key", "sealing_private_key", "location_id"}
+
+    human = await wgmfa(stack, "admin", "location", "list")
+    assert "hq" in human.stdout and "vpn.example.com:51820" in human.stdout
+
+    credentials_file = tmp_path / "gw.json"
+    gateway = await wgmfa(stack, "admin", "gateway", "add", "hq", "-o", str(credentials_file))
+    assert gateway.returncode == 0, gateway.stderr
+    assert json.loads(credentials_file.read_text())["private_key"] == document["credentials"]["private_key"]
+    assert credentials_file.stat().st_mode & 0o777 == 0o600
+
+    assert (await wgmfa(stack, "admin", "user", "add", "carol", "--email", "carol@example.com")).returncode == 0
+    duplicate = await wgmfa(stack, "admin", "user", "add", "carol", "--email", "carol@example.com")
+    assert (duplicate.returncode, duplicate.stderr.strip()) == (1, "wgmfa: user carol already exists")
+
+    enrolled = await wgmfa(stack, "admin", "totp", "enroll", "carol")
+    assert enrolled.returncode == 0
+    uri = next(line for line in enrolled.stdout.splitlines() if line.startswith("otpauth://"))
+    assert "▀" in enrolled.stdout or "█" in enrolled.stdout  # the QR code
+    secret = pyotp.parse_uri(uri).secret
+    wrong = await wgmfa(stack, "admin", "totp", "confirm", "carol", "000000" if pyotp.TOTP(secret).now() != "000000" else "111111")
+    assert wrong.returncode == 1 and "does not match" in wrong.stderr
+    previous = pyotp.TOTP(secret).at(utcnow() - timedelta(seconds=30))
+    confirmed = await wgmfa(stack, "admin", "totp", "confirm", "carol", previous)
+    if confirmed.returncode != 0:  # a step boundary passed in between
+        confirmed = await wgmfa(stack, "admin", "totp", "confirm", "carol", pyotp.TOTP(secret).at(utcnow() - timedelta(seconds=30)))
+    assert confirmed.returncode == 0, confirmed.stderr
+
+    config_file = tmp_path / "laptop.json"
+    added = await wgmfa(stack, "admin", "device", "add", "carol", "laptop", "--location", "hq", "-o", str(config_file))
+    assert added.returncode == 0, added.stderr
+    config = json.loads(config_file.read_text())
+    assert config["address"] == "10.20.0.2/24" and config["endpoint"] == "vpn.example.com:51820"
+    assert config["server_pubkey"] == document["location"]["server_pubkey"]
+    assert config["keepalive_s"] == 25 and config["location_id"] == document["location"]["id"]
+    assert len(config["private_key"]) == 44 and config["pubkey"] != config["private_key"]
+
+    # a login through the proxy, then the operator sees and revokes the session
+    start = await stack.http.post("/api/v1/client-mfa/start", json={"location_id": config["location_id"], "pubkey": config["pubkey"], "method": 0})
+    finish = await stack.http.post("/api/v1/client-mfa/finish", json={"token": start.json()["token"], "code": pyotp.TOTP(secret).now()})
+    assert finish.status_code == 200, finish.text
+    listed = json.loads((await wgmfa(stack, "admin", "sessions", "--location", "hq", "--json")).stdout)
+    assert [(s["username"], s["device_name"], s["state"]) for s in listed] == [("carol", "laptop", "authorized")]
+    revoked = await wgmfa(stack, "admin", "revoke", str(listed[0]["id"]))
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    table = (await wgmfa(stack, "admin", "sessions")).stdout
+    assert "revoked" in table and "admin" in table
+
+
+async def test_events_tail_prints_events_as_they_happen(stack: Stack) -> None:
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wgmfa", "events", "tail", "admin.*", "--count", "2",
+        env=stack.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    header = await asyncio.wait_for(tail.stdout.readline(), 15)
+    assert b"following wgmfa.events.admin.*" in header
+    await wgmfa(stack, "admin", "user", "add", "dave", "--email", "dave@example.com")
+    await wgmfa(stack, "admin", "location", "add", "lab", "--endpoint", "192.0.2.9:51820", "--network", "10.30.0.0/24", "--mfa", "disabled")
+    out, _ = await asyncio.wait_for(tail.communicate(), 15)
+    lines = out.decode().splitlines()
+    assert len(lines) == 2
+    assert "admin.user_created" in lines[0] and "username=dave" in lines[0]
+    assert "admin.location_created" in lines[1] and "location_name=lab" in lines[1]
+
+    raw = await wgmfa(stack, "events", "tail", "--all", "--json", "--count", "1")
+    assert json.loads(raw.stdout)["type"].startswith("admin.")
+
+
+async def test_commands_explain_when_nothing_is_running(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wgmfa", "admin", "user", "list",
+        env={"WGMFA_NATS_URL": "nats://127.0.0.1:1", "PATH": "/usr/bin:/bin"}, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    _, err = await process.communicate()
+    assert process.returncode == 3
+    assert b"is `wgmfa up` running?" in err

@@ -1,0 +1,77 @@
+"""The contract: envelopes, ordering of peer states, subject names."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from events import subjects
+from events.sealing import ReplyKey, SealError, generate_keypair, generate_psk, public_key_of, seal, unseal
+from schemas.common import RevokeReason, utcnow, uuid7
+from schemas.events import ANY_EVENT_ADAPTER, PeerAuthorized, PeerRevoked, UserCreated, peer_state_order
+
+
+def test_event_ids_are_uuid7_in_time_order() -> None:
+    first = uuid7()
+    time.sleep(0.002)
+    second = uuid7()
+    assert first.version == 7 and first.variant == uuid.RFC_4122
+    assert first < second
+
+
+def test_events_are_plain_json_with_the_envelope_first() -> None:
+    event = UserCreated(user_id=1, username="alice")
+    document = json.loads(event.model_dump_json())
+    assert list(document)[:4] == ["event_id", "type", "version", "occurred_at"]
+    assert document["type"] == "admin.user_created" and document["version"] == 1
+    assert ANY_EVENT_ADAPTER.validate_json(event.model_dump_json()) == event
+
+
+def test_unknown_versions_and_types_do_not_decode() -> None:
+    document = json.loads(UserCreated(user_id=1, username="a").model_dump_json())
+    with pytest.raises(ValueError):
+        ANY_EVENT_ADAPTER.validate_python({**document, "version": 2})
+    with pytest.raises(ValueError):
+        ANY_EVENT_ADAPTER.validate_python({**document, "type": "admin.nonsense"})
+
+
+def test_a_higher_generation_wins_and_a_revoke_follows_its_authorize() -> None:
+    def authorize(generation: int) -> PeerAuthorized:
+        return PeerAuthorized(location_id=1, device_id=1, generation=generation, pubkey="k", allowed_ips=[],
+                              keepalive_s=25, authorized_at=utcnow())
+
+    def revoke(generation: int) -> PeerRevoked:
+        return PeerRevoked(location_id=1, device_id=1, generation=generation, pubkey="k", reason=RevokeReason.IDLE)
+
+    assert peer_state_order(revoke(1)) > peer_state_order(authorize(1))
+    assert peer_state_order(authorize(2)) > peer_state_order(revoke(1))
+    assert peer_state_order(revoke(1)) < peer_state_order(authorize(2))
+
+
+def test_subjects() -> None:
+    assert subjects.peer(3, 7) == "wgmfa.peer.3.7"
+    assert subjects.parse_peer("wgmfa.peer.3.7") == (3, 7)
+    assert subjects.event("mfa.started") == "wgmfa.events.mfa.started"
+    assert subjects.events_filter("mfa.*") == "wgmfa.events.mfa.*"
+    assert subjects.events_filter("wgmfa.dlq.>") == "wgmfa.dlq.>"
+    assert subjects.dlq("wgmfa.rpc.mfa.start") == "wgmfa.dlq.wgmfa.rpc.mfa.start"
+    for bad in ("a.b", "*", ">", "a b", ""):
+        with pytest.raises(ValueError):
+            subjects.token(bad)
+
+
+def test_sealed_boxes_open_only_with_the_recipient_key() -> None:
+    private, public = generate_keypair()
+    assert public_key_of(private) == public
+    psk = generate_psk()
+    sealed = seal(public, psk)
+    assert psk not in sealed
+    assert unseal(private, sealed).decode() == psk
+    with pytest.raises(SealError):
+        unseal(generate_keypair()[0], sealed)
+    with pytest.raises(SealError):
+        seal("not-a-key", "x")
+    reply = ReplyKey()
+    assert reply.open(seal(reply.public, "hello")) == "hello"

@@ -1,0 +1,345 @@
+"""The core's domain over a real bus, on SQLite and on PostgreSQL, with a fake clock."""
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyotp
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from core_service.app import Core
+from core_service.settings import CoreSettings
+from events.bus import Bus
+from events.clock import FakeClock
+from events.sealing import generate_keypair, unseal
+from proxy_service.core_client import BusHolder, CoreClient
+from schemas import rpc
+from schemas.events import PeerAuthorized, PeerRevoked
+from schemas.rpc import ErrorStatus, RpcFailure
+from tests.support.stack import read_stream
+from wgmfa.admin import AdminClient
+
+
+@dataclass
+class Harness:
+    core: Core
+    clock: FakeClock
+    bus: Bus
+    admin: AdminClient
+    client: CoreClient
+
+    def code(self, secret: str, offset_s: int = 0) -> str:
+        return pyotp.TOTP(secret).at(self.clock.now() + timedelta(seconds=offset_s))
+
+    async def location(self, name: str = "office", **kw: object) -> tuple[rpc.LocationInfo, dict]:
+        result = await self.admin.call(
+            "location_add",
+            rpc.LocationAddRequest(
+                name=name,
+                endpoint=kw.pop("endpoint", "192.0.2.1:51820"),  # type: ignore[arg-type]
+                network=kw.pop("network", "10.10.0.0/24"),  # type: ignore[arg-type]
+                reply_key=self.admin.reply_key.public,
+                **kw,
+            ),
+            rpc.LocationAddResult,
+        )
+        import json
+
+        return result.location, json.loads(self.admin.reply_key.open(result.credentials_sealed))
+
+    async def user(self, username: str = "alice") -> str:
+        await self.admin.call("user_add", rpc.UserAddRequest(username=username, email=f"{username}@example.com"), rpc.UserInfo)
+        enrolled = await self.admin.call(
+            "totp_enroll", rpc.TotpEnrollRequest(username=username, reply_key=self.admin.reply_key.public), rpc.TotpEnrollResult
+        )
+        secret = pyotp.parse_uri(self.admin.reply_key.open(enrolled.otpauth_uri_sealed)).secret
+        await self.admin.call(
+            "totp_confirm",
+            rpc.TotpConfirmRequest(username=username, code_sealed=await self.admin.seal_for_core(self.code(secret, -30))),
+            rpc.UserInfo,
+        )
+        return secret
+
+    async def device(self, username: str, name: str, location: str) -> rpc.DeviceConfig:
+        return await self.admin.call(
+            "device_add",
+            rpc.DeviceAddRequest(username=username, name=name, location=location, pubkey=generate_keypair()[1]),
+            rpc.DeviceConfig,
+        )
+
+    async def login(self, location_id: int, pubkey: str, code: str) -> str:
+        token, _ = await self.client.start(location_id, pubkey, 0, rpc.ClientInfo(ip="192.0.2.10"))
+        psk, _ = await self.client.finish(token, code, None, rpc.ClientInfo(ip="192.0.2.10"))
+        return psk
+
+    async def events(self, event_type: str | None = None) -> list[dict]:
+        found = await read_stream(self.bus, "wgmfa.events.>")
+        return [e for e in found if event_type is None or e["type"] == event_type]
+
+    async def sql(self, query: str) -> list[tuple]:
+        async with self.core.db.reader() as session:
+            return list((await session.exec(text(query))).all())  # type: ignore[call-overload]
+
+
+@pytest_asyncio.fixture
+async def h(nats_url: str, database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    clock = FakeClock(datetime.now(timezone.utc).replace(microsecond=0))
+    settings = CoreSettings(nats_url=nats_url, database_url=database_url, state_dir=tmp_path)
+    core = Core(settings, clock=clock)
+    await core.start()
+    bus = await Bus.connect(nats_url, "test", wait_s=5)
+    holder = BusHolder()
+    holder.bus = bus
+    harness = Harness(core, clock, bus, AdminClient(bus, 10), CoreClient(holder, 10))
+    yield harness
+    await bus.close()
+    await core.stop()
+
+
+async def expect_failure(call, status: ErrorStatus, message: str | None = None) -> RpcFailure:  # type: ignore[no-untyped-def]
+    with pytest.raises(RpcFailure) as caught:
+        await call
+    assert caught.value.error.status == status, caught.value.error
+    if message is not None:
+        assert caught.value.error.message == message
+    return caught.value
+
+
+async def test_relogin_replaces_the_session_with_a_new_psk_and_generation(h: Harness) -> None:
+    location, credentials = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+
+    first = await h.login(location.id, device.pubkey, h.code(secret))
+    h.clock.advance(30)
+    second = await h.login(location.id, device.pubkey, h.code(secret))
+    assert first != second
+    for psk in (first, second):
+        assert len(base64.b64decode(psk, validate=True)) == 32
+
+    state = (await h.bus.last_peer_state(location.id, device.device_id)).state
+    assert isinstance(state, PeerAuthorized) and state.generation == 2
+    assert unseal(credentials["sealing_private_key"], state.psk_sealed).decode() == second
+
+    sessions = (await h.admin.call("sessions", rpc.SessionsRequest(), rpc.SessionsResult)).sessions
+    assert [(s.generation, s.state.value, s.revoke_reason) for s in sessions] == [
+        (2, "authorized", None),
+        (1, "revoked", "replaced"),
+    ]
+    revoked = await h.events("session.revoked")
+    assert [(e["generation"], e["reason"]) for e in revoked] == [(1, "replaced")]
+    # the replaced session's PSK is forgotten
+    assert await h.sql("SELECT count(*) FROM vpn_session WHERE psk_enc IS NOT NULL") == [(1,)]
+
+
+async def test_parallel_finishes_of_one_login_succeed_once(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    client = rpc.ClientInfo()
+    token, _ = await h.client.start(location.id, device.pubkey, 0, client)
+    code = h.code(secret)
+    results = await asyncio.gather(*(h.client.finish(token, code, None, client) for _ in range(20)), return_exceptions=True)
+    successes = [r for r in results if not isinstance(r, Exception)]
+    assert len(successes) == 1, results
+    assert all(isinstance(r, RpcFailure) for r in results if r not in successes)
+    assert await h.sql("SELECT count(*) FROM vpn_session") == [(1,)]
+
+
+async def test_one_code_on_logins_of_two_devices_succeeds_once(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    devices = [await h.device("alice", name, "office") for name in ("laptop", "desktop")]
+    client = rpc.ClientInfo()
+    tokens = [(await h.client.start(location.id, d.pubkey, 0, client))[0] for d in devices]
+    code = h.code(secret)
+    results = await asyncio.gather(*(h.client.finish(t, code, None, client) for t in tokens), return_exceptions=True)
+    assert sum(not isinstance(r, Exception) for r in results) == 1, results
+    failed = await h.events("mfa.failed")
+    assert [e["reason"] for e in failed] == ["replayed_code"]
+
+
+async def test_totp_accepts_the_previous_step_but_never_an_older_one_after_a_newer(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    h.clock.advance(60)
+    await h.login(location.id, device.pubkey, h.code(secret, -30))  # T-1
+    h.clock.advance(30)
+    await h.login(location.id, device.pubkey, h.code(secret))  # T
+    await expect_failure(h.login(location.id, device.pubkey, h.code(secret, -30)), ErrorStatus.UNAUTHENTICATED)  # T-1 again
+    await expect_failure(h.login(location.id, device.pubkey, h.code(secret, 30)), ErrorStatus.UNAUTHENTICATED)  # T+1
+    await expect_failure(h.login(location.id, device.pubkey, h.code(secret, -60)), ErrorStatus.UNAUTHENTICATED)  # T-2
+
+
+async def test_failed_codes_kill_the_login_and_lock_the_user_for_a_growing_while(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    client = rpc.ClientInfo()
+    wrong = str((int(h.code(secret)) + 1) % 1_000_000).zfill(6)
+
+    token, _ = await h.client.start(location.id, device.pubkey, 0, client)
+    for _ in range(5):
+        await expect_failure(h.client.finish(token, wrong, None, client), ErrorStatus.UNAUTHENTICATED, "unauthorized")
+    await expect_failure(h.client.finish(token, h.code(secret), None, client), ErrorStatus.INVALID_ARGUMENT, "login session not found")
+    locked = await h.events("mfa.locked")
+    assert len(locked) == 1 and locked[0]["login_dead"] and locked[0]["user_locked_until"]
+
+    refused = await expect_failure(h.client.start(location.id, device.pubkey, 0, client), ErrorStatus.RATE_LIMITED)
+    assert 50 <= refused.error.retry_after_s <= 61
+    h.clock.advance(61)
+    await h.login(location.id, device.pubkey, h.code(secret))  # success resets the count
+
+    # five more failures lock again for 60 s, not longer: the count restarted
+    h.clock.advance(30)
+    token, _ = await h.client.start(location.id, device.pubkey, 0, client)
+    for _ in range(5):
+        await expect_failure(h.client.finish(token, wrong, None, client), ErrorStatus.UNAUTHENTICATED)
+    refused = await expect_failure(h.client.start(location.id, device.pubkey, 0, client), ErrorStatus.RATE_LIMITED)
+    assert refused.error.retry_after_s <= 61
+
+    # without a success in between, the next lock doubles
+    h.clock.advance(61)
+    token, _ = await h.client.start(location.id, device.pubkey, 0, client)
+    for _ in range(5):
+        await expect_failure(h.client.finish(token, wrong, None, client), ErrorStatus.UNAUTHENTICATED)
+    refused = await expect_failure(h.client.start(location.id, device.pubkey, 0, client), ErrorStatus.RATE_LIMITED)
+    assert 110 <= refused.error.retry_after_s <= 121
+
+
+async def test_login_tokens_expire_after_five_minutes(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    client = rpc.ClientInfo()
+    token, _ = await h.client.start(location.id, device.pubkey, 0, client)
+    h.clock.advance(299)
+    token2, _ = await h.client.start(location.id, device.pubkey, 0, client)
+    h.clock.advance(301)
+    await expect_failure(h.client.finish(token2, h.code(secret), None, client), ErrorStatus.INVALID_ARGUMENT, "login session not found")
+    assert await h.sql("SELECT state FROM mfa_login ORDER BY created_at") == [("expired",), ("expired",)]
+
+
+async def test_admin_revoke_removes_the_peer_and_forgets_the_psk(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    await h.login(location.id, device.pubkey, h.code(secret))
+    session_id = (await h.admin.call("sessions", rpc.SessionsRequest(), rpc.SessionsResult)).sessions[0].id
+
+    info = await h.admin.call("revoke", rpc.RevokeRequest(session_id=session_id), rpc.SessionInfo)
+    assert (info.state.value, info.revoke_reason) == ("revoked", "admin")
+    state = (await h.bus.last_peer_state(location.id, device.device_id)).state
+    assert isinstance(state, PeerRevoked) and (state.generation, state.reason) == (1, "admin")
+    assert await h.sql("SELECT psk_enc FROM vpn_session") == [(None,)]
+    await expect_failure(h.admin.call("revoke", rpc.RevokeRequest(session_id=session_id), rpc.SessionInfo), ErrorStatus.CONFLICT)
+    await expect_failure(h.admin.call("revoke", rpc.RevokeRequest(session_id=999), rpc.SessionInfo), ErrorStatus.NOT_FOUND)
+
+
+async def test_a_location_without_mfa_authorizes_devices_when_added(h: Harness) -> None:
+    location, _ = await h.location("lab", mfa_mode="disabled", threshold_s=30)
+    await h.admin.call("user_add", rpc.UserAddRequest(username="bob", email="bob@example.com"), rpc.UserInfo)
+    device = await h.device("bob", "laptop", "lab")
+    state = (await h.bus.last_peer_state(location.id, device.device_id)).state
+    assert isinstance(state, PeerAuthorized)
+    assert (state.psk_sealed, state.threshold_s, state.expires_at, state.session_id) == (None, None, None, None)
+    assert state.allowed_ips == ["10.10.0.2/32"]
+    await expect_failure(
+        h.client.start(location.id, device.pubkey, 0, rpc.ClientInfo()), ErrorStatus.INVALID_ARGUMENT, "MFA not enabled for location"
+    )
+
+
+async def test_threshold_floor_follows_the_settings(nats_url: str, database_url: str, tmp_path: Path) -> None:
+    settings = CoreSettings(
+        nats_url=nats_url, database_url=database_url, state_dir=tmp_path, min_threshold_s=20, stats_interval=5
+    )
+    core = Core(settings)
+    await core.start()
+    bus = await Bus.connect(nats_url, "test", wait_s=5)
+    admin = AdminClient(bus, 10)
+    try:
+
+        def add(name: str, threshold: int, mfa: str = "internal"):  # type: ignore[no-untyped-def]
+            return admin.call(
+                "location_add",
+                rpc.LocationAddRequest(
+                    name=name, endpoint="192.0.2.1:51820", network="10.1.0.0/24", mfa_mode=mfa, threshold_s=threshold,
+                    reply_key=admin.reply_key.public,
+                ),
+                rpc.LocationAddResult,
+            )
+
+        failure = await expect_failure(add("a", 29), ErrorStatus.INVALID_ARGUMENT)
+        assert "below the floor of 30 s" in failure.error.message
+        assert (await add("b", 30)).location.threshold_s == 30
+        assert (await add("c", 5, "disabled")).location.threshold_s == 5
+    finally:
+        await bus.close()
+        await core.stop()
+
+
+async def test_location_and_device_validation(h: Harness) -> None:
+    for kwargs, needle in [
+        ({"network": "10.0.0.1/24"}, "host bits set"),
+        ({"network": "banana"}, "invalid network"),
+        ({"endpoint": "no-port"}, "HOST:PORT"),
+        ({"lifetime_s": 10}, "lifetime"),
+    ]:
+        failure = await expect_failure(h.location("x", **kwargs), ErrorStatus.INVALID_ARGUMENT)
+        assert needle in failure.error.message
+    await expect_failure(h.location("123"), ErrorStatus.INVALID_ARGUMENT)
+    await h.location("tiny", network="10.9.0.0/30")
+    await expect_failure(h.location("tiny", network="10.9.1.0/30"), ErrorStatus.CONFLICT, "location tiny already exists")
+
+    await h.user("alice")
+    first = await h.device("alice", "laptop", "tiny")
+    assert first.address == "10.9.0.2/30" and first.allowed_ips == ["10.9.0.0/30"]
+    full = await expect_failure(h.device("alice", "phone", "tiny"), ErrorStatus.CONFLICT)
+    assert "no free address" in full.error.message
+    await expect_failure(
+        h.admin.call("device_add", rpc.DeviceAddRequest(username="alice", name="x", location="tiny", pubkey="short"), rpc.DeviceConfig),
+        ErrorStatus.INVALID_ARGUMENT,
+    )
+    await expect_failure(
+        h.admin.call(
+            "device_add", rpc.DeviceAddRequest(username="alice", name="laptop", location="tiny", pubkey=first.pubkey), rpc.DeviceConfig
+        ),
+        ErrorStatus.CONFLICT,
+        "device laptop is already at location tiny",
+    )
+    await expect_failure(h.device("nobody", "x", "tiny"), ErrorStatus.NOT_FOUND, "user nobody not found")
+    await expect_failure(h.device("alice", "x", "nowhere"), ErrorStatus.NOT_FOUND, "location nowhere not found")
+
+
+async def test_secrets_are_encrypted_at_rest(h: Harness) -> None:
+    location, credentials = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    psk = await h.login(location.id, device.pubkey, h.code(secret))
+    dump = repr(await h.sql("SELECT * FROM \"user\"")) + repr(await h.sql("SELECT * FROM vpn_session"))
+    dump += repr(await h.sql("SELECT * FROM location")) + repr(await h.sql("SELECT * FROM mfa_login"))
+    for value in (secret, psk, credentials["private_key"], credentials["sealing_private_key"]):
+        assert value not in dump
+
+
+async def test_audit_events_tell_the_story_of_a_login(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    client = rpc.ClientInfo(ip="198.51.100.7")
+    token, _ = await h.client.start(location.id, device.pubkey, 0, client)
+    wrong = str((int(h.code(secret)) + 1) % 1_000_000).zfill(6)
+    with pytest.raises(RpcFailure):
+        await h.client.finish(token, wrong, None, client)
+    await h.client.finish(token, h.code(secret), None, client)
+    story = [e for e in await h.events() if e["type"].split(".")[0] in ("mfa", "session")]
+    assert [e["type"] for e in story] == ["mfa.started", "mfa.failed", "session.authorized", "mfa.succeeded"]
+    assert all(e["username"] == "alice" and e["device_name"] == "laptop" for e in story)
+    assert story[1]["reason"] == "wrong_code" and story[1]["client_ip"] == "198.51.100.7"

@@ -1,0 +1,33 @@
+"""README documents every setting the processes read, and nothing they do not."""
+from __future__ import annotations
+
+import re
+
+from core_service.settings import CoreSettings
+from proxy_service.settings import ProxySettings
+from tests.support.stack import REPO
+from wgmfa.up import UpSettings
+
+SETTINGS = [CoreSettings, ProxySettings, UpSettings]
+
+
+def settings_variables() -> set[str]:
+    names = set()
+    for model in SETTINGS:
+        prefix = model.model_config.get("env_prefix", "")
+        names.update(f"{prefix}{field}".upper() for field in model.model_fields)
+    return names
+
+
+def test_readme_settings_table_matches_the_settings_models() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(WGMFA_[A-Z0-9_]+)` \|", table, re.M))
+    assert documented == settings_variables()
+
+
+def test_readme_starts_with_the_two_commands_ci_runs() -> None:
+    readme = (REPO / "README.md").read_text()
+    first_block = readme.split("```", 2)[1]
+    assert "scripts/up" in first_block and "scripts/test" in first_block
+    assert "scripts/test" in (REPO / ".ci" / "run").read_text()

@@ -1,0 +1,80 @@
+"""`wgmfa up` starts the whole system on embedded defaults and stops it cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support.stack import REPO, free_port
+
+
+def processes_using(marker: str) -> list[int]:
+    """PIDs whose command line or environment mentions `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in blob:
+            found.append(int(entry.name))
+    return found
+
+
+def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    nats_port, proxy_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WGMFA_")}
+    env.update(
+        WGMFA_STATE_DIR=str(state),
+        WGMFA_NATS_PORT=str(nats_port),
+        WGMFA_NATS_URL=f"nats://127.0.0.1:{nats_port}",
+        WGMFA_PROXY_PORT=str(proxy_port),
+        PYTHONUNBUFFERED="1",
+    )
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen([sys.executable, "-m", "wgmfa", "up"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "is up" not in (tmp_path / "up.log").read_text():
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{proxy_port}/api/v1/health").json() == {"status": "ok"}
+        added = subprocess.run(
+            [sys.executable, "-m", "wgmfa", "admin", "location", "add", "office", "--endpoint", "192.0.2.1:51820",
+             "--network", "10.10.0.0/24", "--json"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=30,
+        )
+        assert added.returncode == 0, added.stderr
+        assert json.loads(added.stdout)["location"]["id"] == 1
+        # state lives under the state directory
+        assert (state / "core.db").exists() and (state / "nats" / "jetstream").is_dir()
+        assert (state / "core-secret.key").stat().st_mode & 0o777 == 0o600
+        assert len(processes_using(str(state))) >= 3  # nats-server, core, proxy
+
+        # a crashed service is restarted
+        core = [pid for pid in processes_using(str(state)) if b"core_service" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(core[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "core exited" not in (tmp_path / "up.log").read_text() or not subprocess.run(
+            [sys.executable, "-m", "wgmfa", "admin", "location", "list", "--json"], env=env, cwd=REPO, capture_output=True
+        ).stdout.strip().startswith(b"["):
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.5)
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(30) == 0
+        log.close()
+    output = (tmp_path / "up.log").read_text()
+    assert "wgmfa: stopped" in output
+    time.sleep(0.5)
+    assert processes_using(str(state)) == []
