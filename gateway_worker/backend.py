@@ -37,6 +37,7 @@ class PeerConfig:
     preshared_key: str | None
     allowed_ips: tuple[str, ...]
     persistent_keepalive: int | None = None
+    endpoint: str | None = None  # HOST:PORT; clients set the server's, gateways leave it to roaming
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class WireGuardBackend(Protocol):
     async def remove_peer(self, public_key: str) -> None:
         """Remove the peer; removing an absent peer is not an error."""
 
+    async def remove_interface(self) -> None:
+        """Take the interface (and every peer on it) away."""
+
     async def close(self) -> None:
-        """Release sockets and processes this adapter started (the interface of a
-        kernel backend stays)."""
+        """Release what this adapter holds. The interface stays, with its peers, so that a
+        restarted gateway does not interrupt anyone."""
