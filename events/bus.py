@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -41,6 +42,11 @@ _SECRET_PAIRS = re.compile(
 
 class BusUnavailable(Exception):
     """The bus or the service behind a subject did not answer."""
+
+
+class PermanentFailure(Exception):
+    """Raised by a consumer's handler for a message that can never be processed: it is
+    dead-lettered at once instead of redelivered."""
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -131,6 +137,7 @@ class Bus:
                     allow_reconnect=True,
                     max_reconnect_attempts=1,
                     reconnect_time_wait=1,
+                    drain_timeout=5,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
                     error_cb=on_error,
@@ -344,13 +351,14 @@ class Bus:
         on_idle: Callable[[], Awaitable[None]] | None = None,
     ) -> asyncio.Task[None]:
         """Run a pull consumer in the background. Acks after the handler returns; a handler
-        error redelivers with a growing delay, up to `max_deliver`, then dead-letters; a
-        message that does not decode is dead-lettered and terminated at once."""
+        error redelivers with a growing delay, up to `max_deliver` (0: forever), then
+        dead-letters; a message that does not decode, or whose handler raises
+        PermanentFailure, is dead-lettered and terminated at once."""
         config = ConsumerConfig(
             durable_name=durable,
             ack_policy=JsAckPolicy.EXPLICIT,
             deliver_policy=deliver_policy,
-            max_deliver=max_deliver,
+            max_deliver=max_deliver if max_deliver > 0 else -1,
             ack_wait=ack_wait_s,
             filter_subject=filter_subject,
         )
@@ -369,7 +377,7 @@ class Bus:
                 raise
             except Exception as exc:
                 delivered = msg.metadata.num_delivered
-                if delivered >= max_deliver:
+                if isinstance(exc, PermanentFailure) or 0 < max_deliver <= delivered:
                     log.exception("giving up on a message from %s after %s deliveries", msg.subject, delivered)
                     await self.dead_letter(msg.subject, msg.data, msg.headers, f"failed {delivered} times: {exc}")
                     await msg.term()
@@ -381,24 +389,31 @@ class Bus:
 
         async def run() -> None:
             psub = None
-            while True:
-                try:
-                    if psub is None:
-                        psub = await self.js.pull_subscribe(filter_subject, durable=durable, stream=stream, config=config)
+            try:
+                while True:
                     try:
-                        msgs = await psub.fetch(batch, timeout=1)
-                    except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                        msgs = []
-                    for msg in msgs:
-                        await process(msg)
-                    if not msgs and on_idle is not None:
-                        await on_idle()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning("consumer on %s: %s; retrying", filter_subject, exc)
-                    psub = None
-                    await asyncio.sleep(1)
+                        if psub is None:
+                            psub = await self.js.pull_subscribe(
+                                filter_subject, durable=durable, stream=stream, config=config
+                            )
+                        try:
+                            msgs = await psub.fetch(batch, timeout=1)
+                        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                            msgs = []
+                        for msg in msgs:
+                            await process(msg)
+                        if not msgs and on_idle is not None:
+                            await on_idle()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        log.warning("consumer on %s: %s; retrying", filter_subject, exc)
+                        psub = None
+                        await asyncio.sleep(1)
+            finally:
+                if psub is not None:
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
 
         task = asyncio.create_task(run(), name=f"consume {filter_subject}")
         self._consumers.append(task)

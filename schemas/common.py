@@ -55,10 +55,13 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def uuid7() -> uuid.UUID:
-    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits, so ids sort by time."""
-    millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+def uuid7(millis: int | None = None, rand: int | None = None) -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits, so ids sort by time.
+    Given `millis` and `rand` (80 bits), the same id every time."""
+    if millis is None:
+        millis = time.time_ns() // 1_000_000
+    if rand is None:
+        rand = int.from_bytes(os.urandom(10), "big")
     value = (millis & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76  # version
     value |= ((rand >> 62) & 0xFFF) << 64  # rand_a, 12 bits

@@ -67,6 +67,33 @@ def peer_state_order(event: PeerAuthorized | PeerRevoked) -> tuple[int, int]:
     return (event.generation, 1 if isinstance(event, PeerRevoked) else 0)
 
 
+# --- handshake statistics: stream WGMFA_STATS, subject wgmfa.stats.<location_id>.<gateway_id> --
+
+
+class PeerSample(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pubkey: str
+    latest_handshake: AwareDatetime | None = Field(description="on the gateway's clock; None: never")
+    rx_bytes: int = Field(ge=0)
+    tx_bytes: int = Field(ge=0)
+    endpoint: str | None = None
+
+
+class StatsSample(Event):
+    """One read of a gateway's interface. Large interfaces are sent in several parts that
+    share `sample_id` and `sampled_at`."""
+
+    type: Literal["stats.sample"] = "stats.sample"
+    location_id: int
+    gateway_id: str
+    sample_id: UUID
+    sampled_at: AwareDatetime = Field(description="the gateway's clock when it read the interface")
+    part: int = Field(1, ge=1)
+    parts: int = Field(1, ge=1)
+    peers: list[PeerSample]
+
+
 # --- audit trail: stream WGMFA_EVENTS, subject wgmfa.events.<type> --------------------------
 
 
@@ -130,6 +157,7 @@ class SessionConnected(_DeviceAtLocation):
     session_id: int
     generation: int
     connected_at: AwareDatetime
+    gateway_id: str
 
 
 class SessionRevoked(_DeviceAtLocation):
@@ -168,6 +196,43 @@ class TotpEnrolled(Event):
     confirmed: bool
 
 
+class GatewaySynced(Event):
+    """A gateway made its interface match the peer stream (at start, or after losing it)."""
+
+    type: Literal["gateway.synced"] = "gateway.synced"
+    location_id: int
+    gateway_id: str
+    interface: str
+    peers: int
+    added: int
+    removed: int
+    updated: int
+    unchanged: int
+    duration_ms: float
+
+
+class GatewayApplyFailed(Event):
+    """A gateway could not apply a peer state; it retries until it can."""
+
+    type: Literal["gateway.apply_failed"] = "gateway.apply_failed"
+    location_id: int
+    gateway_id: str
+    device_id: int | None = None
+    generation: int | None = None
+    action: Literal["authorize", "revoke", "sync"]
+    reason: str
+    attempt: int
+
+
+class ReaperStarted(Event):
+    """A reaper (re)started and rebuilt its state from the streams."""
+
+    type: Literal["reaper.started"] = "reaper.started"
+    reaper_id: str
+    watching: int = Field(description="MFA authorizations found on the peer stream")
+    replayed: int = Field(description="peer and stats messages read back")
+
+
 class DeadLetter(Event):
     """A message a consumer could not decode or process; published on wgmfa.dlq.<subject>."""
 
@@ -193,6 +258,9 @@ AuditEvent = Annotated[
         UserCreated,
         DeviceAdded,
         TotpEnrolled,
+        GatewaySynced,
+        GatewayApplyFailed,
+        ReaperStarted,
     ],
     Field(discriminator="type"),
 ]
@@ -212,10 +280,15 @@ AnyEvent = Annotated[
         UserCreated,
         DeviceAdded,
         TotpEnrolled,
+        GatewaySynced,
+        GatewayApplyFailed,
+        ReaperStarted,
+        StatsSample,
         DeadLetter,
     ],
     Field(discriminator="type"),
 ]
 
+STATS_ADAPTER: TypeAdapter[StatsSample] = TypeAdapter(StatsSample)
 PEER_STATE_ADAPTER: TypeAdapter[PeerAuthorized | PeerRevoked] = TypeAdapter(PeerState)
 ANY_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(AnyEvent)
