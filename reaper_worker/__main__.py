@@ -1,0 +1,5 @@
+import asyncio
+
+from reaper_worker.app import main
+
+asyncio.run(main())

@@ -1,0 +1,205 @@
+"""The reaper process: rebuilds what it knows from the streams, follows them, and sweeps."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+from typing import Any
+
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import ValidationError
+
+from events import streams, subjects
+from events.bus import WRONG_LAST_SEQUENCE, Bus, describe_validation_error
+from events.clock import Clock, SystemClock
+from events.logs import configure_logging
+from events.service import stop_event
+from events.settings import LivenessSettings
+from reaper_worker.liveness import Liveness, revoke_for
+from schemas.common import uuid7
+from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER, PeerAuthorized, PeerRevoked, ReaperStarted, StatsSample
+
+log = logging.getLogger("reaper_worker")
+
+
+class ReaperSettings(LivenessSettings):
+    sweep_interval_s: float = 10.0
+    """How often the reaper looks for sessions to revoke."""
+
+
+class Reaper:
+    def __init__(self, settings: ReaperSettings, *, clock: Clock | None = None, bus: Bus | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.liveness = Liveness()
+        self.bus = bus
+        self._own_bus = bus is None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscriptions: list[Any] = []
+        self.ready = asyncio.Event()
+        self.revoked: list[PeerRevoked] = []  # what this reaper published, newest last
+        self.reaper_id = f"reaper-{uuid7().hex[-8:]}"
+
+    async def start(self) -> None:
+        if self.bus is None:
+            self.bus = await Bus.connect(self.settings.nats_url, "reaper", publish_timeout_s=self.settings.publish_timeout_s)
+        await self.bus.ensure_streams()
+        peers = await self._subscribe(subjects.PEER_ALL, streams.PEERS.name, DeliverPolicy.LAST_PER_SUBJECT)
+        stats = await self._subscribe(subjects.STATS_ALL, streams.STATS.name, DeliverPolicy.ALL)
+        await self._replay([(peers, streams.PEERS.name), (stats, streams.STATS.name)])
+        self._tasks = [
+            asyncio.create_task(self._follow(peers), name="reaper peers"),
+            asyncio.create_task(self._follow(stats), name="reaper stats"),
+            asyncio.create_task(self._sweep_forever(), name="reaper sweep"),
+        ]
+        self.ready.set()
+        log.info("reaper ready: watching %s MFA authorizations", len(self.liveness.authorizations))
+
+    async def _subscribe(self, subject: str, stream: str, policy: DeliverPolicy) -> Any:
+        assert self.bus is not None
+        # each reaper its own ordered consumer: every reaper reads every sample
+        sub = await self.bus.js.subscribe(
+            subject, stream=stream, ordered_consumer=True, config=ConsumerConfig(deliver_policy=policy)
+        )
+        self._subscriptions.append(sub)
+        return sub
+
+    async def _replay(self, subs: list[tuple[Any, str]]) -> None:
+        """Read what the streams held when the consumers were made, then feed it with
+        arrival times derived from the server's timestamps relative to the newest message:
+        those times are never later than the truth, so ages are never over-estimated and
+        nothing is revoked early."""
+        assert self.bus is not None
+        backlog: list[tuple[Msg, Any]] = []
+        for sub, stream in subs:
+            state = (await self.bus.js.stream_info(stream)).state
+            if not state.messages:
+                continue
+            while True:  # the filter covers the whole stream, so its last message comes
+                msg = await sub.next_msg(timeout=10)
+                backlog.append((msg, self._decode(msg)))
+                if msg.metadata.sequence.stream >= state.last_seq:
+                    break
+        # The server's time now: the timestamp it gives our own start event.
+        now = self.clock.monotonic()
+        server_now = await self._announce_start(backlog)
+        if server_now is None:  # could not tell: the newest message is a safe stand-in
+            server_now = max((msg.metadata.timestamp for msg, _ in backlog), default=None)
+        backlog.sort(key=lambda item: item[0].metadata.timestamp)
+        for msg, item in backlog:
+            if item is not None:
+                assert server_now is not None
+                self._apply(item, msg, now - max((server_now - msg.metadata.timestamp).total_seconds(), 0.0))
+        log.info("replayed %s messages from the peer and stats streams", len(backlog))
+
+    async def _announce_start(self, backlog: list[tuple[Msg, Any]]) -> datetime | None:
+        assert self.bus is not None
+        watching = sum(1 for _, item in backlog if isinstance(item, PeerAuthorized) and item.threshold_s is not None)
+        event = ReaperStarted(reaper_id=self.reaper_id, watching=watching, replayed=len(backlog))
+        try:
+            ack = await self.bus.publish_event(event)
+            stored = await self.bus.js.get_msg(streams.EVENTS.name, ack.seq)
+            return stored.time
+        except Exception as exc:
+            log.warning("could not read the server's time: %s", exc)
+            return None
+
+    def _decode(self, msg: Msg) -> PeerAuthorized | PeerRevoked | StatsSample | None:
+        try:
+            if msg.subject.startswith(subjects.PEER_PREFIX + "."):
+                return PEER_STATE_ADAPTER.validate_json(msg.data)
+            return STATS_ADAPTER.validate_json(msg.data)
+        except ValidationError as exc:
+            assert self.bus is not None
+            task = asyncio.create_task(
+                self.bus.dead_letter(msg.subject, msg.data, msg.headers, f"undecodable: {describe_validation_error(exc)}")
+            )
+            self._tasks.append(task)
+            return None
+
+    def _apply(self, item: PeerAuthorized | PeerRevoked | StatsSample, msg: Msg, arrived_at: float) -> None:
+        if isinstance(item, StatsSample):
+            self.liveness.on_sample(item, arrived_at)
+        else:
+            self.liveness.on_peer_state(item, msg.metadata.sequence.stream, arrived_at)
+
+    async def _follow(self, sub: Any) -> None:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection trouble: the ordered consumer resets itself
+                log.warning("reading %s: %s", sub.subject, exc)
+                await asyncio.sleep(1)
+                continue
+            item = self._decode(msg)
+            if item is not None:
+                self._apply(item, msg, self.clock.monotonic())
+
+    async def sweep(self) -> int:
+        """Revoke every authorization that is due; returns how many revokes went out."""
+        assert self.bus is not None
+        published = 0
+        for decision in self.liveness.due(self.clock.monotonic()):
+            auth = decision.authorization
+            revoke = revoke_for(decision)
+            try:
+                await self.bus.publish(
+                    subjects.peer(*auth.key), revoke, expected_last_subject_seq=auth.sequence
+                )
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    log.warning("revoking %s failed, will retry: %s", auth.key, exc)
+                    continue
+                # a newer state (another reaper's revoke, a new authorization) is already last
+                log.info("location %s device %s generation %s: already superseded", *auth.key, auth.state.generation)
+            except Exception as exc:
+                log.warning("revoking %s failed, will retry: %s", auth.key, exc)
+                continue
+            else:
+                published += 1
+                self.revoked.append(revoke)
+                log.info(
+                    "revoked location %s device %s generation %s: %s (quiet for %.0f s)",
+                    *auth.key, auth.state.generation, decision.reason.value, decision.quiet_for_s,
+                )
+            auth.revoked = True
+        self.liveness.forget_handshakes_of_unknown_peers()
+        return published
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sweep failed: %s", exc)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for sub in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self.bus is not None and self._own_bus:
+            await self.bus.close()
+
+
+async def main() -> None:
+    settings = ReaperSettings()
+    configure_logging("reaper", settings.log_level)
+    reaper = Reaper(settings)
+    stop = stop_event()
+    await reaper.start()
+    await stop.wait()
+    log.info("reaper stopping")
+    await reaper.stop()
