@@ -8,17 +8,19 @@ import logging
 from core_service import VERSION
 from core_service.admin import Admin
 from core_service.context import CoreContext
+from core_service.dataplane import DataPlane
 from core_service.db import Database
 from core_service.keys import Vault, load_master_key
 from core_service.mfa import Mfa
 from core_service.outbox import OutboxRelay
 from core_service.settings import CoreSettings
-from events import subjects
+from events import streams, subjects
 from events.bus import Bus
 from events.clock import Clock, SystemClock
 from events.logs import configure_logging
 from events.service import stop_event
 from schemas import rpc
+from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER
 
 log = logging.getLogger("core_service")
 
@@ -52,6 +54,22 @@ class Core:
         await relay.flush()  # what a previous run committed but could not publish
         for subject, request_type, handler in self._routes():
             await self.bus.serve_rpc(subject, request_type, handler)
+        dataplane = DataPlane(ctx)
+        # one durable each, shared by every core: the work is split between them
+        self.bus.consume(
+            stream=streams.PEERS.name,
+            durable="core-peers",
+            filter_subject=subjects.PEER_ALL,
+            decode=PEER_STATE_ADAPTER.validate_json,
+            handler=lambda state, _msg: dataplane.on_peer_state(state),
+        )
+        self.bus.consume(
+            stream=streams.STATS.name,
+            durable="core-stats",
+            filter_subject=subjects.STATS_ALL,
+            decode=STATS_ADAPTER.validate_json,
+            handler=lambda sample, _msg: dataplane.on_sample(sample),
+        )
         self._tasks = [
             asyncio.create_task(relay.run(self.settings.outbox_interval_s), name="outbox"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),

@@ -343,3 +343,61 @@ async def test_audit_events_tell_the_story_of_a_login(h: Harness) -> None:
     assert [e["type"] for e in story] == ["mfa.started", "mfa.failed", "session.authorized", "mfa.succeeded"]
     assert all(e["username"] == "alice" and e["device_name"] == "laptop" for e in story)
     assert story[1]["reason"] == "wrong_code" and story[1]["client_ip"] == "198.51.100.7"
+
+
+async def session_states(h: Harness) -> list[tuple[str, str | None]]:
+    sessions = (await h.admin.call("sessions", rpc.SessionsRequest(), rpc.SessionsResult)).sessions
+    return [(s.state.value, s.revoke_reason) for s in sessions]
+
+
+async def test_a_revoke_from_the_reaper_ends_the_session(h: Harness) -> None:
+    from events import subjects
+
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    await h.login(location.id, device.pubkey, h.code(secret))
+    authorized = (await h.bus.last_peer_state(location.id, device.device_id))
+    revoke = PeerRevoked(location_id=location.id, device_id=device.device_id, generation=1,
+                         session_id=authorized.state.session_id, pubkey=device.pubkey, reason="idle")
+    await h.bus.publish(subjects.peer(location.id, device.device_id), revoke, expected_last_subject_seq=authorized.sequence)
+
+    async def revoked() -> bool:
+        return await session_states(h) == [("revoked", "idle")]
+
+    from tests.support.stack import eventually
+
+    await eventually(revoked, what="the core to end the session")
+    assert await h.sql("SELECT psk_enc FROM vpn_session") == [(None,)]
+    assert [(e["reason"], e["previous_state"]) for e in await h.events("session.revoked")] == [("idle", "authorized")]
+
+
+async def test_the_first_handshake_after_authorization_marks_the_session_connected(h: Harness) -> None:
+    from events import subjects
+    from schemas.common import uuid7
+    from schemas.events import PeerSample, StatsSample
+    from tests.support.stack import eventually
+
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    await h.login(location.id, device.pubkey, h.code(secret))
+    gateway_clock = datetime.now(timezone.utc) + timedelta(hours=3)  # the gateway's clock is way off
+
+    async def report(handshake_age_s: float) -> None:
+        sample = StatsSample(location_id=location.id, gateway_id="gw1", sample_id=uuid7(), sampled_at=gateway_clock,
+                             peers=[PeerSample(pubkey=device.pubkey, rx_bytes=1, tx_bytes=1,
+                                               latest_handshake=gateway_clock - timedelta(seconds=handshake_age_s))])
+        await h.bus.publish(subjects.stats(location.id, "gw1"), sample)
+
+    await report(600)  # a handshake from before this session: not a connection
+    await asyncio.sleep(0.5)
+    assert await session_states(h) == [("authorized", None)]
+    await report(0)
+
+    async def connected() -> bool:
+        return await session_states(h) == [("connected", None)]
+
+    await eventually(connected, what="session.connected")
+    events = await h.events("session.connected")
+    assert len(events) == 1 and events[0]["gateway_id"] == "gw1"
