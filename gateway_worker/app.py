@@ -1,0 +1,300 @@
+"""The gateway process: one location, one WireGuard interface.
+
+Start: ensure the interface, read the last message of every peer subject of the location,
+diff the interface against it, announce `gateway.synced`, then follow the stream with its
+own durable consumer. Every `WGMFA_STATS_INTERVAL` it publishes a handshake sample.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy as JsAckPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from events import streams, subjects
+from events.bus import Bus, PermanentFailure
+from events.clock import Clock, SystemClock
+from events.sealing import SealError, unseal
+from gateway_worker.backend import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
+from gateway_worker.settings import GatewaySettings, default_gateway_id
+from gateway_worker.sync import plan
+from schemas.common import uuid7
+from schemas.events import (
+    PEER_STATE_ADAPTER,
+    GatewayApplyFailed,
+    GatewaySynced,
+    PeerAuthorized,
+    PeerRevoked,
+    PeerSample,
+    StatsSample,
+    peer_state_order,
+)
+from schemas.rpc import GatewayCredentials
+
+log = logging.getLogger("gateway_worker")
+
+PEERS_PER_SAMPLE = 1000  # keeps a sample message well under NATS's 1 MiB payload limit
+
+
+@dataclass
+class Applied:
+    order: tuple[int, int]
+    pubkey: str
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        credentials: GatewayCredentials,
+        backend: WireGuardBackend,
+        *,
+        clock: Clock | None = None,
+        bus: Bus | None = None,
+    ) -> None:
+        self.settings = settings
+        self.credentials = credentials
+        self.backend = backend
+        self.clock = clock or SystemClock()
+        self.bus = bus
+        self._own_bus = bus is None
+        self.location_id = credentials.location_id
+        self.gateway_id = settings.gateway_id or default_gateway_id()
+        self.interface = InterfaceConfig(
+            name=settings.interface or f"wgmfa{credentials.location_id}",
+            private_key=credentials.private_key,
+            listen_port=credentials.listen_port,
+            address=credentials.address,
+            netns=settings.netns,
+        )
+        self.applied: dict[int, Applied] = {}  # device id -> the newest state applied
+        self._lock = asyncio.Lock()  # one writer to the interface at a time
+        self._tasks: list[asyncio.Task[None]] = []
+        self.synced = asyncio.Event()
+
+    @property
+    def durable(self) -> str:
+        return f"gateway-{self.location_id}-{subjects.token(self.gateway_id)}"
+
+    async def start(self) -> None:
+        if self.bus is None:
+            self.bus = await Bus.connect(
+                self.settings.nats_url, f"gateway {self.gateway_id}", publish_timeout_s=self.settings.publish_timeout_s
+            )
+        await self.bus.ensure_streams()
+        await self.backend.ensure_interface(self.interface)
+        await self.resync()
+        self._tasks.append(
+            self.bus.consume(
+                stream=streams.PEERS.name,
+                durable=self.durable,
+                filter_subject=subjects.peers_of_location(self.location_id),
+                decode=PEER_STATE_ADAPTER.validate_json,
+                handler=self.on_peer_state,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                max_deliver=0,  # a valid state is retried until the interface takes it
+            )
+        )
+        self._tasks.append(asyncio.create_task(self._stats_forever(), name="gateway stats"))
+        log.info(
+            "gateway %s ready: location %s on %s (%s)",
+            self.gateway_id, self.location_id, self.interface.name, type(self.backend).__name__,
+        )
+
+    # --- the stream's view ------------------------------------------------------------------
+
+    async def snapshot(self) -> dict[int, PeerAuthorized | PeerRevoked]:
+        """The last state of every device of the location, read from the stream alone."""
+        assert self.bus is not None
+        psub = await self.bus.js.pull_subscribe(
+            subjects.peers_of_location(self.location_id),
+            stream=streams.PEERS.name,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=JsAckPolicy.NONE, inactive_threshold=60
+            ),
+        )
+        states: dict[int, PeerAuthorized | PeerRevoked] = {}
+        try:
+            remaining = (await psub.consumer_info()).num_pending
+            while remaining > 0:
+                msgs = await psub.fetch(min(remaining, 512), timeout=10)
+                for msg in msgs:
+                    try:
+                        state = PEER_STATE_ADAPTER.validate_json(msg.data)
+                    except ValueError as exc:
+                        await self.bus.dead_letter(msg.subject, msg.data, msg.headers, f"undecodable: {exc}")
+                        continue
+                    states[state.device_id] = state
+                remaining = msgs[-1].metadata.num_pending
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+        return states
+
+    def _psk(self, state: PeerAuthorized) -> str | None:
+        if state.psk_sealed is None:
+            return None
+        try:
+            return unseal(self.credentials.sealing_private_key, state.psk_sealed).decode()
+        except SealError as exc:
+            raise PermanentFailure(f"cannot open the PSK of device {state.device_id}: {exc} (wrong credentials?)") from None
+
+    def _peer(self, state: PeerAuthorized) -> PeerConfig:
+        return PeerConfig(public_key=state.pubkey, preshared_key=self._psk(state), allowed_ips=tuple(state.allowed_ips))
+
+    # --- resync ---------------------------------------------------------------------------
+
+    async def resync(self) -> GatewaySynced:
+        """Make the interface match the stream: add missing peers, remove extra ones, fix
+        changed ones, and leave correct ones untouched."""
+        assert self.bus is not None
+        began = time.perf_counter()
+        states = await self.snapshot()
+        desired: dict[str, PeerConfig] = {}
+        for state in states.values():
+            if isinstance(state, PeerAuthorized):
+                try:
+                    desired[state.pubkey] = self._peer(state)
+                except PermanentFailure as exc:
+                    await self._apply_failed(state, "sync", str(exc), 1)
+        async with self._lock:
+            status = await self.backend.status()
+            todo = plan(desired, status.peers)
+            for peer in todo.add + todo.update:
+                await self.backend.set_peer(peer)
+            for public_key in todo.remove:
+                await self.backend.remove_peer(public_key)
+            self.applied = {
+                device: Applied(peer_state_order(state), state.pubkey) for device, state in states.items()
+            }
+        event = GatewaySynced(
+            location_id=self.location_id,
+            gateway_id=self.gateway_id,
+            interface=self.interface.name,
+            peers=len(desired),
+            added=len(todo.add),
+            removed=len(todo.remove),
+            updated=len(todo.update),
+            unchanged=len(todo.unchanged),
+            duration_ms=round((time.perf_counter() - began) * 1000, 1),
+        )
+        await self.bus.publish_event(event)
+        log.info(
+            "synced %s: %s peers (%s added, %s removed, %s updated, %s unchanged) in %.0f ms",
+            self.interface.name, event.peers, event.added, event.removed, event.updated, event.unchanged,
+            event.duration_ms,
+        )
+        self.synced.set()
+        return event
+
+    # --- following the stream ---------------------------------------------------------------
+
+    async def on_peer_state(self, state: PeerAuthorized | PeerRevoked, msg: Msg) -> None:
+        if state.location_id != self.location_id:
+            raise PermanentFailure(f"a state for location {state.location_id} on this location's subject")
+        current = self.applied.get(state.device_id)
+        if current is not None and peer_state_order(state) <= current.order:
+            return  # stale or already applied (a resync got there first)
+        action = "authorize" if isinstance(state, PeerAuthorized) else "revoke"
+        try:
+            peer = self._peer(state) if isinstance(state, PeerAuthorized) else None
+            async with self._lock:
+                if peer is not None:
+                    await self.backend.set_peer(peer)
+                else:
+                    await self.backend.remove_peer(state.pubkey)
+                self.applied[state.device_id] = Applied(peer_state_order(state), state.pubkey)
+        except PermanentFailure as exc:
+            await self._apply_failed(state, action, str(exc), msg.metadata.num_delivered)
+            raise
+        except BackendError as exc:
+            await self._apply_failed(state, action, str(exc), msg.metadata.num_delivered)
+            raise  # redelivered with a growing delay; never acked before it holds
+        log.info("%s device %s generation %s", "applied" if peer else "removed", state.device_id, state.generation)
+
+    async def _apply_failed(self, state: PeerAuthorized | PeerRevoked | None, action: str, reason: str, attempt: int) -> None:
+        assert self.bus is not None
+        log.warning("%s failed (attempt %s): %s", action, attempt, reason)
+        with contextlib.suppress(Exception):
+            await self.bus.publish_event(
+                GatewayApplyFailed(
+                    location_id=self.location_id,
+                    gateway_id=self.gateway_id,
+                    device_id=state.device_id if state else None,
+                    generation=state.generation if state else None,
+                    action=action,  # type: ignore[arg-type]
+                    reason=reason[:500],
+                    attempt=attempt,
+                )
+            )
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    async def publish_stats(self) -> StatsSample | None:
+        """Read the interface once and publish it; recreate and resync a lost interface."""
+        assert self.bus is not None
+        try:
+            status = await self.backend.status()
+        except BackendError as exc:
+            await self._apply_failed(None, "sync", f"interface lost: {exc}", 1)
+            await self.recover()
+            return None
+        sampled_at = self.clock.now()
+        peers = [
+            PeerSample(
+                pubkey=p.public_key,
+                latest_handshake=datetime.fromtimestamp(p.latest_handshake, timezone.utc) if p.latest_handshake else None,
+                rx_bytes=p.rx_bytes,
+                tx_bytes=p.tx_bytes,
+                endpoint=p.endpoint,
+            )
+            for p in status.peers
+        ]
+        chunks = [peers[i : i + PEERS_PER_SAMPLE] for i in range(0, len(peers), PEERS_PER_SAMPLE)] or [[]]
+        sample_id = uuid7()
+        last = None
+        for part, chunk in enumerate(chunks, start=1):
+            last = StatsSample(
+                location_id=self.location_id,
+                gateway_id=self.gateway_id,
+                sample_id=sample_id,
+                sampled_at=sampled_at,
+                part=part,
+                parts=len(chunks),
+                peers=chunk,
+            )
+            await self.bus.publish(subjects.stats(self.location_id, self.gateway_id), last)
+        return last
+
+    async def recover(self) -> None:
+        try:
+            await self.backend.ensure_interface(self.interface)
+            await self.resync()
+        except Exception as exc:
+            log.error("could not recreate %s: %s", self.interface.name, exc)
+
+    async def _stats_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval)
+            try:
+                await self.publish_stats()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("stats: %s", exc)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.bus is not None and self._own_bus:
+            await self.bus.close()
+        await self.backend.close()
