@@ -15,6 +15,11 @@ from schemas.common import RevokeReason, uuid7
 from schemas.events import PeerAuthorized, PeerRevoked, StatsSample
 
 
+# Handshake times are whole seconds on the gateway, so a handshake right after the
+# authorization can look up to a second older; it still counts as this session's.
+HANDSHAKE_SLACK_S = 2.0
+
+
 @dataclass
 class Authorization:
     """A live MFA authorization the reaper watches."""
@@ -78,7 +83,7 @@ class Liveness:
             threshold = auth.state.threshold_s
             assert threshold is not None
             handshake = self.handshakes.get((auth.state.location_id, auth.state.pubkey))
-            connected = handshake is not None and handshake >= auth.seen_at
+            connected = handshake is not None and handshake >= auth.seen_at - HANDSHAKE_SLACK_S
             # A handshake from before this authorization (an earlier session) proves
             # nothing; the authorization itself starts the clock.
             last_activity = max(handshake, auth.seen_at) if handshake is not None else auth.seen_at
