@@ -297,4 +297,7 @@ class Gateway:
                 await task
         if self.bus is not None and self._own_bus:
             await self.bus.close()
+        if self.settings.remove_interface_on_exit:
+            with contextlib.suppress(Exception):
+                await self.backend.remove_interface()
         await self.backend.close()

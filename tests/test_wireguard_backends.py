@@ -15,7 +15,7 @@ from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceCo
 from gateway_worker.backends.fake import FakeBackend
 from gateway_worker.backends.kernel import KernelBackend
 from gateway_worker.backends.uapi import UserspaceBackend
-from tests.support.netns import Topology
+from tests.support.netns import GATEWAY_ADDRESS, Topology
 from tests.support.stack import eventually
 
 
@@ -88,7 +88,7 @@ async def test_a_real_tunnel_needs_the_right_psk_and_ends_with_the_peer() -> Non
             private, public = generate_keypair()
             backend = UserspaceBackend()
             await backend.ensure_interface(InterfaceConfig(net.name(role), private, 0, f"{address}/24", netns=netns))
-            await backend.set_peer(PeerConfig(gw_public, key, ("10.99.0.0/24",), 1, f"{net.clients[0].gateway_address}:51820" if role == "c1" else f"{net.clients[1].gateway_address}:51820"))
+            await backend.set_peer(PeerConfig(gw_public, key, ("10.99.0.0/24",), 1, f"{GATEWAY_ADDRESS}:51820"))
             return backend, public
 
         alice, alice_public = await client(client_net.netns, "c1", "10.99.0.2", psk)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from wgmfa import admin, tail, up
+from wgmfa import admin, client, tail, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_parser(commands, json_flag)
     admin.add_parser(commands, json_flag)
     tail.add_parser(commands, json_flag)
+    client.add_parser(commands, json_flag)
     return parser
 
 

@@ -43,6 +43,7 @@ class UserspaceBackend:
         self.socket_dir = socket_dir
         self.start_timeout_s = start_timeout_s
         self.config: InterfaceConfig | None = None
+        self._process: subprocess.Popen[bytes] | None = None  # the wireguard-go this adapter started
 
     # --- the UAPI protocol -------------------------------------------------------------------
 
@@ -120,8 +121,10 @@ class UserspaceBackend:
         command = [binary, "-f", config.name]
         if config.netns:
             command = ["ip", "netns", "exec", config.netns, *command]
+        self._reap()
         with open(log_path, "ab") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._process = process
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -141,6 +144,12 @@ class UserspaceBackend:
         while self.socket_path.exists() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # wireguard-go exits when its TUN device goes
         (self.socket_dir / f"{self.config.name}.log").unlink(missing_ok=True)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Collect a wireguard-go this adapter started that has exited (no zombies)."""
+        if self._process is not None and self._process.poll() is not None:
+            self._process = None
 
     async def close(self) -> None:
         pass  # the interface, and wireguard-go with it, stays

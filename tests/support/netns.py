@@ -1,7 +1,8 @@
 """Network namespaces joined by veth pairs, for tests with real WireGuard (root only).
 
-A Topology is one gateway namespace and any number of client namespaces, each client
-joined to the gateway by its own veth pair on 172.31.<n>.0/24 (gateway .1, client .2).
+A Topology is one gateway namespace and any number of client namespaces on one underlay
+network, 172.31.0.0/24: the gateway namespace holds a bridge at 172.31.0.1, and each
+client joins it with a veth pair (client n at 172.31.0.<n+1>).
 Names are random, so that parallel or leftover runs never collide; close() removes every
 namespace (and with them the veth pairs and anything inside).
 """
@@ -23,12 +24,14 @@ def sh(*command: str, check: bool = True, timeout: float = 30) -> subprocess.Com
     return result
 
 
+GATEWAY_ADDRESS = "172.31.0.1"
+
+
 @dataclass
 class Client:
     netns: str
     index: int
     address: str  # its underlay address
-    gateway_address: str  # the gateway's underlay address on this link
 
 
 @dataclass
@@ -41,6 +44,10 @@ class Topology:
         self.gateway = f"wgt{self.tag}g"
         sh("ip", "netns", "add", self.gateway)
         self.run(self.gateway, "ip", "link", "set", "lo", "up")
+        self.bridge = f"br{self.tag}"
+        self.run(self.gateway, "ip", "link", "add", self.bridge, "type", "bridge")
+        self.run(self.gateway, "ip", "address", "add", f"{GATEWAY_ADDRESS}/24", "dev", self.bridge)
+        self.run(self.gateway, "ip", "link", "set", self.bridge, "up")
 
     def name(self, role: str) -> str:
         """An interface name unique on the machine (UAPI sockets are not per namespace)."""
@@ -57,12 +64,12 @@ class Topology:
         sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
         sh("ip", "link", "set", outer, "netns", self.gateway)
         sh("ip", "link", "set", inner, "netns", netns)
-        gateway_address, client_address = f"172.31.{index}.1", f"172.31.{index}.2"
-        self.run(self.gateway, "ip", "address", "add", f"{gateway_address}/24", "dev", outer)
+        client_address = f"172.31.0.{index + 1}"
+        self.run(self.gateway, "ip", "link", "set", outer, "master", self.bridge)
         self.run(self.gateway, "ip", "link", "set", outer, "up")
         self.run(netns, "ip", "address", "add", f"{client_address}/24", "dev", inner)
         self.run(netns, "ip", "link", "set", inner, "up")
-        client = Client(netns=netns, index=index, address=client_address, gateway_address=gateway_address)
+        client = Client(netns=netns, index=index, address=client_address)
         self.clients.append(client)
         return client
 

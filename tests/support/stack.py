@@ -51,16 +51,17 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
 class ServiceProcess:
     """`python -m PACKAGE` with its own environment; stdout and stderr go to a log file."""
 
-    def __init__(self, package: str, env: dict[str, str], log_file: Path) -> None:
+    def __init__(self, package: str, env: dict[str, str], log_file: Path, args: list[str] | None = None) -> None:
         self.package = package
         self.env = env
         self.log_file = log_file
+        self.args = args or []
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.package], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                [sys.executable, "-m", self.package, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
             )
 
     def stop(self, timeout: float = 10.0) -> int | None:
@@ -184,12 +185,16 @@ class Stack:
 
     # --- operator actions ---------------------------------------------------------------
 
-    async def add_location(self, name: str = "office", *, mfa: str = "internal", network: str = "10.10.0.0/24", **kw: Any) -> rpc.LocationAddResult:
+    async def add_location(
+        self, name: str = "office", *, mfa: str = "internal", network: str = "10.10.0.0/24",
+        endpoint_host: str = "172.31.0.1", endpoint_port: int = 51820, **kw: Any,
+    ) -> rpc.LocationAddResult:
         assert self.admin
         return await self.admin.call(
             "location_add",
             rpc.LocationAddRequest(
-                name=name, endpoint="192.0.2.1:51820", network=network, mfa_mode=mfa, reply_key=self.admin.reply_key.public, **kw
+                name=name, endpoint=f"{endpoint_host}:{endpoint_port}", network=network, mfa_mode=mfa,
+                reply_key=self.admin.reply_key.public, **kw,
             ),
             rpc.LocationAddResult,
         )

@@ -1,0 +1,215 @@
+"""End to end on real WireGuard: network namespaces joined by a bridge, wireguard-go on
+both sides, every service a real process. Root only."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyotp
+import pytest
+import pytest_asyncio
+
+from events.sealing import generate_keypair
+from gateway_worker.backend import InterfaceConfig, PeerConfig
+from gateway_worker.backends.uapi import UserspaceBackend
+from schemas import rpc
+from tests.conftest import running_nats
+from tests.support.netns import GATEWAY_ADDRESS, Topology
+from tests.support.stack import REPO, ServiceProcess, Stack, eventually
+
+pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
+
+STATS_INTERVAL = 2
+MIN_THRESHOLD = 6
+THRESHOLD = MIN_THRESHOLD + 2 * STATS_INTERVAL  # the floor
+SETTINGS = {"stats_interval": str(STATS_INTERVAL), "min_threshold_s": str(MIN_THRESHOLD), "sweep_interval_s": "1",
+            "rate_limit_per_s": "0"}
+
+
+class World:
+    def __init__(self, stack: Stack, net: Topology, work: Path) -> None:
+        self.stack = stack
+        self.net = net
+        self.work = work
+        self.reaper = ServiceProcess("reaper_worker", stack.env, work / "reaper.log")
+        self.gateways: dict[str, ServiceProcess] = {}
+
+    def gateway(self, location: rpc.LocationAddResult, gateway_id: str = "gw1") -> ServiceProcess:
+        credentials = self.work / f"gateway-{location.location.id}.json"
+        credentials.write_text(self.stack.admin.reply_key.open(location.credentials_sealed))
+        process = ServiceProcess(
+            "gateway_worker", self.stack.env, self.work / f"gateway-{location.location.id}-{gateway_id}.log",
+            args=["--credentials", str(credentials), "--netns", self.net.gateway, "--gateway-id", gateway_id,
+                  "--interface", self.net.name(f"g{location.location.id}")],
+        )
+        self.gateways[f"{location.location.id}/{gateway_id}"] = process
+        return process
+
+    def interface(self, location_id: int) -> UserspaceBackend:
+        backend = UserspaceBackend()
+        backend.config = InterfaceConfig(self.net.name(f"g{location_id}"), "", 0, "", netns=self.net.gateway)
+        return backend
+
+    async def peer_at_gateway(self, location_id: int, pubkey: str):  # type: ignore[no-untyped-def]
+        try:
+            peers = (await self.interface(location_id).status()).peers
+        except Exception:
+            return None
+        return next((p for p in peers if p.public_key == pubkey), None)
+
+    async def device_config(self, username: str, device: str, location: str) -> Path:
+        private, config = await self.stack.add_device(username, device, location)
+        document = config.model_dump(mode="json") | {"private_key": private, "proxy_url": self.stack.proxy_url}
+        path = self.work / f"{username}-{device}-{location}.json"
+        path.write_text(json.dumps(document))
+        return path
+
+    def wgmfa(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "wgmfa", *args], env=self.stack.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=90)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    work = tmp_path_factory.mktemp("e2e")
+    with running_nats() as nats, Topology() as net:
+        stack = Stack(nats.url, work, **SETTINGS)
+        await stack.start()
+        w = World(stack, net, work)
+        w.reaper.start()
+        yield w
+        for process in w.gateways.values():
+            process.stop()
+        w.reaper.stop()
+        await stack.stop()
+
+
+async def wait_for_next_totp_step() -> None:
+    await asyncio.sleep(30.5 - time.time() % 30)
+
+
+async def test_mfa_opens_a_real_tunnel_and_silence_closes_it(world: World) -> None:
+    net, stack = world.net, world.stack
+    laptop_net, thief_net = net.add_client(), net.add_client()
+    location = await stack.add_location("e2e", network="10.66.0.0/24", endpoint_port=51820, threshold_s=THRESHOLD)
+    secret = await stack.add_user_with_totp("erin")
+    config_path = await world.device_config("erin", "laptop", "e2e")
+    config = json.loads(config_path.read_text())
+    world.gateway(location).start()
+    laptop_if = net.name("c1")
+
+    def connect(netns: str, interface: str) -> subprocess.CompletedProcess[str]:
+        return world.wgmfa("client", "connect", "--config", str(config_path), "--code", pyotp.TOTP(secret).now(),
+                           "--netns", netns, "--interface", interface)
+
+    # MFA, then a real handshake and traffic through the tunnel
+    connected = connect(laptop_net.netns, laptop_if)
+    assert connected.returncode == 0, connected.stderr + connected.stdout
+    assert "connected" in connected.stdout
+    assert net.ping(laptop_net.netns, "10.66.0.1", count=2)
+    first_psk = (await world.peer_at_gateway(location.location.id, config["pubkey"])).preshared_key
+    assert first_psk is not None
+
+    # the client goes silent: after threshold + 2 stats intervals + 5 s the peer is gone
+    last_handshake = (await world.peer_at_gateway(location.location.id, config["pubkey"])).latest_handshake
+    net.set_link(laptop_net, up=False)
+    await eventually(lambda: _gone(world, location.location.id, config["pubkey"]),
+                     timeout=THRESHOLD + 2 * STATS_INTERVAL + 10, interval=0.25, what="the reaper to remove the peer")
+    assert time.time() - last_handshake <= THRESHOLD + 2 * STATS_INTERVAL + 5 + 1  # (1 s: handshake times are whole seconds)
+    net.set_link(laptop_net, up=True)
+    assert not net.ping(laptop_net.netns, "10.66.0.1", wait_s=2)
+    sessions = (await stack.admin.call("sessions", rpc.SessionsRequest(location="e2e"), rpc.SessionsResult)).sessions
+    assert [(s.state.value, s.revoke_reason) for s in sessions] == [("revoked", "idle")]
+
+    # the next connection needs MFA again, with a new code
+    await wait_for_next_totp_step()
+    again = connect(laptop_net.netns, laptop_if)
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert net.ping(laptop_net.netns, "10.66.0.1", count=2)
+
+    # a second client holding the device key and the old PSK cannot handshake
+    thief = UserspaceBackend()
+    await thief.ensure_interface(InterfaceConfig(net.name("c2"), config["private_key"], 0, config["address"], netns=thief_net.netns))
+    await thief.set_peer(PeerConfig(config["server_pubkey"], first_psk, tuple(config["allowed_ips"]), 1, config["endpoint"]))
+    await asyncio.sleep(7)  # more than wireguard-go's handshake retry
+    assert all(p.latest_handshake == 0 for p in (await thief.status()).peers)
+    assert not net.ping(thief_net.netns, "10.66.0.1", wait_s=2)
+    await thief.remove_interface()
+    # (its initiations, made with the stolen device key, pulled the gateway's endpoint for
+    # the peer to itself; the real client's next packets pull it back)
+    await eventually(lambda: net.ping(laptop_net.netns, "10.66.0.1"), timeout=30, interval=0.5, what="the laptop's tunnel")
+
+    disconnected = world.wgmfa("client", "disconnect", "--interface", laptop_if)
+    assert disconnected.returncode == 0, disconnected.stderr
+
+
+async def _gone(world: World, location_id: int, pubkey: str) -> bool:
+    return await world.peer_at_gateway(location_id, pubkey) is None
+
+
+async def test_a_location_without_mfa_keeps_its_peers(world: World) -> None:
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    location = await stack.add_location("open", mfa="disabled", network="10.67.0.0/24", endpoint_port=51821, threshold_s=THRESHOLD)
+    await stack.admin.call("user_add", rpc.UserAddRequest(username="olga", email="olga@example.com"), rpc.UserInfo)
+    config_path = await world.device_config("olga", "desktop", "open")
+    config = json.loads(config_path.read_text())
+    world.gateway(location).start()
+    peer = await eventually(lambda: world.peer_at_gateway(location.location.id, config["pubkey"]), timeout=20,
+                            what="the peer on the gateway")
+    assert peer.preshared_key is None  # from the moment it was added, without PSK
+
+    connected = world.wgmfa("client", "connect", "--config", str(config_path), "--netns", client_net.netns,
+                            "--interface", net.name("c9"))
+    assert connected.returncode == 0, connected.stderr + connected.stdout
+    net.set_link(client_net, up=False)
+    await asyncio.sleep(THRESHOLD + 2 * STATS_INTERVAL + 5)  # silent for longer than any threshold
+    net.set_link(client_net, up=True)
+    assert await world.peer_at_gateway(location.location.id, config["pubkey"]) is not None
+    assert net.ping(client_net.netns, "10.67.0.1", count=2, wait_s=3)
+
+
+async def test_a_gateway_restart_converges_and_keeps_live_sessions(world: World) -> None:
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    location = await stack.add_location("restart", network="10.68.0.0/24", endpoint_port=51822, threshold_s=300)
+    secret = await stack.add_user_with_totp("rita")
+    stays_path = await world.device_config("rita", "laptop", "restart")
+    stays = json.loads(stays_path.read_text())
+    gateway = world.gateway(location)
+    gateway.start()
+    connected = world.wgmfa("client", "connect", "--config", str(stays_path), "--code", pyotp.TOTP(secret).now(),
+                            "--netns", client_net.netns, "--interface", net.name("c8"))
+    assert connected.returncode == 0, connected.stderr + connected.stdout
+    before = await world.peer_at_gateway(location.location.id, stays["pubkey"])
+    assert before.latest_handshake > 0
+
+    # while the gateway is down, one device is authorized and then revoked, another authorized
+    gateway.stop()
+    devices = {}
+    for username in ("goes", "comes"):
+        user_secret = await stack.add_user_with_totp(username)
+        _, device = await stack.add_device(username, "phone", "restart")
+        token = (await stack.http.post("/api/v1/client-mfa/start", json={"location_id": location.location.id, "pubkey": device.pubkey, "method": 0})).json()["token"]
+        finished = await stack.http.post("/api/v1/client-mfa/finish", json={"token": token, "code": pyotp.TOTP(user_secret).now()})
+        assert finished.status_code == 200, finished.text
+        devices[username] = device
+    goes, comes = devices["goes"], devices["comes"]
+    sessions = (await stack.admin.call("sessions", rpc.SessionsRequest(location="restart"), rpc.SessionsResult)).sessions
+    goes_session = next(s for s in sessions if s.username == "goes")
+    await stack.admin.call("revoke", rpc.RevokeRequest(session_id=goes_session.id), rpc.SessionInfo)
+    assert await world.peer_at_gateway(location.location.id, comes.pubkey) is None  # nobody applied it yet
+
+    gateway.start()
+    await eventually(lambda: world.peer_at_gateway(location.location.id, comes.pubkey), timeout=20, what="resync")
+    assert await world.peer_at_gateway(location.location.id, goes.pubkey) is None
+    after = await world.peer_at_gateway(location.location.id, stays["pubkey"])
+    assert after.preshared_key == before.preshared_key
+    assert after.latest_handshake >= before.latest_handshake and after.rx_bytes >= before.rx_bytes  # not re-added
+    assert net.ping(client_net.netns, "10.68.0.1", count=2)

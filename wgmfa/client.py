@@ -1,0 +1,153 @@
+"""`wgmfa client`: the reference VPN client. It runs the MFA exchange with the proxy the
+way Defguard's desktop client does, then brings up a local userspace WireGuard interface
+with the PSK and waits for the first handshake."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from events.settings import BusSettings
+from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
+from gateway_worker.backends.uapi import UserspaceBackend
+from schemas.common import MfaMethod
+from wgmfa.output import fail
+
+EXIT_MFA = 1
+EXIT_NO_HANDSHAKE = 4
+EXIT_UNAVAILABLE = 3
+
+
+class MfaFailed(Exception):
+    pass
+
+
+def load_config(path: str) -> dict[str, Any]:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(fail(f"cannot read device config {path}: {exc}", 2)) from None
+    missing = {"location_id", "pubkey", "private_key", "endpoint", "server_pubkey", "address", "allowed_ips"} - set(config)
+    if missing:
+        raise SystemExit(fail(f"device config {path} lacks {', '.join(sorted(missing))}", 2))
+    return config
+
+
+def interface_name(config: dict[str, Any], args: argparse.Namespace) -> str:
+    return args.interface or f"wgmfa-c{config['location_id']}"
+
+
+def state_file(name: str) -> Path:
+    return BusSettings().state_dir / "client" / f"{name}.json"
+
+
+async def run_mfa(config: dict[str, Any], args: argparse.Namespace) -> str:
+    """The PSK for this connection, after the second factor."""
+    proxy = args.proxy_url or config.get("proxy_url") or "http://127.0.0.1:8080"
+    async with httpx.AsyncClient(base_url=proxy, timeout=30) as http:
+
+        async def call(route: str, body: dict[str, Any]) -> dict[str, Any]:
+            try:
+                response = await http.post(f"/api/v1/client-mfa/{route}", json=body)
+            except httpx.HTTPError as exc:
+                raise MfaFailed(f"cannot reach the proxy at {proxy}: {exc}") from None
+            try:
+                document = response.json()
+            except ValueError:
+                raise MfaFailed(f"the proxy answered {response.status_code} without JSON") from None
+            if response.status_code != 200:
+                raise MfaFailed(f"{route}: {document.get('error', response.status_code)}")
+            return document
+
+        started = await call("start", {"location_id": config["location_id"], "pubkey": config["pubkey"], "method": int(MfaMethod.TOTP)})
+        code = args.code or await asyncio.to_thread(input, "TOTP code: ")
+        finished = await call("finish", {"token": started["token"], "code": code.strip()})
+        return finished["preshared_key"]
+
+
+async def connect(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    name = interface_name(config, args)
+    psk = None
+    if config.get("mfa_mode", "internal") != "disabled":
+        try:
+            psk = await run_mfa(config, args)
+        except MfaFailed as exc:
+            return fail(str(exc), EXIT_MFA)
+    backend = UserspaceBackend()
+    interface = InterfaceConfig(name, config["private_key"], 0, config["address"], netns=args.netns)
+    try:
+        # A fresh interface: an earlier session's keys and handshake must not linger.
+        backend.config = interface
+        await backend.remove_interface()
+        await backend.ensure_interface(interface)
+        await backend.set_peer(
+            PeerConfig(
+                public_key=config["server_pubkey"],
+                preshared_key=psk,
+                allowed_ips=tuple(config["allowed_ips"]),
+                persistent_keepalive=config.get("keepalive_s") or None,
+                endpoint=config["endpoint"],
+            )
+        )
+    except BackendUnavailable as exc:
+        return fail(str(exc), EXIT_UNAVAILABLE)
+    except BackendError as exc:
+        return fail(f"cannot bring up {name}: {exc}", EXIT_UNAVAILABLE)
+    path = state_file(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"interface": name, "netns": args.netns, "location_id": config["location_id"]}))
+    print(f"{name} is up with {config['address']}; waiting for a handshake with {config['endpoint']}", flush=True)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        status = await backend.status()
+        if any(p.public_key == config["server_pubkey"] and p.latest_handshake > 0 for p in status.peers):
+            print("connected", flush=True)
+            return 0
+        await asyncio.sleep(0.25)
+    return fail(f"no handshake with {config['endpoint']} within {args.timeout:g} s (gateway down, or not authorized?)",
+                EXIT_NO_HANDSHAKE)
+
+
+async def disconnect(args: argparse.Namespace) -> int:
+    if args.config:
+        name = interface_name(load_config(args.config), args)
+    elif args.interface:
+        name = args.interface
+    else:
+        known = sorted(p.stem for p in (BusSettings().state_dir / "client").glob("*.json"))
+        if len(known) != 1:
+            return fail("say which connection: --config DEVICE.json or --interface NAME" + (f" (up: {', '.join(known)})" if known else ""), 2)
+        name = known[0]
+    path = state_file(name)
+    netns = args.netns
+    if path.exists():
+        netns = netns or json.loads(path.read_text()).get("netns")
+    backend = UserspaceBackend()
+    backend.config = InterfaceConfig(name, "", 0, "", netns=netns)
+    await backend.remove_interface()
+    path.unlink(missing_ok=True)
+    print(f"{name} is down", flush=True)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.ArgumentParser) -> None:
+    client = subparsers.add_parser("client", help="the reference VPN client (needs root)").add_subparsers(dest="action", required=True)
+    p = client.add_parser("connect", help="MFA with the proxy, then bring the tunnel up")
+    p.add_argument("--config", required=True, help="the device config `wgmfa admin device add -o` wrote")
+    p.add_argument("--code", help="the TOTP code (default: ask)")
+    p.add_argument("--interface", help="interface name (default wgmfa-c<location id>)")
+    p.add_argument("--netns", help="bring the interface up in this network namespace")
+    p.add_argument("--proxy-url", help="override the config's proxy_url")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the first handshake")
+    p.set_defaults(run=connect)
+    p = client.add_parser("disconnect", help="take the tunnel down")
+    p.add_argument("--config")
+    p.add_argument("--interface")
+    p.add_argument("--netns")
+    p.set_defaults(run=disconnect)
