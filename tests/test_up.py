@@ -49,8 +49,9 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
             time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{proxy_port}/api/v1/health").json() == {"status": "ok"}
+        wg_port = free_port()
         added = subprocess.run(
-            [sys.executable, "-m", "wgmfa", "admin", "location", "add", "office", "--endpoint", "192.0.2.1:51820",
+            [sys.executable, "-m", "wgmfa", "admin", "location", "add", "office", "--endpoint", f"192.0.2.1:{wg_port}",
              "--network", "10.10.0.0/24", "--json"],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=30,
         )
@@ -59,7 +60,16 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         # state lives under the state directory
         assert (state / "core.db").exists() and (state / "nats" / "jetstream").is_dir()
         assert (state / "core-secret.key").stat().st_mode & 0o777 == 0o600
-        assert len(processes_using(str(state))) >= 3  # nats-server, core, proxy
+        assert len(processes_using(str(state))) >= 4  # nats-server, core, proxy, reaper
+        if os.geteuid() == 0:  # the embedded gateway comes up for the first location
+            deadline = time.monotonic() + 30
+            while "gateway for location office started" not in (tmp_path / "up.log").read_text() or subprocess.run(
+                ["wg", "show", "wgmfa1", "listen-port"], capture_output=True, text=True
+            ).stdout.strip() != str(wg_port):
+                assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+                time.sleep(0.3)
+        else:
+            assert "gateway not started: userspace WireGuard needs root" in (tmp_path / "up.log").read_text()
 
         # a crashed service is restarted
         core = [pid for pid in processes_using(str(state)) if b"core_service" in Path(f"/proc/{pid}/cmdline").read_bytes()]
@@ -78,3 +88,12 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     assert "wgmfa: stopped" in output
     time.sleep(0.5)
     assert processes_using(str(state)) == []
+    assert subprocess.run(["ip", "link", "show", "wgmfa1"], capture_output=True).returncode != 0  # interface gone
+
+
+def test_without_root_up_says_why_there_is_no_gateway(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from wgmfa.up import Supervisor, UpSettings
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    reason = Supervisor(UpSettings()).gateway_blocker()
+    assert reason is not None and "needs root" in reason

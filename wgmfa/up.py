@@ -1,13 +1,17 @@
 """`wgmfa up`: the whole system on embedded defaults, each service a supervised child.
 
-nats-server (JetStream, store under the state directory), the core on SQLite, the proxy.
-A child that dies is restarted with a growing delay; Ctrl-C stops everything in order.
+nats-server (JetStream, store under the state directory), the core on SQLite, the proxy,
+the reaper, and (as root) one userspace WireGuard gateway for the first location, started
+as soon as that location exists. A child that dies is restarted with a growing delay;
+Ctrl-C stops everything in order.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +24,7 @@ import httpx
 
 from events import subjects
 from events.bus import Bus, BusUnavailable
+from events.sealing import ReplyKey
 from events.server import NatsServer, NatsServerError
 from events.settings import BusSettings
 from schemas import rpc
@@ -93,6 +98,25 @@ async def wait_for_core(url: str, timeout_s: float) -> str:
         await bus.close()
 
 
+async def first_location_credentials(url: str) -> dict | None:
+    """The gateway credentials of the location with the lowest id, if any exists."""
+    bus = await Bus.connect(url, "wgmfa-up", wait_s=5)
+    try:
+        locations = await bus.call(subjects.admin_rpc("location_list"), rpc.Empty(), rpc.LocationListResult, timeout=5)
+        if not locations.locations:
+            return None
+        reply = ReplyKey()
+        result = await bus.call(
+            subjects.admin_rpc("gateway_credentials"),
+            rpc.GatewayCredentialsRequest(location=str(locations.locations[0].id), reply_key=reply.public),
+            rpc.GatewayCredentialsResult,
+            timeout=5,
+        )
+        return json.loads(reply.open(result.credentials_sealed))
+    finally:
+        await bus.close()
+
+
 def wait_for_http(url: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -112,6 +136,8 @@ class Supervisor:
         self.nats = NatsServer(self.state_dir / "nats", port=settings.nats_port, log_file=self.state_dir / "nats-server.log")
         self.children: list[Child] = []
         self.stopping = False
+        self.gateway_started = False
+        self.next_location_check = 0.0
 
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -130,7 +156,49 @@ class Supervisor:
         return [
             Child("core", [python, "-m", "core_service"], env),
             Child("proxy", [python, "-m", "proxy_service"], env),
+            Child("reaper", [python, "-m", "reaper_worker"], env),
         ]
+
+    def gateway_blocker(self) -> str | None:
+        """Why this machine cannot run the embedded gateway, or None."""
+        if os.geteuid() != 0:
+            return "userspace WireGuard needs root (CAP_NET_ADMIN and /dev/net/tun); run `wgmfa up` as root"
+        if shutil.which("wireguard-go") is None:
+            return "wireguard-go is not installed (scripts/install.sh installs it)"
+        if not os.path.exists("/dev/net/tun"):
+            return "/dev/net/tun is missing"
+        return None
+
+    def start_gateway_when_a_location_exists(self) -> None:
+        """The embedded gateway serves the first location; until one exists, look again."""
+        if self.gateway_started or self.stopping or time.monotonic() < self.next_location_check:
+            return
+        self.next_location_check = time.monotonic() + 2.0
+        try:
+            credentials = asyncio.run(first_location_credentials(self.nats.url))
+        except Exception as exc:
+            print(f"wgmfa: looking for a location: {exc}", file=sys.stderr, flush=True)
+            return
+        if credentials is None:
+            return
+        path = self.state_dir / f"gateway-{credentials['location_id']}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(credentials, handle)
+        gateway = Child(
+            "gateway",
+            [sys.executable, "-m", "gateway_worker", "--credentials", str(path), "--backend", "userspace",
+             "--remove-interface-on-exit"],
+            self.child_env(),
+        )
+        gateway.start()
+        self.children.append(gateway)
+        self.gateway_started = True
+        print(
+            f"wgmfa: gateway for location {credentials['location_name']} started on interface "
+            f"wgmfa{credentials['location_id']} (port {credentials['listen_port']})",
+            flush=True,
+        )
 
     def run(self) -> int:
         s = self.settings
@@ -158,14 +226,23 @@ class Supervisor:
         proxy_url = f"http://{s.proxy_host}:{s.proxy_port}"
         if not wait_for_http(f"{proxy_url}/api/v1/health", 30):
             print("wgmfa: the proxy is not answering yet; see its log above", file=sys.stderr)
-        self.banner(version, proxy_url)
+        blocker = self.gateway_blocker()
+        self.banner(version, proxy_url, blocker)
+        if blocker is not None:
+            self.gateway_started = True  # never: say why once, and run the rest
         return self.supervise()
 
-    def banner(self, version: str, proxy_url: str) -> None:
+    def banner(self, version: str, proxy_url: str, gateway_blocker: str | None) -> None:
+        gateway = (
+            f"not started: {gateway_blocker}" if gateway_blocker
+            else "starts for the first location as soon as it exists"
+        )
         print(
             f"\nwgmfa {version} is up. State in {self.state_dir}\n"
             f"  proxy   {proxy_url}/api/v1/client-mfa/start\n"
             f"  NATS    {self.nats.url}\n"
+            f"  reaper  running\n"
+            f"  gateway {gateway}\n"
             f"From another terminal (after `. .venv/bin/activate`):\n"
             f"  wgmfa admin location add office --endpoint 192.0.2.1:51820 --network 10.10.0.0/24 --mfa internal\n"
             f"  wgmfa events tail\n"
@@ -179,6 +256,7 @@ class Supervisor:
     def supervise(self) -> int:
         while not self.stopping:
             time.sleep(0.3)
+            self.start_gateway_when_a_location_exists()
             if self.nats.process is not None and self.nats.process.poll() is not None and not self.stopping:
                 print("wgmfa: nats-server exited; restarting it", file=sys.stderr, flush=True)
                 try:
