@@ -74,3 +74,62 @@ def test_dlq_copies_mask_secret_looking_fields(payload: bytes, leak: list[str]) 
     for value in leak:
         assert value not in text
     assert "[redacted]" in text
+
+
+async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_consumer(nats_url: str, tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from events.clock import FakeClock
+    from events.sealing import generate_keypair
+    from gateway_worker.app import Gateway
+    from gateway_worker.backends.fake import FakeBackend
+    from gateway_worker.settings import GatewaySettings
+    from reaper_worker.app import Reaper, ReaperSettings
+    from schemas.common import utcnow, uuid7
+    from schemas.events import PeerAuthorized, PeerSample, StatsSample
+    from schemas.rpc import GatewayCredentials
+
+    bus = await Bus.connect(nats_url, "test", wait_s=5)
+    core = Core(CoreSettings(nats_url=nats_url, state_dir=tmp_path))
+    await core.start()
+    reaper = Reaper(ReaperSettings(nats_url=nats_url, sweep_interval_s=3600))  # each service its own connection
+    await reaper.start()
+    backend = FakeBackend()
+    credentials = GatewayCredentials(location_id=1, location_name="x", private_key=generate_keypair()[0],
+                                     sealing_private_key=generate_keypair()[0], listen_port=51820, address="10.1.0.1/24")
+    gateway = Gateway(GatewaySettings(nats_url=nats_url, gateway_id="gw", stats_interval=3600), credentials, backend,
+                      clock=FakeClock(datetime.now(timezone.utc)))
+    await gateway.start()
+    try:
+        # the peer stream keeps one message per subject, so each bad one gets its own
+        bad_peers, bad_stats = [subjects.peer(1, 5), subjects.peer(1, 6)], [subjects.stats(1, "gw5"), subjects.stats(1, "gw6")]
+        for peer_bad, stats_bad in zip(bad_peers, bad_stats):
+            payload = b'{"type": "peer.authorized", "generation": "x"}' if peer_bad.endswith("5") else b"\x00\xff"
+            await bus.nc.publish(peer_bad, payload)
+            await bus.nc.publish(stats_bad, payload)
+        await bus.nc.flush()
+        peer_subject, stats_subject = subjects.peer(1, 1), subjects.stats(1, "gw")
+        pubkey = generate_keypair()[1]
+        valid = PeerAuthorized(location_id=1, device_id=1, generation=1, pubkey=pubkey, allowed_ips=["10.1.0.2/32"],
+                               keepalive_s=25, authorized_at=utcnow(), threshold_s=300)
+        await bus.publish(peer_subject, valid)
+        now = datetime.now(timezone.utc)
+        await bus.publish(stats_subject, StatsSample(location_id=1, gateway_id="gw", sample_id=uuid7(), sampled_at=now,
+                                                     peers=[PeerSample(pubkey=pubkey, latest_handshake=now, rx_bytes=1, tx_bytes=1)]))
+        # the valid messages after the bad ones are processed
+        await eventually(lambda: pubkey in backend.peers, what="the gateway to apply the valid state")
+        await eventually(lambda: (1, 1) in reaper.liveness.authorizations and reaper.liveness.handshakes,
+                         what="the reaper to take the valid messages")
+
+        async def letters() -> set[tuple[str, str]] | None:
+            found = {(l["service"], l["original_subject"]) for l in await read_stream(bus, subjects.DLQ_ALL, timeout=0.3)}
+            expected = {(service, subject) for service in ("core", "reaper") for subject in bad_peers + bad_stats}
+            expected |= {("gateway gw", subject) for subject in bad_peers}
+            return found if expected <= found else None
+
+        await eventually(letters, timeout=15, what="DLQ copies from the core, the reaper and the gateway")
+    finally:
+        await gateway.stop()
+        await reaper.stop()
+        await core.stop()
+        await bus.close()
