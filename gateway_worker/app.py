@@ -166,10 +166,7 @@ class Gateway:
         async with self._lock:
             status = await self.backend.status()
             todo = plan(desired, status.peers)
-            for peer in todo.add + todo.update:
-                await self.backend.set_peer(peer)
-            for public_key in todo.remove:
-                await self.backend.remove_peer(public_key)
+            await self.backend.apply(todo.add + todo.update, todo.remove)
             self.applied = {
                 device: Applied(peer_state_order(state), state.pubkey) for device, state in states.items()
             }

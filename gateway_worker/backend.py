@@ -81,6 +81,10 @@ class WireGuardBackend(Protocol):
     async def remove_peer(self, public_key: str) -> None:
         """Remove the peer; removing an absent peer is not an error."""
 
+    async def apply(self, set_peers: list[PeerConfig], remove: list[str]) -> None:
+        """A batch (a resync): validate everything first, apply it, then read the interface
+        back once; raises BackendError when any peer does not hold as asked."""
+
     async def remove_interface(self) -> None:
         """Take the interface (and every peer on it) away."""
 

@@ -18,7 +18,7 @@ from events.clock import Clock, SystemClock
 from events.logs import configure_logging
 from events.service import stop_event
 from events.settings import LivenessSettings
-from reaper_worker.liveness import Liveness, revoke_for
+from reaper_worker.liveness import Decision, Liveness, revoke_for
 from schemas.common import uuid7
 from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER, PeerAuthorized, PeerRevoked, ReaperStarted, StatsSample
 
@@ -142,34 +142,37 @@ class Reaper:
 
     async def sweep(self) -> int:
         """Revoke every authorization that is due; returns how many revokes went out."""
+        decisions = self.liveness.due(self.clock.monotonic())
+        limit = asyncio.Semaphore(32)  # revokes of different devices go out side by side
+        results = await asyncio.gather(*(self._revoke(decision, limit) for decision in decisions))
+        self.liveness.forget_handshakes_of_unknown_peers()
+        return sum(results)
+
+    async def _revoke(self, decision: Decision, limit: asyncio.Semaphore) -> bool:
         assert self.bus is not None
-        published = 0
-        for decision in self.liveness.due(self.clock.monotonic()):
-            auth = decision.authorization
-            revoke = revoke_for(decision)
+        auth = decision.authorization
+        revoke = revoke_for(decision)
+        async with limit:
             try:
-                await self.bus.publish(
-                    subjects.peer(*auth.key), revoke, expected_last_subject_seq=auth.sequence
-                )
+                await self.bus.publish(subjects.peer(*auth.key), revoke, expected_last_subject_seq=auth.sequence)
             except nats.js.errors.APIError as exc:
                 if exc.err_code != WRONG_LAST_SEQUENCE:
                     log.warning("revoking %s failed, will retry: %s", auth.key, exc)
-                    continue
+                    return False
                 # a newer state (another reaper's revoke, a new authorization) is already last
                 log.info("location %s device %s generation %s: already superseded", *auth.key, auth.state.generation)
+                auth.revoked = True
+                return False
             except Exception as exc:
                 log.warning("revoking %s failed, will retry: %s", auth.key, exc)
-                continue
-            else:
-                published += 1
-                self.revoked.append(revoke)
-                log.info(
-                    "revoked location %s device %s generation %s: %s (quiet for %.0f s)",
-                    *auth.key, auth.state.generation, decision.reason.value, decision.quiet_for_s,
-                )
-            auth.revoked = True
-        self.liveness.forget_handshakes_of_unknown_peers()
-        return published
+                return False
+        auth.revoked = True
+        self.revoked.append(revoke)
+        log.info(
+            "revoked location %s device %s generation %s: %s (quiet for %.0f s)",
+            *auth.key, auth.state.generation, decision.reason.value, decision.quiet_for_s,
+        )
+        return True
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -70,6 +70,17 @@ class TestContract:
         await backend.remove_peer(public)
         assert (await backend.status()).peers == []
 
+    async def test_a_batch_applies_everything_or_refuses_before_starting(self, backend) -> None:  # type: ignore[no-untyped-def]
+        keep, drop = generate_keypair()[1], generate_keypair()[1]
+        await backend.apply([PeerConfig(keep, None, ("10.99.0.2/32",)), PeerConfig(drop, None, ("10.99.0.3/32",))], [])
+        fresh = [PeerConfig(generate_keypair()[1], generate_psk(), (f"10.99.1.{i}/32",)) for i in range(1, 50)]
+        await backend.apply(fresh, [drop])
+        keys = {p.public_key for p in (await backend.status()).peers}
+        assert keys == {keep} | {p.public_key for p in fresh}
+        with pytest.raises(BackendError):
+            await backend.apply([PeerConfig(generate_keypair()[1], None, ("10.99.2.1/32",)), PeerConfig(keep, "bad", ())], [])
+        assert {p.public_key for p in (await backend.status()).peers} == keys
+
     async def test_the_interface_reports_its_key_and_port(self, backend) -> None:  # type: ignore[no-untyped-def]
         status = await backend.status()
         assert status.listen_port == 51820 and len(status.public_key) == 44

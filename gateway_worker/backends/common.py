@@ -69,3 +69,22 @@ async def run_ip(*args: str, netns: str | None = None, check: bool = True) -> st
     if check and process.returncode != 0:
         raise BackendError(f"`{' '.join(command)}` failed: {err.decode().strip()}")
     return out.decode()
+
+
+def check_batch(set_peers: list[PeerConfig], remove: list[str]) -> None:
+    for peer in set_peers:
+        check_peer(peer)
+    for public_key in remove:
+        check_key(public_key, "public key")
+
+
+def verify_batch(set_peers: list[PeerConfig], remove: list[str], actual: list[PeerStatus]) -> None:
+    """Raise unless every peer in `set_peers` holds and none in `remove` is left."""
+    present = {p.public_key: p for p in actual}
+    wrong = [p.public_key for p in set_peers if p.public_key not in present or not holds(p, present[p.public_key])]
+    left = [key for key in remove if key in present]
+    if wrong or left:
+        raise BackendError(
+            f"{len(wrong)} peers do not read back as applied and {len(left)} were not removed"
+            f" (first: {(wrong + left)[0]})"
+        )

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from events.sealing import public_key_of
 from gateway_worker.backend import BackendError, InterfaceConfig, InterfaceStatus, PeerConfig, PeerStatus
-from gateway_worker.backends.common import check_key, check_peer
+from gateway_worker.backends.common import check_batch, check_key, check_peer
 
 
 class FakeBackend:
@@ -66,6 +66,14 @@ class FakeBackend:
         self._operation()
         if self.peers.pop(public_key, None) is not None:
             self.removes[public_key] += 1
+
+    async def apply(self, set_peers: list[PeerConfig], remove: list[str]) -> None:
+        check_batch(set_peers, remove)
+        self._operation()
+        for peer in set_peers:
+            await self.set_peer(peer)
+        for public_key in remove:
+            await self.remove_peer(public_key)
 
     async def remove_interface(self) -> None:
         self.peers.clear()

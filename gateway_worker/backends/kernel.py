@@ -14,7 +14,16 @@ from gateway_worker.backend import (
     PeerConfig,
     PeerStatus,
 )
-from gateway_worker.backends.common import ZERO_KEY, check_key, check_peer, holds, resolve_endpoint, run_ip
+from gateway_worker.backends.common import (
+    ZERO_KEY,
+    check_batch,
+    check_key,
+    check_peer,
+    holds,
+    resolve_endpoint,
+    run_ip,
+    verify_batch,
+)
 
 UNAVAILABLE = "kernel WireGuard is not available: the wireguard module is not loaded (use --backend userspace)"
 
@@ -95,9 +104,8 @@ class KernelBackend:
                 )
         return status
 
-    async def set_peer(self, peer: PeerConfig) -> PeerStatus:
-        check_peer(peer)  # the kernel silently ignores a PSK that is not 32 bytes
-        assert self.config is not None
+    @staticmethod
+    def _request(peer: PeerConfig) -> dict:
         request: dict = {
             "public_key": peer.public_key,
             "preshared_key": peer.preshared_key or ZERO_KEY,
@@ -107,13 +115,23 @@ class KernelBackend:
         }
         if peer.endpoint:
             request["endpoint_addr"], request["endpoint_port"] = resolve_endpoint(peer.endpoint)
+        return request
+
+    async def _send(self, requests: list[dict]) -> None:
+        assert self.config is not None
         wg = await self._wg()
         try:
-            await wg.set(self.config.name, peer=request)
-        except (NetlinkError, ValueError) as exc:
-            raise BackendError(f"cannot set peer {peer.public_key}: {exc}") from exc
+            for request in requests:
+                try:
+                    await wg.set(self.config.name, peer=request)
+                except (NetlinkError, ValueError) as exc:
+                    raise BackendError(f"cannot change peer {request['public_key']}: {exc}") from exc
         finally:
             wg.close()
+
+    async def set_peer(self, peer: PeerConfig) -> PeerStatus:
+        check_peer(peer)  # the kernel silently ignores a PSK that is not 32 bytes
+        await self._send([self._request(peer)])
         actual = next((p for p in (await self.status()).peers if p.public_key == peer.public_key), None)
         if actual is None or not holds(peer, actual):
             raise BackendError(f"peer {peer.public_key} does not read back as applied")
@@ -131,6 +149,14 @@ class KernelBackend:
             raise BackendError(f"cannot remove peer {public_key}: {exc}") from exc
         finally:
             wg.close()
+
+    async def apply(self, set_peers: list[PeerConfig], remove: list[str]) -> None:
+        check_batch(set_peers, remove)
+        requests = [self._request(peer) for peer in set_peers]
+        requests += [{"public_key": key, "remove": True} for key in remove]
+        if requests:
+            await self._send(requests)
+            verify_batch(set_peers, remove, (await self.status()).peers)
 
     async def remove_interface(self) -> None:
         if self.config is not None:

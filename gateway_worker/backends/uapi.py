@@ -24,9 +24,11 @@ from gateway_worker.backend import (
     PeerStatus,
 )
 from events.sealing import public_key_of
-from gateway_worker.backends.common import check_key, check_peer, holds, resolve_endpoint, run_ip
+from gateway_worker.backends.common import check_batch, check_key, check_peer, holds, resolve_endpoint, run_ip, verify_batch
 
 SOCKET_DIR = Path("/var/run/wireguard")
+BATCH = 1000  # peers per UAPI set request
+READ_LIMIT = 256 * 1024 * 1024  # a get of 65 536 peers is some tens of MiB
 ZERO_HEX = "0" * 64
 
 
@@ -56,26 +58,20 @@ class UserspaceBackend:
     async def _request(self, request: str) -> list[tuple[str, str]]:
         path = self.socket_path
         try:
-            reader, writer = await asyncio.open_unix_connection(str(path))
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=READ_LIMIT)
         except OSError as exc:
             raise BackendError(f"UAPI socket {path} is gone ({exc.strerror or exc}): is wireguard-go running?") from None
         try:
             writer.write(request.encode())
             await writer.drain()
-            lines: list[tuple[str, str]] = []
-            while True:
-                raw = await asyncio.wait_for(reader.readline(), timeout=10)
-                if not raw:
-                    raise BackendError(f"UAPI socket {path} closed mid-reply")
-                line = raw.decode().rstrip("\n")
-                if line == "":
-                    break
-                key, _, value = line.partition("=")
-                lines.append((key, value))
+            raw = await asyncio.wait_for(reader.readuntil(b"\n\n"), timeout=30)
         except asyncio.TimeoutError:
             raise BackendError(f"UAPI socket {path} did not answer") from None
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
+            raise BackendError(f"UAPI socket {path} broke off its reply: {exc}") from None
         finally:
             writer.close()
+        lines = [line.partition("=")[::2] for line in raw.decode().split("\n") if line]
         errno = next((int(v) for k, v in reversed(lines) if k == "errno"), None)
         if errno is None:
             raise BackendError(f"UAPI reply on {path} without errno")
@@ -204,8 +200,8 @@ class UserspaceBackend:
         finish()
         return status
 
-    async def set_peer(self, peer: PeerConfig) -> PeerStatus:
-        check_peer(peer)
+    @staticmethod
+    def _peer_lines(peer: PeerConfig) -> list[str]:
         lines = [
             f"public_key={to_hex(peer.public_key)}",
             f"preshared_key={to_hex(peer.preshared_key) if peer.preshared_key else ZERO_HEX}",
@@ -216,7 +212,11 @@ class UserspaceBackend:
         if peer.endpoint:
             address, port = resolve_endpoint(peer.endpoint)
             lines.append(f"endpoint={'[' + address + ']' if ':' in address else address}:{port}")
-        await self._set(lines)
+        return lines
+
+    async def set_peer(self, peer: PeerConfig) -> PeerStatus:
+        check_peer(peer)
+        await self._set(self._peer_lines(peer))
         actual = next((p for p in (await self.status()).peers if p.public_key == peer.public_key), None)
         if actual is None or not holds(peer, actual):
             raise BackendError(f"peer {peer.public_key} does not read back as applied")
@@ -224,6 +224,15 @@ class UserspaceBackend:
 
     async def remove_peer(self, public_key: str) -> None:
         check_key(public_key, "public key")
-        if any(p.public_key == public_key for p in (await self.status()).peers):
-            await self._set([f"public_key={to_hex(public_key)}", "remove=true"])
+        # update_only: an absent peer is not created just to be removed
+        await self._set([f"public_key={to_hex(public_key)}", "update_only=true", "remove=true"])
+
+    async def apply(self, set_peers: list[PeerConfig], remove: list[str]) -> None:
+        check_batch(set_peers, remove)
+        blocks = [self._peer_lines(peer) for peer in set_peers]
+        blocks += [[f"public_key={to_hex(key)}", "remove=true"] for key in remove]
+        for start in range(0, len(blocks), BATCH):
+            await self._set([line for block in blocks[start : start + BATCH] for line in block])
+        if blocks:
+            verify_batch(set_peers, remove, (await self.status()).peers)
 
