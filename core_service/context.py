@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,4 +31,8 @@ class CoreContext:
             yield session
             rows = pending_rows(session)
         if rows:
-            await self.relay.publish(rows)
+            # Publish before answering, but do not hold the answer long: a publish that is
+            # slow (JetStream electing a leader) goes on in the background and the relay
+            # retries whatever it could not finish.
+            publishing = asyncio.ensure_future(self.relay.publish(rows))
+            await asyncio.wait([publishing], timeout=self.settings.publish_wait_s)

@@ -22,6 +22,9 @@ class CoreSettings(LivenessSettings):
     default_lifetime_s: int = 43200
     default_keepalive_s: int = 25
     outbox_interval_s: float = 1.0
+    publish_wait_s: float = 2.0
+    """How long a request waits for its events to be published before it answers anyway
+    (the outbox publishes them later)."""
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -32,6 +32,7 @@ T = TypeVar("T")
 Req = TypeVar("Req", bound=BaseModel)
 
 WRONG_LAST_SEQUENCE = 10071
+JETSTREAM_NOT_READY = {10008, 10074}  # temporarily unavailable; insufficient resources (peers not up yet)
 MAX_DLQ_PAYLOAD = 8192
 _SECRET_KEYS = re.compile(r"code|token|psk|preshared|secret|password|private|signature|sealed", re.I)
 _SECRET_PAIRS = re.compile(
@@ -107,6 +108,7 @@ class Bus:
         *,
         publish_timeout_s: float = 5.0,
         wait_s: float | None = None,
+        inbox_prefix: str = "_INBOX",
     ) -> "Bus":
         """Connect, retrying until `wait_s` (None: forever); reconnect forever afterwards."""
         loop = asyncio.get_running_loop()
@@ -138,6 +140,7 @@ class Bus:
                     max_reconnect_attempts=1,
                     reconnect_time_wait=1,
                     drain_timeout=5,
+                    inbox_prefix=inbox_prefix,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
                     error_cb=on_error,
@@ -152,8 +155,25 @@ class Bus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def ensure_streams(self) -> None:
-        await streams.ensure_streams(self.js)
+    async def ensure_streams(self, replicas: int = 1, *, wait_s: float = 60.0) -> None:
+        """Declare the streams, waiting while a starting cluster elects its JetStream leader."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            try:
+                await streams.ensure_streams(self.js, replicas)
+                return
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, asyncio.TimeoutError,
+                    nats.js.errors.NoStreamResponseError) as exc:
+                reason = exc
+            except nats.js.errors.APIError as exc:
+                if exc.err_code not in JETSTREAM_NOT_READY:
+                    raise
+                reason = exc
+            if loop.time() > deadline:
+                raise BusUnavailable(f"JetStream is not available: {reason}")
+            log.warning("waiting for JetStream: %s", reason)
+            await asyncio.sleep(1)
 
     async def close(self) -> None:
         self.closing = True

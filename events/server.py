@@ -34,11 +34,20 @@ def nats_server_binary() -> str:
 class NatsServer:
     """One nats-server process. `port=-1` picks a free port (read back from the ports file)."""
 
-    def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = -1, log_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        log_file: Path | None = None,
+        extra_config: str = "",
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
         self.log_file = log_file or self.data_dir / "nats-server.log"
+        self.extra_config = extra_config  # e.g. a cluster block, or an include of authorization
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -56,6 +65,7 @@ class NatsServer:
                 f'  store_dir: "{store}"',
                 "  sync_interval: always",
                 "}",
+                self.extra_config,
                 "",
             ]
         )

@@ -18,6 +18,11 @@ class BusSettings(BaseSettings):
     """How long a caller waits for the core's reply."""
     publish_timeout_s: float = 5.0
     """How long a JetStream publish waits for its acknowledgement."""
+    stream_replicas: int = 1
+    """Replicas of each JetStream stream (3 on a three-node cluster)."""
+    inbox_prefix: str = "_INBOX"
+    """Subject prefix for replies and push consumers; operators' accounts may be limited
+    to their own (e.g. _INBOX_operator)."""
 
 
 class LivenessSettings(BusSettings):

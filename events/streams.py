@@ -1,6 +1,7 @@
 """JetStream streams and their set-up. Every service calls `ensure_streams` at start."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from nats.js import JetStreamContext
@@ -59,9 +60,10 @@ ALL_STREAMS = (PEERS, STATS, EVENTS, DLQ)
 STREAM_ALREADY_IN_USE = 10058
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     """Create the streams, or bring an existing one to this configuration."""
-    for config in ALL_STREAMS:
+    for base in ALL_STREAMS:
+        config = dataclasses.replace(base, num_replicas=replicas)
         try:
             await js.add_stream(config)
         except BadRequestError as exc:

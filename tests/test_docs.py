@@ -4,11 +4,13 @@ from __future__ import annotations
 import re
 
 from core_service.settings import CoreSettings
+from gateway_worker.settings import GatewaySettings
 from proxy_service.settings import ProxySettings
+from reaper_worker.app import ReaperSettings
 from tests.support.stack import REPO
 from wgmfa.up import UpSettings
 
-SETTINGS = [CoreSettings, ProxySettings, UpSettings]
+SETTINGS = [CoreSettings, ProxySettings, UpSettings, GatewaySettings, ReaperSettings]
 
 
 def settings_variables() -> set[str]:

@@ -62,7 +62,8 @@ async def tail(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc), 2)
     try:
-        bus = await Bus.connect(BusSettings().nats_url, "wgmfa-tail", wait_s=3)
+        settings = BusSettings()
+        bus = await Bus.connect(settings.nats_url, "wgmfa-tail", wait_s=3, inbox_prefix=settings.inbox_prefix)
     except BusUnavailable as exc:
         return fail(f"{exc} (is `wgmfa up` running? set WGMFA_NATS_URL)", 3)
     if args.all:
