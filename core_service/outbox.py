@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 KIND_PEER = "peer"
 KIND_EVENT = "event"
-PENDING = "wgmfa.outbox"  # session.info key: the rows this transaction adds
+PENDING = "outbox_rows"  # session.info key: the rows this transaction adds
 
 
 def _enqueue(session: AsyncSession, row: Outbox) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -15,14 +16,16 @@ from sqlalchemy import text
 
 from core_service.app import Core
 from core_service.settings import CoreSettings
+from events import subjects
 from events.bus import Bus
 from events.clock import FakeClock
 from events.sealing import generate_keypair, unseal
 from proxy_service.core_client import BusHolder, CoreClient
 from schemas import rpc
-from schemas.events import PeerAuthorized, PeerRevoked
+from schemas.common import uuid7
+from schemas.events import PeerAuthorized, PeerRevoked, PeerSample, StatsSample
 from schemas.rpc import ErrorStatus, RpcFailure
-from tests.support.stack import read_stream
+from tests.support.stack import eventually, read_stream
 from wgmfa.admin import AdminClient
 
 
@@ -49,7 +52,6 @@ class Harness:
             ),
             rpc.LocationAddResult,
         )
-        import json
 
         return result.location, json.loads(self.admin.reply_key.open(result.credentials_sealed))
 
@@ -79,7 +81,7 @@ class Harness:
         return psk
 
     async def events(self, event_type: str | None = None) -> list[dict]:
-        found = await read_stream(self.bus, "wgmfa.events.>")
+        found = await read_stream(self.bus, subjects.EVENTS_ALL)
         return [e for e in found if event_type is None or e["type"] == event_type]
 
     async def sql(self, query: str) -> list[tuple]:
@@ -351,8 +353,6 @@ async def session_states(h: Harness) -> list[tuple[str, str | None]]:
 
 
 async def test_a_revoke_from_the_reaper_ends_the_session(h: Harness) -> None:
-    from events import subjects
-
     location, _ = await h.location()
     secret = await h.user()
     device = await h.device("alice", "laptop", "office")
@@ -365,19 +365,12 @@ async def test_a_revoke_from_the_reaper_ends_the_session(h: Harness) -> None:
     async def revoked() -> bool:
         return await session_states(h) == [("revoked", "idle")]
 
-    from tests.support.stack import eventually
-
     await eventually(revoked, what="the core to end the session")
     assert await h.sql("SELECT psk_enc FROM vpn_session") == [(None,)]
     assert [(e["reason"], e["previous_state"]) for e in await h.events("session.revoked")] == [("idle", "authorized")]
 
 
 async def test_the_first_handshake_after_authorization_marks_the_session_connected(h: Harness) -> None:
-    from events import subjects
-    from schemas.common import uuid7
-    from schemas.events import PeerSample, StatsSample
-    from tests.support.stack import eventually
-
     location, _ = await h.location()
     secret = await h.user()
     device = await h.device("alice", "laptop", "office")

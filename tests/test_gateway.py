@@ -64,7 +64,7 @@ class Setup:
         return status.config() if status else None
 
     async def events(self, kind: str) -> list[dict]:
-        return [e for e in await read_stream(self.bus, "wgmfa.events.>") if e["type"] == kind]
+        return [e for e in await read_stream(self.bus, subjects.EVENTS_ALL) if e["type"] == kind]
 
 
 @pytest_asyncio.fixture
@@ -156,7 +156,7 @@ async def test_a_psk_sealed_to_another_key_is_dead_lettered(setup: Setup) -> Non
         await setup.put(good)
         await eventually(lambda: setup.peer(2) is not None, what="the next state")
         assert setup.peer(1) is None
-        letters = await eventually(lambda: read_stream(setup.bus, "wgmfa.dlq.>"), what="the DLQ copy")
+        letters = await eventually(lambda: read_stream(setup.bus, subjects.DLQ_ALL), what="the DLQ copy")
         assert letters[0]["original_subject"] == subjects.peer(LOCATION, 1) and "PSK" in letters[0]["reason"]
     finally:
         await gateway.stop()

@@ -12,6 +12,7 @@ import pyotp
 import pytest
 import pytest_asyncio
 
+from events import subjects
 from events.bus import Bus
 from events.sealing import generate_keypair, unseal
 from events.server import NatsServer
@@ -237,8 +238,8 @@ async def test_no_secret_in_clear_on_the_bus_or_in_logs(stack: Stack, nats_for_m
     psk = (await finish(stack, token, code)).json()["preshared_key"]
     await capture.stop()
 
-    assert any(s.startswith("wgmfa.peer.") for s in capture.subjects())
-    assert "wgmfa.rpc.mfa.finish" in capture.subjects()
+    assert any(s.startswith(subjects.PEER_PREFIX + ".") for s in capture.subjects())
+    assert subjects.RPC_MFA_FINISH in capture.subjects()
     secrets = {"PSK": psk, "TOTP secret": d["secret"], "TOTP code": code, "wrong code": wrong, "login token": token}
     assert_no_secret(capture.text(), secrets, "the bus capture")
     logs = stack.logs() + Path(nats_for_module.log_file).read_text(errors="replace")

@@ -19,16 +19,20 @@ from tests.support.netns import GATEWAY_ADDRESS, Topology
 from tests.support.stack import eventually
 
 
-@pytest_asyncio.fixture(params=["fake", pytest.param("userspace", marks=pytest.mark.root)])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[FakeBackend | UserspaceBackend]:
+@pytest_asyncio.fixture(
+    params=["fake", pytest.param("userspace", marks=pytest.mark.root), pytest.param("kernel", marks=pytest.mark.root)]
+)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[FakeBackend | UserspaceBackend | KernelBackend]:
     private, _ = generate_keypair()
     if request.param == "fake":
         fake = FakeBackend()
         await fake.ensure_interface(InterfaceConfig("wgfake0", private, 51820, "10.99.0.1/24"))
         yield fake
         return
+    if request.param == "kernel" and not os.path.exists("/sys/module/wireguard"):
+        pytest.skip("kernel WireGuard is not available here: the wireguard module is not loaded")
     with Topology() as topology:
-        real = UserspaceBackend()
+        real = UserspaceBackend() if request.param == "userspace" else KernelBackend()
         await real.ensure_interface(InterfaceConfig(topology.name("gw"), private, 51820, "10.99.0.1/24", netns=topology.gateway))
         yield real
         await real.remove_interface()
