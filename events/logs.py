@@ -1,7 +1,8 @@
 """Log set-up shared by every process: one line per record, `key=value` extras.
 
-Log lines never carry secrets: callers log ids, never codes, tokens or keys, and a
-filter masks anything that looks like a 32-byte base64 key as a last line of defence.
+Log lines never carry secrets: callers log ids, never codes, tokens or keys; as a last
+line of defence the formatter masks anything that looks like a 32-byte base64 key and the
+values of secret-bearing query parameters (a server's request line: `?token=…`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import sys
 from datetime import datetime, timezone
 
 _KEY_LIKE = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=(?![A-Za-z0-9+/=])")
+# query parameters that carry secrets, as servers log request lines with them
+_SECRET_QUERY = re.compile(r"([?&](?:token|code|state|secret|password)=)[^&\s\"']+", re.I)
+
+
+def scrub(text: str) -> str:
+    return _SECRET_QUERY.sub(r"\1[redacted]", _KEY_LIKE.sub("[key]", text))
 
 
 class _Formatter(logging.Formatter):
@@ -20,10 +27,9 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-        message = _KEY_LIKE.sub("[key]", record.getMessage())
-        line = f"{stamp}Z {record.levelname:<7} {self.service} {record.name}: {message}"
+        line = f"{stamp}Z {record.levelname:<7} {self.service} {record.name}: {scrub(record.getMessage())}"
         if record.exc_info:
-            line += "\n" + _KEY_LIKE.sub("[key]", self.formatException(record.exc_info))
+            line += "\n" + scrub(self.formatException(record.exc_info))
         return line
 
 

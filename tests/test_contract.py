@@ -75,3 +75,12 @@ def test_sealed_boxes_open_only_with_the_recipient_key() -> None:
         seal("not-a-key", "x")
     reply = ReplyKey()
     assert reply.open(seal(reply.public, "hello")) == "hello"
+
+
+def test_log_lines_are_scrubbed_of_keys_and_secret_query_parameters() -> None:
+    from events.logs import scrub
+
+    key = generate_psk()
+    line = scrub(f'"GET /api/v1/client-mfa/remote?token=abc123&x=1" psk {key} /cb?code=654321&state=s3cr3t')
+    assert "abc123" not in line and key not in line and "654321" not in line and "s3cr3t" not in line
+    assert "x=1" in line and "[redacted]" in line and "[key]" in line
