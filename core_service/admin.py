@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+from datetime import timedelta
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
@@ -20,6 +21,7 @@ from schemas.rpc import (
     DeviceConfig,
     DeviceListRequest,
     DeviceListResult,
+    EmailMfaRequest,
     ErrorStatus,
     GatewayCredentials,
     GatewayCredentialsRequest,
@@ -28,6 +30,8 @@ from schemas.rpc import (
     LocationAddResult,
     LocationInfo,
     LocationListResult,
+    MobileAllowRequest,
+    MobileAllowResult,
     RevokeRequest,
     RpcFailure,
     SessionInfo,
@@ -83,7 +87,9 @@ def user_info(user: User) -> UserInfo:
     )
 
 
-def device_config(location: Location, device: Device, user: User, placement: LocationDevice) -> DeviceConfig:
+def device_config(
+    location: Location, device: Device, user: User, placement: LocationDevice, instance_id: str
+) -> DeviceConfig:
     network = ipaddress.ip_network(location.network)
     return DeviceConfig(
         device_id=device.id,  # type: ignore[arg-type]
@@ -98,6 +104,7 @@ def device_config(location: Location, device: Device, user: User, placement: Loc
         allowed_ips=[str(network)],
         keepalive_s=location.keepalive_s,
         mfa_mode=MfaMode(location.mfa_mode),
+        instance_id=instance_id,
     )
 
 
@@ -271,7 +278,30 @@ class Admin:
             enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=True))  # type: ignore[arg-type]
         return user_info(user)
 
+    async def email_mfa(self, req: EmailMfaRequest) -> UserInfo:
+        async with self.ctx.transaction() as session:
+            user = await find_user(session, req.username)
+            user.email_mfa_enabled = req.enabled
+            session.add(user)
+        return user_info(user)
+
     # --- devices --------------------------------------------------------------------------
+
+    async def mobile_allow(self, req: MobileAllowRequest) -> MobileAllowResult:
+        """Let the phone app of this device register its signing key, once, for a while."""
+        async with self.ctx.transaction() as session:
+            user = await find_user(session, req.username)
+            device = (
+                await session.exec(select(Device).where(Device.user_id == user.id, Device.name == req.device_name))
+            ).first()
+            if device is None:
+                raise RpcFailure(ErrorStatus.NOT_FOUND, f"device {req.device_name} of {user.username} not found")
+            device.mobile_registration_until = self.ctx.clock.now() + timedelta(seconds=req.valid_s)
+            session.add(device)
+        return MobileAllowResult(
+            username=user.username, device_name=device.name, device_pubkey=device.pubkey,
+            until=device.mobile_registration_until,
+        )
 
     async def device_add(self, req: DeviceAddRequest) -> DeviceConfig:
         if not is_key(req.pubkey):
@@ -326,7 +356,7 @@ class Admin:
                     expires_at=None,
                 ),
             )
-        return device_config(location, device, user, placement)
+        return device_config(location, device, user, placement, self.ctx.vault.instance_id)
 
     async def _free_address(self, session: AsyncSession, location: Location) -> str:
         network = ipaddress.ip_network(location.network)
@@ -351,7 +381,8 @@ class Admin:
             if req.username:
                 query = query.where(User.username == req.username)
             rows = (await session.exec(query)).all()
-        return DeviceListResult(devices=[device_config(loc, dev, usr, pl) for pl, loc, dev, usr in rows])
+        instance = self.ctx.vault.instance_id
+        return DeviceListResult(devices=[device_config(loc, dev, usr, pl, instance) for pl, loc, dev, usr in rows])
 
     # --- sessions -------------------------------------------------------------------------
 

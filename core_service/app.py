@@ -11,6 +11,7 @@ from core_service.context import CoreContext
 from core_service.dataplane import DataPlane
 from core_service.db import Database
 from core_service.keys import Vault, load_master_key
+from core_service.mailer import SmtpMailer
 from core_service.mfa import Mfa
 from core_service.outbox import OutboxRelay
 from core_service.settings import CoreSettings
@@ -49,7 +50,8 @@ class Core:
         await self.bus.ensure_streams(self.settings.stream_replicas)
         relay = self._relay = OutboxRelay(self.db, self.bus, self.clock)
         ctx = CoreContext(settings=self.settings, db=self.db, vault=self.vault, clock=self.clock, relay=relay)
-        self.mfa = Mfa(ctx)
+        mailer = SmtpMailer(self.settings) if self.settings.smtp_host else None
+        self.mfa = Mfa(ctx, mailer)
         self.admin = Admin(ctx)
         await relay.flush()  # what a previous run committed but could not publish
         for subject, request_type, handler in self._routes():
@@ -82,6 +84,9 @@ class Core:
             (subjects.RPC_CORE_HELLO, rpc.CoreHello, self._hello),
             (subjects.RPC_MFA_START, rpc.MfaStartRequest, mfa.start),
             (subjects.RPC_MFA_FINISH, rpc.MfaFinishRequest, mfa.finish),
+            (subjects.RPC_MFA_FINISH_REMOTE, rpc.MfaFinishRemoteRequest, mfa.finish_remote),
+            (subjects.RPC_MFA_TOKEN_STATUS, rpc.TokenStatusRequest, mfa.token_status),
+            (subjects.RPC_ENROLL_MOBILE, rpc.RegisterMobileRequest, mfa.register_mobile),
             (subjects.admin_rpc("location_add"), rpc.LocationAddRequest, admin.location_add),
             (subjects.admin_rpc("location_list"), rpc.Empty, lambda _req: admin.location_list()),
             (subjects.admin_rpc("gateway_credentials"), rpc.GatewayCredentialsRequest, admin.gateway_credentials),
@@ -89,6 +94,8 @@ class Core:
             (subjects.admin_rpc("user_list"), rpc.Empty, lambda _req: admin.user_list()),
             (subjects.admin_rpc("totp_enroll"), rpc.TotpEnrollRequest, admin.totp_enroll),
             (subjects.admin_rpc("totp_confirm"), rpc.TotpConfirmRequest, admin.totp_confirm),
+            (subjects.admin_rpc("email_mfa"), rpc.EmailMfaRequest, admin.email_mfa),
+            (subjects.admin_rpc("mobile_allow"), rpc.MobileAllowRequest, admin.mobile_allow),
             (subjects.admin_rpc("device_add"), rpc.DeviceAddRequest, admin.device_add),
             (subjects.admin_rpc("device_list"), rpc.DeviceListRequest, admin.device_list),
             (subjects.admin_rpc("sessions"), rpc.SessionsRequest, admin.sessions),
@@ -96,7 +103,7 @@ class Core:
         ]
 
     async def _hello(self, _req: rpc.CoreHello) -> rpc.CoreHelloResult:
-        return rpc.CoreHelloResult(rpc_public_key=self.vault.rpc_public_key, version=VERSION)
+        return rpc.CoreHelloResult(rpc_public_key=self.vault.rpc_public_key, version=VERSION, instance_id=self.vault.instance_id)
 
     async def _housekeeping(self) -> None:
         while True:

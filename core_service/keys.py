@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import uuid
 from pathlib import Path
 
 from nacl.exceptions import CryptoError
@@ -55,6 +56,14 @@ class Vault:
         rpc_private = PrivateKey(_derive(master, b"wgmfa-rpc-key"))
         self._rpc_private = b64encode(bytes(rpc_private))
         self.rpc_public_key = b64encode(bytes(rpc_private.public_key))
+        self._code_key = _derive(master, b"wgmfa-codes")
+        # the deployment's identity for mobile apps: stable for as long as the key is
+        self.instance_id = str(uuid.UUID(bytes=_derive(master, b"wgmfa-instance")[:16], version=4))
+
+    def code_hash(self, login_id: uuid.UUID, code: str) -> str:
+        """A keyed hash of an emailed code, bound to its login: a database dump alone does
+        not let anyone try the million codes offline."""
+        return blake2b(code.encode(), key=self._code_key, salt=login_id.bytes, digest_size=32, encoder=RawEncoder).hex()
 
     def encrypt(self, plaintext: str) -> str:
         return _PREFIX + b64encode(self._box.encrypt(plaintext.encode()))

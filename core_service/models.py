@@ -42,6 +42,9 @@ class Device(SQLModel, table=True):
     user_id: int = Field(foreign_key="user.id", index=True)
     name: str = Field(max_length=64)
     pubkey: str = Field(max_length=64, unique=True)
+    mobile_registration_until: datetime | None = Field(
+        default=None, description="until when its phone app may register a signing key"
+    )
     created_at: datetime = Field(default_factory=utcnow)
 
 

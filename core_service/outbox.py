@@ -13,12 +13,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core_service.db import Database
 from core_service.models import Outbox
 from events.clock import Clock
-from schemas.events import ANY_EVENT_ADAPTER, Event, PeerAuthorized, PeerRevoked
+from schemas.events import ANY_EVENT_ADAPTER, Event, LoginApproved, PeerAuthorized, PeerRevoked
 
 log = logging.getLogger(__name__)
 
 KIND_PEER = "peer"
 KIND_EVENT = "event"
+KIND_NOTIFY = "notify"
 PENDING = "outbox_rows"  # session.info key: the rows this transaction adds
 
 
@@ -35,6 +36,11 @@ def enqueue_event(session: AsyncSession, event: Event) -> None:
     _enqueue(session, Outbox(kind=KIND_EVENT, event_type=event.type, payload=event.model_dump_json()))
 
 
+def enqueue_notify(session: AsyncSession, event: LoginApproved) -> None:
+    """A wake-up on core NATS (no stream), sent after the commit like everything else."""
+    _enqueue(session, Outbox(kind=KIND_NOTIFY, event_type=event.type, payload=event.model_dump_json()))
+
+
 def pending_rows(session: AsyncSession) -> list[Outbox]:
     return list(session.info.get(PENDING, []))
 
@@ -45,6 +51,8 @@ class EventSink(Protocol):
     async def publish_peer_state(self, state: PeerAuthorized | PeerRevoked) -> bool: ...
 
     async def publish_event(self, event: Event) -> object: ...
+
+    async def notify_login_approved(self, event: LoginApproved) -> None: ...
 
 
 class OutboxRelay:
@@ -117,6 +125,8 @@ class OutboxRelay:
                 try:
                     if isinstance(event, (PeerAuthorized, PeerRevoked)):
                         await self.sink.publish_peer_state(event)
+                    elif isinstance(event, LoginApproved):
+                        await self.sink.notify_login_approved(event)
                     else:
                         await self.sink.publish_event(event)
                 except Exception as exc:

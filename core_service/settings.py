@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import SecretStr
 
 from events.settings import LivenessSettings
@@ -25,6 +27,19 @@ class CoreSettings(LivenessSettings):
     publish_wait_s: float = 2.0
     """How long a request waits for its events to be published before it answers anyway
     (the outbox publishes them later)."""
+
+    smtp_host: str | None = None
+    """SMTP server for emailed codes; without it, email MFA is not available."""
+    smtp_port: int = 25
+    smtp_security: Literal["none", "starttls", "tls"] = "none"
+    """none, starttls (upgrade after connecting, port 587) or tls (TLS from the start, port 465)."""
+    smtp_user: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_sender: str = "wgmfa <wgmfa@localhost>"
+    smtp_timeout_s: float = 10.0
+    email_per_user_limit: int = 3
+    """Emailed codes a user may receive per `email_limit_window_s`; then 429."""
+    email_limit_window_s: int = 300
 
     def resolved_database_url(self) -> str:
         if self.database_url:

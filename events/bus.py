@@ -23,7 +23,15 @@ from pydantic import BaseModel, ValidationError
 
 from events import headers as hdr
 from events import streams, subjects
-from schemas.events import PEER_STATE_ADAPTER, DeadLetter, Event, PeerAuthorized, PeerRevoked, peer_state_order
+from schemas.events import (
+    PEER_STATE_ADAPTER,
+    DeadLetter,
+    Event,
+    LoginApproved,
+    PeerAuthorized,
+    PeerRevoked,
+    peer_state_order,
+)
 from schemas.rpc import ErrorStatus, RpcError, RpcFailure, RpcReply
 
 log = logging.getLogger(__name__)
@@ -225,6 +233,9 @@ class Bus:
     async def notify(self, subject: str, event: Event) -> None:
         """Core NATS, no stream: a wake-up call that carries no secret."""
         await self.nc.publish(subject, event.model_dump_json().encode(), headers={hdr.MSG_ID: str(event.event_id)})
+
+    async def notify_login_approved(self, event: LoginApproved) -> None:
+        await self.notify(subjects.notify_login(event.login_id), event)
 
     # --- peer state: a compacted log ordered by generation --------------------------
 

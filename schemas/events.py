@@ -233,6 +233,30 @@ class ReaperStarted(Event):
     replayed: int = Field(description="peer and stats messages read back")
 
 
+class LoginApproved(Event):
+    """A phone approved a waiting login (method 4): wakes the proxy holding the desktop's
+    socket, on the core-NATS subject wgmfa.notify.login.<login_id>. Carries no secret."""
+
+    type: Literal["login.approved"] = "login.approved"
+    login_id: UUID
+
+
+class MfaEmailSent(_DeviceAtLocation):
+    type: Literal["mfa.email_sent"] = "mfa.email_sent"
+    login_id: UUID
+    to: str = Field(description="the address, partly masked")
+    expires_at: AwareDatetime
+
+
+class MobileKeyRegistered(Event):
+    type: Literal["admin.mobile_key_registered"] = "admin.mobile_key_registered"
+    user_id: int
+    username: str
+    device_id: int
+    device_name: str
+    client_ip: str | None = None
+
+
 class DeadLetter(Event):
     """A message a consumer could not decode or process; published on wgmfa.dlq.<subject>."""
 
@@ -261,6 +285,8 @@ AuditEvent = Annotated[
         GatewaySynced,
         GatewayApplyFailed,
         ReaperStarted,
+        MfaEmailSent,
+        MobileKeyRegistered,
     ],
     Field(discriminator="type"),
 ]
@@ -283,6 +309,9 @@ AnyEvent = Annotated[
         GatewaySynced,
         GatewayApplyFailed,
         ReaperStarted,
+        MfaEmailSent,
+        MobileKeyRegistered,
+        LoginApproved,
         StatsSample,
         DeadLetter,
     ],

@@ -34,3 +34,20 @@ class ClientMfaFinishResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str
+
+
+class ClientMfaFinishRemoteRequest(ClientMfaFinishRequest):
+    """The phone's approval of a desktop login: `code` is the Ed25519 signature of the
+    challenge (base64), `auth_pub_key` the phone's registered key."""
+
+
+class RegisterMobileRequest(_Request):
+    auth_pub_key: StrictStr = Field(max_length=256)
+    device_pub_key: StrictStr = Field(max_length=256)
+
+
+class RemoteMfaSuccess(BaseModel):
+    """The one frame the desktop's socket receives when a phone approved its login."""
+
+    type: str = "mfa_success"
+    preshared_key: str

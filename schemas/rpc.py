@@ -72,6 +72,7 @@ class CoreHello(Empty):
 class CoreHelloResult(_Model):
     rpc_public_key: str = Field(description="X25519 public key requests seal their secrets to")
     version: str
+    instance_id: str = Field(description="this deployment's id, shown to mobile apps in QR codes")
 
 
 # --- client MFA -------------------------------------------------------------------------
@@ -101,6 +102,34 @@ class MfaFinishRequest(_Model):
 class MfaFinishResult(_Model):
     psk_sealed: str
     token_sealed: str | None = None
+
+
+class MfaFinishRemoteRequest(_Model):
+    """The phone approves a desktop's login (method 4) by signing its challenge."""
+
+    token_sealed: str
+    code_sealed: str | None = Field(None, description="the Ed25519 signature of the challenge, base64")
+    auth_pub_key: str | None = Field(None, max_length=256)
+    client: ClientInfo = Field(default_factory=ClientInfo)
+
+
+class TokenStatusRequest(_Model):
+    token_sealed: str
+
+
+class TokenStatusResult(_Model):
+    """What the proxy needs to wait for a mobile approval; no secret."""
+
+    login_id: str
+    method: str
+    state: str
+    expires_at: AwareDatetime
+
+
+class RegisterMobileRequest(_Model):
+    auth_pub_key: str = Field(max_length=256)
+    device_pub_key: str = Field(max_length=256)
+    client: ClientInfo = Field(default_factory=ClientInfo)
 
 
 # --- admin ------------------------------------------------------------------------------
@@ -173,6 +202,10 @@ class UserRef(_Model):
     username: str
 
 
+class EmailMfaRequest(UserRef):
+    enabled: bool
+
+
 class UserInfo(_Model):
     id: int
     username: str
@@ -220,6 +253,7 @@ class DeviceConfig(_Model):
     allowed_ips: list[str]
     keepalive_s: int
     mfa_mode: MfaMode
+    instance_id: str
 
 
 class DeviceListRequest(_Model):
@@ -228,6 +262,19 @@ class DeviceListRequest(_Model):
 
 class DeviceListResult(_Model):
     devices: list[DeviceConfig]
+
+
+class MobileAllowRequest(_Model):
+    username: str
+    device_name: str
+    valid_s: int = Field(3600, ge=60, le=7 * 86400)
+
+
+class MobileAllowResult(_Model):
+    username: str
+    device_name: str
+    device_pubkey: str
+    until: AwareDatetime
 
 
 class SessionsRequest(_Model):
