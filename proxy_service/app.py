@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -16,12 +16,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from events.bus import Bus, BusUnavailable
 from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
+from proxy_service.remote import deny, wait_for_approval
 from proxy_service.settings import ProxySettings
 from schemas.http import (
+    ClientMfaFinishRemoteRequest,
     ClientMfaFinishRequest,
     ClientMfaFinishResponse,
     ClientMfaStartRequest,
     ClientMfaStartResponse,
+    RegisterMobileRequest,
 )
 from schemas.rpc import ClientInfo, ErrorStatus, RpcFailure
 
@@ -167,6 +170,27 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
     async def client_mfa_finish(body: ClientMfaFinishRequest, request: Request) -> ClientMfaFinishResponse:
         psk, token = await core.finish(body.token, body.code, body.auth_pub_key, client_info(request))
         return ClientMfaFinishResponse(preshared_key=psk, token=token)
+
+    @app.post("/api/v1/client-mfa/finish-remote")
+    async def client_mfa_finish_remote(body: ClientMfaFinishRemoteRequest, request: Request) -> JSONResponse:
+        await core.finish_remote(body.token, body.code, body.auth_pub_key, client_info(request))
+        return JSONResponse({})
+
+    @app.websocket("/api/v1/client-mfa/remote")
+    async def client_mfa_remote(websocket: WebSocket) -> None:
+        token = websocket.query_params.get("token")
+        peer = websocket.client.host if websocket.client else None
+        client = ClientInfo(ip=client_address.of(peer, websocket.headers.get("x-forwarded-for")))
+        access_log.info("WS /api/v1/client-mfa/remote from %s", client.ip)  # never the query: it holds the token
+        if not token:
+            await deny(websocket, 400, "invalid token")
+            return
+        await wait_for_approval(websocket, core, token, client, lambda exc: HTTP_STATUS.get(exc.error.status, 500))
+
+    @app.post("/api/v1/enrollment/register_mobile")
+    async def register_mobile(body: RegisterMobileRequest, request: Request) -> JSONResponse:
+        await core.register_mobile(body.auth_pub_key, body.device_pub_key, client_info(request))
+        return JSONResponse({})
 
     @app.get("/api/v1/health")
     @app.get("/health")

@@ -60,6 +60,25 @@ class CoreClient:
         echoed = self.reply_key.open(result.token_sealed) if result.token_sealed else None
         return self.reply_key.open(result.psk_sealed), echoed
 
+    async def finish_remote(self, token: str, signature: str | None, auth_pub_key: str | None, client: rpc.ClientInfo) -> None:
+        key = await self.core_key()
+        request = rpc.MfaFinishRemoteRequest(
+            token_sealed=seal(key, token),
+            code_sealed=seal(key, signature) if signature is not None else None,
+            auth_pub_key=auth_pub_key,
+            client=client,
+        )
+        await self.bus.call(subjects.RPC_MFA_FINISH_REMOTE, request, rpc.Empty, timeout=self.timeout_s)
+
+    async def token_status(self, token: str) -> rpc.TokenStatusResult:
+        key = await self.core_key()
+        request = rpc.TokenStatusRequest(token_sealed=seal(key, token))
+        return await self.bus.call(subjects.RPC_MFA_TOKEN_STATUS, request, rpc.TokenStatusResult, timeout=self.timeout_s)
+
+    async def register_mobile(self, auth_pub_key: str, device_pub_key: str, client: rpc.ClientInfo) -> None:
+        request = rpc.RegisterMobileRequest(auth_pub_key=auth_pub_key, device_pub_key=device_pub_key, client=client)
+        await self.bus.call(subjects.RPC_ENROLL_MOBILE, request, rpc.Empty, timeout=self.timeout_s)
+
 
 class BusHolder:
     """The proxy's bus connection, made in the background so that the proxy serves (503s)
