@@ -121,8 +121,9 @@ async def test_start_errors_use_defguard_strings(stack: Stack) -> None:
     assert await error(location_id, generate_keypair()[1]) == (400, "device not found")
     assert await error(location_id, "not a key") == (400, "device not found")
     assert await error(location_id, d["pubkey"], 9) == (400, "invalid MFA method selected")
-    for method in (1, 3, 4):
+    for method in (1, 4):  # no email MFA, no phone key for this user
         assert await error(location_id, d["pubkey"], method) == (400, "selected MFA method not available")
+    assert await error(location_id, d["pubkey"], 3) == (400, "Select MFA method not available for the device.")
     assert await error(location_id, d["pubkey"], 2) == (400, "selected MFA method not supported by location")
 
     open_location = await setup_device(stack, mfa="disabled")

@@ -3,7 +3,9 @@ both sides, every service a real process. Root only."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ from schemas import rpc
 from tests.conftest import running_nats
 from tests.support.netns import GATEWAY_ADDRESS, Topology
 from tests.support.stack import REPO, ServiceProcess, Stack, eventually
+from wgmfa.smtp_sink import MailSink
 
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
 
@@ -33,12 +36,27 @@ SETTINGS = {"stats_interval": str(STATS_INTERVAL), "min_threshold_s": str(MIN_TH
 
 
 class World:
-    def __init__(self, stack: Stack, net: Topology, work: Path) -> None:
+    def __init__(self, stack: Stack, net: Topology, work: Path, sink: MailSink) -> None:
         self.stack = stack
         self.net = net
         self.work = work
+        self.sink = sink
         self.reaper = ServiceProcess("reaper_worker", stack.env, work / "reaper.log")
         self.gateways: dict[str, ServiceProcess] = {}
+        self.methods_location: rpc.LocationAddResult | None = None
+
+    async def location_for_methods(self) -> rpc.LocationAddResult:
+        """One location with its gateway, shared by the per-factor tunnel tests."""
+        if self.methods_location is None:
+            self.methods_location = await self.stack.add_location("factors", network="10.69.0.0/24", endpoint_port=51823)
+            self.gateway(self.methods_location).start()
+        return self.methods_location
+
+    async def client_process(self, *args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wgmfa", *args, env=self.stack.env, cwd=REPO,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
 
     def gateway(self, location: rpc.LocationAddResult, gateway_id: str = "gw1") -> ServiceProcess:
         credentials = self.work / f"gateway-{location.location.id}.json"
@@ -78,16 +96,18 @@ class World:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     work = tmp_path_factory.mktemp("e2e")
+    sink = MailSink().start()
     with running_nats() as nats, Topology() as net:
-        stack = Stack(nats.url, work, **SETTINGS)
+        stack = Stack(nats.url, work, smtp_host="127.0.0.1", smtp_port=str(sink.port), **SETTINGS)
         await stack.start()
-        w = World(stack, net, work)
+        w = World(stack, net, work, sink)
         w.reaper.start()
         yield w
         for process in w.gateways.values():
             process.stop()
         w.reaper.stop()
         await stack.stop()
+    sink.stop()
 
 
 async def wait_for_next_totp_step() -> None:
@@ -212,3 +232,107 @@ async def test_a_gateway_restart_converges_and_keeps_live_sessions(world: World)
     assert after.preshared_key == before.preshared_key
     assert after.latest_handshake >= before.latest_handshake and after.rx_bytes >= before.rx_bytes  # not re-added
     assert net.ping(client_net.netns, "10.68.0.1", count=2)
+
+
+async def read_until(process: asyncio.subprocess.Process, needle: str, timeout: float = 30) -> str:
+    """The client's output up to the line holding `needle`."""
+    seen = []
+    async def lines() -> str:
+        while True:
+            raw = await process.stdout.readline()
+            if not raw:
+                raise AssertionError("the client exited:\n" + "".join(seen))
+            seen.append(raw.decode())
+            if needle in seen[-1]:
+                return seen[-1]
+    return await asyncio.wait_for(lines(), timeout)
+
+
+async def finished(process: asyncio.subprocess.Process, timeout: float = 60) -> str:
+    out, _ = await asyncio.wait_for(process.communicate(), timeout)
+    return out.decode()
+
+
+async def test_an_emailed_code_opens_a_real_tunnel(world: World) -> None:
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    location = await world.location_for_methods()
+    await stack.admin.call("user_add", rpc.UserAddRequest(username="emil", email="emil@example.com"), rpc.UserInfo)
+    await stack.admin.call("email_mfa", rpc.EmailMfaRequest(username="emil", enabled=True), rpc.UserInfo)
+    config = await world.device_config("emil", "laptop", location.location.name)
+    before = len(world.sink.received)
+    client = await world.client_process("client", "connect", "--config", str(config), "--method", "email",
+                                        "--netns", client_net.netns, "--interface", net.name("e1"))
+    await read_until(client, "a code is on its way")
+    mail = await asyncio.to_thread(world.sink.wait_for, before + 1)
+    code = re.search(r"Your code: (\d{6})", mail[-1].body).group(1)
+    client.stdin.write(f"{code}\n".encode())
+    await client.stdin.drain()
+    output = await finished(client)
+    assert client.returncode == 0 and "connected" in output, output
+    assert net.ping(client_net.netns, "10.69.0.1", count=2)
+    world.wgmfa("client", "disconnect", "--interface", net.name("e1"))
+
+
+async def test_a_phone_opens_its_own_tunnel_with_its_signing_key(world: World) -> None:
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    location = await world.location_for_methods()
+    await stack.admin.call("user_add", rpc.UserAddRequest(username="bea", email="bea@example.com"), rpc.UserInfo)
+    config = await world.device_config("bea", "phone", location.location.name)
+    key_file = world.work / "bea-phone.key"
+    assert world.wgmfa("admin", "mobile", "allow", "bea", "phone").returncode == 0
+    registered = world.wgmfa("mobile", "register", "--config", str(config), "--key-file", str(key_file))
+    assert registered.returncode == 0, registered.stderr
+    connected = world.wgmfa("client", "connect", "--config", str(config), "--method", "biometric", "--key-file",
+                            str(key_file), "--netns", client_net.netns, "--interface", net.name("b1"))
+    assert connected.returncode == 0 and "connected" in connected.stdout, connected.stderr + connected.stdout
+    assert net.ping(client_net.netns, "10.69.0.1", count=2)
+    world.wgmfa("client", "disconnect", "--interface", net.name("b1"))
+
+
+async def test_a_phone_approves_a_desktop_tunnel_from_its_qr_code(world: World) -> None:
+    net, stack = world.net, world.stack
+    desktop_net = net.add_client()
+    location = await world.location_for_methods()
+    await stack.admin.call("user_add", rpc.UserAddRequest(username="max", email="max@example.com"), rpc.UserInfo)
+    desktop = await world.device_config("max", "desktop", location.location.name)
+    phone = await world.device_config("max", "phone", location.location.name)
+    key_file = world.work / "max-phone.key"
+    assert world.wgmfa("admin", "mobile", "allow", "max", "phone").returncode == 0
+    assert world.wgmfa("mobile", "register", "--config", str(phone), "--key-file", str(key_file)).returncode == 0
+
+    client = await world.client_process("client", "connect", "--config", str(desktop), "--method", "mobile",
+                                        "--netns", desktop_net.netns, "--interface", net.name("m1"))
+    line = await read_until(client, "wgmfa mobile approve")
+    payload = re.search(r"wgmfa mobile approve (\S+)", line).group(1)
+    qr = json.loads(base64.b64decode(payload))
+    assert set(qr) == {"token", "challenge", "instance_id"} and qr["instance_id"]
+    approved = await asyncio.to_thread(world.wgmfa, "mobile", "approve", payload, "--key-file", str(key_file),
+                                       "--config", str(phone))
+    assert approved.returncode == 0 and "approved" in approved.stdout, approved.stderr
+    output = await finished(client)
+    assert client.returncode == 0 and "connected" in output, output
+    assert net.ping(desktop_net.netns, "10.69.0.1", count=2)
+    world.wgmfa("client", "disconnect", "--interface", net.name("m1"))
+
+
+async def test_the_client_offers_the_factors_and_moves_past_one_not_set_up(world: World) -> None:
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    location = await world.location_for_methods()
+    secret = await stack.add_user_with_totp("tom")  # TOTP only: no email, no phone
+    config = await world.device_config("tom", "laptop", location.location.name)
+    client = await world.client_process("client", "connect", "--config", str(config),
+                                        "--netns", client_net.netns, "--interface", net.name("t1"))
+    menu = await read_until(client, "second factor:")
+    assert "totp" in menu and "email" in menu and "mobile" in menu
+    client.stdin.write(b"email\n")
+    await client.stdin.drain()
+    await read_until(client, "email: not set up for you")
+    client.stdin.write(b"1\n")
+    client.stdin.write(f"{pyotp.TOTP(secret).now()}\n".encode())
+    await client.stdin.drain()
+    output = await finished(client)
+    assert client.returncode == 0 and "connected" in output, output
+    world.wgmfa("client", "disconnect", "--interface", net.name("t1"))

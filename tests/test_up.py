@@ -38,6 +38,7 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         WGMFA_NATS_PORT=str(nats_port),
         WGMFA_NATS_URL=f"nats://127.0.0.1:{nats_port}",
         WGMFA_PROXY_PORT=str(proxy_port),
+        WGMFA_SMTP_SINK_PORT=str(free_port()),
         PYTHONUNBUFFERED="1",
     )
     log = open(tmp_path / "up.log", "wb")
@@ -57,10 +58,23 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         )
         assert added.returncode == 0, added.stderr
         assert json.loads(added.stdout)["location"]["id"] == 1
+        # emailed codes land in the local SMTP sink, kept under the state directory
+        assert f"emailed codes are kept in {state / 'mail'}" in (tmp_path / "up.log").read_text()
+        for command in (["user", "add", "una", "--email", "una@example.com"], ["email", "enable", "una"],
+                        ["device", "add", "una", "laptop", "--location", "office", "--json"]):
+            done = subprocess.run([sys.executable, "-m", "wgmfa", "admin", *command], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+        pubkey = json.loads(done.stdout)["pubkey"]
+        started = httpx.post(f"http://127.0.0.1:{proxy_port}/api/v1/client-mfa/start",
+                             json={"location_id": 1, "pubkey": pubkey, "method": 1})
+        assert started.status_code == 200, started.text
+        mails = list((state / "mail").glob("*.eml"))
+        assert len(mails) == 1 and "Your code:" in mails[0].read_text()
         # state lives under the state directory
         assert (state / "core.db").exists() and (state / "nats" / "jetstream").is_dir()
         assert (state / "core-secret.key").stat().st_mode & 0o777 == 0o600
-        assert len(processes_using(str(state))) >= 4  # nats-server, core, proxy, reaper
+        assert len(processes_using(str(state))) >= 5  # nats-server, SMTP sink, core, proxy, reaper
         if os.geteuid() == 0:  # the embedded gateway comes up for the first location
             deadline = time.monotonic() + 30
             while "gateway for location office started" not in (tmp_path / "up.log").read_text() or subprocess.run(

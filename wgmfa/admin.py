@@ -175,6 +175,31 @@ async def totp_confirm(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def email_mfa(client: AdminClient, args: argparse.Namespace) -> int:
+    user: rpc.UserInfo = await client.call(
+        "email_mfa", rpc.EmailMfaRequest(username=args.username, enabled=args.action == "enable"), rpc.UserInfo
+    )
+    if args.json:
+        print_json(user)
+    else:
+        print(f"email MFA is {'on' if user.email_mfa_enabled else 'off'} for {user.username} ({user.email})")
+    return 0
+
+
+async def mobile_allow(client: AdminClient, args: argparse.Namespace) -> int:
+    result: rpc.MobileAllowResult = await client.call(
+        "mobile_allow",
+        rpc.MobileAllowRequest(username=args.username, device_name=args.device_name, valid_s=args.valid),
+        rpc.MobileAllowResult,
+    )
+    if args.json:
+        print_json(result)
+    else:
+        print(f"the phone app of {result.username}/{result.device_name} may register its key until "
+              f"{result.until:%Y-%m-%d %H:%M:%S} UTC (once)")
+    return 0
+
+
 async def device_add(client: AdminClient, args: argparse.Namespace) -> int:
     private_key = None
     pubkey = args.pubkey
@@ -287,6 +312,19 @@ def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.Argum
     p.add_argument("username")
     p.add_argument("code")
     p.set_defaults(run=totp_confirm)
+
+    email = areas.add_parser("email", help="email MFA").add_subparsers(dest="action", required=True)
+    for action, text in (("enable", "let a user receive codes by email"), ("disable", "stop emailed codes for a user")):
+        p = email.add_parser(action, help=text, parents=[json_flag])
+        p.add_argument("username")
+        p.set_defaults(run=email_mfa)
+
+    mobile = areas.add_parser("mobile", help="mobile app keys").add_subparsers(dest="action", required=True)
+    p = mobile.add_parser("allow", help="let a device's phone app register its signing key (once)", parents=[json_flag])
+    p.add_argument("username")
+    p.add_argument("device_name")
+    p.add_argument("--valid", type=int, default=3600, help="seconds the allowance lasts (default 3600)")
+    p.set_defaults(run=mobile_allow)
 
     device = areas.add_parser("device", help="devices").add_subparsers(dest="action", required=True)
     p = device.add_parser("add", help="add a device to a location and print its config", parents=[json_flag])

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from wgmfa import admin, client, tail, up
+from wgmfa import admin, client, mobile, tail, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_parser(commands, json_flag)
     tail.add_parser(commands, json_flag)
     client.add_parser(commands, json_flag)
+    mobile.add_parser(commands, json_flag)
     return parser
 
 

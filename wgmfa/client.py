@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import segno
+import websockets
+import websockets.exceptions
 
 from events.settings import BusSettings
 from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
 from gateway_worker.backends.uapi import UserspaceBackend
 from schemas.common import MfaMethod
+from wgmfa.mobile import load_key, qr_payload, sign
 from wgmfa.output import fail
 
 EXIT_MFA = 1
@@ -46,28 +50,123 @@ def state_file(name: str) -> Path:
     return BusSettings().state_dir / "client" / f"{name}.json"
 
 
+METHODS = {
+    "totp": MfaMethod.TOTP,
+    "email": MfaMethod.EMAIL,
+    "biometric": MfaMethod.BIOMETRIC,
+    "mobile": MfaMethod.MOBILE_APPROVE,
+}
+NOT_AVAILABLE = "selected MFA method not available"
+
+
+class Proxy:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.AsyncClient(base_url=url, timeout=30)
+
+    async def call(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self.http.post(f"/api/v1/client-mfa/{route}", json=body)
+        except httpx.HTTPError as exc:
+            raise MfaFailed(f"cannot reach the proxy at {self.url}: {exc}") from None
+        try:
+            document = response.json()
+        except ValueError:
+            raise MfaFailed(f"the proxy answered {response.status_code} without JSON") from None
+        if response.status_code != 200:
+            raise MfaFailed(str(document.get("error", response.status_code)))
+        return document
+
+    async def remote_psk(self, token: str, timeout: float) -> str:
+        """Wait on the WebSocket for the phone's approval; the PSK comes down it once."""
+        url = self.url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        try:
+            async with websockets.connect(f"{url}/api/v1/client-mfa/remote?token={token}", open_timeout=30) as ws:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        except asyncio.TimeoutError:
+            raise MfaFailed("no approval arrived in time") from None
+        except websockets.exceptions.InvalidStatus as exc:
+            raise MfaFailed(f"the proxy refused to wait: HTTP {exc.response.status_code}") from None
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise MfaFailed(f"the proxy stopped waiting: {exc.rcvd.reason if exc.rcvd else 'closed'}") from None
+        except OSError as exc:
+            raise MfaFailed(f"cannot reach the proxy at {self.url}: {exc}") from None
+        if frame.get("type") != "mfa_success" or "preshared_key" not in frame:
+            raise MfaFailed(f"unexpected message from the proxy: {frame.get('type')}")
+        return frame["preshared_key"]
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def offered_methods(config: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """What the location's mode allows this client to try (the user's own set-up decides
+    the rest: the proxy answers `selected MFA method not available`)."""
+    if config.get("mfa_mode") == "external":
+        return []
+    methods = ["totp", "email", "mobile"]
+    if args.key_file:
+        methods.insert(2, "biometric")
+    return methods
+
+
+async def ask(prompt: str) -> str:
+    try:
+        return (await asyncio.to_thread(input, prompt)).strip()
+    except EOFError:
+        raise MfaFailed("no answer (input closed): pass --method and --code") from None
+
+
 async def run_mfa(config: dict[str, Any], args: argparse.Namespace) -> str:
     """The PSK for this connection, after the second factor."""
-    proxy = args.proxy_url or config.get("proxy_url") or "http://127.0.0.1:8080"
-    async with httpx.AsyncClient(base_url=proxy, timeout=30) as http:
-
-        async def call(route: str, body: dict[str, Any]) -> dict[str, Any]:
+    proxy = Proxy(args.proxy_url or config.get("proxy_url") or "http://127.0.0.1:8080")
+    try:
+        offered = offered_methods(config, args)
+        if not offered:
+            raise MfaFailed("this location uses an external identity provider, which this client does not drive yet")
+        if args.method or args.code:  # a code without a method is a TOTP code: no prompt at all
+            return await run_method(proxy, config, args, args.method or "totp")
+        while True:
+            if len(offered) == 1:
+                choice = offered[0]
+            else:
+                print("second factor: " + ", ".join(f"[{i}] {m}" for i, m in enumerate(offered, 1)), flush=True)
+                answer = await ask("choose: ")
+                choice = offered[int(answer) - 1] if answer.isdigit() and 0 < int(answer) <= len(offered) else answer
+                if choice not in offered:
+                    print(f"no method {answer!r}", flush=True)
+                    continue
             try:
-                response = await http.post(f"/api/v1/client-mfa/{route}", json=body)
-            except httpx.HTTPError as exc:
-                raise MfaFailed(f"cannot reach the proxy at {proxy}: {exc}") from None
-            try:
-                document = response.json()
-            except ValueError:
-                raise MfaFailed(f"the proxy answered {response.status_code} without JSON") from None
-            if response.status_code != 200:
-                raise MfaFailed(f"{route}: {document.get('error', response.status_code)}")
-            return document
+                return await run_method(proxy, config, args, choice)
+            except MfaFailed as exc:
+                if str(exc) != NOT_AVAILABLE or len(offered) == 1:
+                    raise
+                print(f"{choice}: not set up for you; choose another", flush=True)
+                offered.remove(choice)
+    finally:
+        await proxy.close()
 
-        started = await call("start", {"location_id": config["location_id"], "pubkey": config["pubkey"], "method": int(MfaMethod.TOTP)})
-        code = args.code or await asyncio.to_thread(input, "TOTP code: ")
-        finished = await call("finish", {"token": started["token"], "code": code.strip()})
-        return finished["preshared_key"]
+
+async def run_method(proxy: Proxy, config: dict[str, Any], args: argparse.Namespace, method: str) -> str:
+    started = await proxy.call(
+        "start", {"location_id": config["location_id"], "pubkey": config["pubkey"], "method": int(METHODS[method])}
+    )
+    token = started["token"]
+    if method == "totp":
+        code = args.code or await ask("TOTP code: ")
+        return (await proxy.call("finish", {"token": token, "code": code}))["preshared_key"]
+    if method == "email":
+        print("a code is on its way to your mailbox", flush=True)
+        code = args.code or await ask("emailed code: ")
+        return (await proxy.call("finish", {"token": token, "code": code}))["preshared_key"]
+    if method == "biometric":
+        key = load_key(Path(args.key_file))
+        return (await proxy.call("finish", {"token": token, "code": sign(key, started["challenge"])}))["preshared_key"]
+    payload = qr_payload(token, started["challenge"], config.get("instance_id", ""))
+    print("approve this login with your phone: scan the QR code", flush=True)
+    segno.make(payload, error="l").terminal(compact=True)
+    print(f"(or on the phone: wgmfa mobile approve {payload} --key-file PHONE.key)", flush=True)
+    return await proxy.remote_psk(token, timeout=args.timeout_mfa)
 
 
 async def connect(args: argparse.Namespace) -> int:
@@ -140,11 +239,14 @@ def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.Argum
     client = subparsers.add_parser("client", help="the reference VPN client (needs root)").add_subparsers(dest="action", required=True)
     p = client.add_parser("connect", help="MFA with the proxy, then bring the tunnel up")
     p.add_argument("--config", required=True, help="the device config `wgmfa admin device add -o` wrote")
-    p.add_argument("--code", help="the TOTP code (default: ask)")
+    p.add_argument("--method", choices=sorted(METHODS), help="the second factor (default: ask)")
+    p.add_argument("--code", help="the TOTP or emailed code (default: ask)")
+    p.add_argument("--key-file", help="this phone's signing key, for --method biometric")
     p.add_argument("--interface", help="interface name (default wgmfa-c<location id>)")
     p.add_argument("--netns", help="bring the interface up in this network namespace")
     p.add_argument("--proxy-url", help="override the config's proxy_url")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the first handshake")
+    p.add_argument("--timeout-mfa", type=float, default=300.0, help="seconds to wait for a phone's approval")
     p.set_defaults(run=connect)
     p = client.add_parser("disconnect", help="take the tunnel down")
     p.add_argument("--config")

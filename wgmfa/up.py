@@ -38,6 +38,14 @@ class UpSettings(BusSettings):
     nats_port: int = 4222
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 8080
+    smtp_host: str | None = None
+    """A real SMTP server for emailed codes; without one, `up` runs a local sink."""
+    smtp_sink_port: int = 2525
+    """Port of the local SMTP sink (127.0.0.1) that keeps mails under <state dir>/mail."""
+
+    @property
+    def runs_sink(self) -> bool:
+        return self.smtp_host is None
 
 
 @dataclass
@@ -148,12 +156,19 @@ class Supervisor:
             WGMFA_PROXY_PORT=str(self.settings.proxy_port),
             PYTHONUNBUFFERED="1",
         )
+        if self.settings.runs_sink:
+            env.update(WGMFA_SMTP_HOST="127.0.0.1", WGMFA_SMTP_PORT=str(self.settings.smtp_sink_port),
+                       WGMFA_SMTP_SECURITY="none")
         return env
 
     def plan(self) -> list[Child]:
         env = self.child_env()
         python = sys.executable
-        return [
+        sink = [
+            Child("smtp-sink", [python, "-m", "wgmfa.smtp_sink", "--dir", str(self.state_dir / "mail"),
+                                "--port", str(self.settings.smtp_sink_port)], env)
+        ] if self.settings.runs_sink else []
+        return sink + [
             Child("core", [python, "-m", "core_service"], env),
             Child("proxy", [python, "-m", "proxy_service"], env),
             Child("reaper", [python, "-m", "reaper_worker"], env),
@@ -206,6 +221,8 @@ class Supervisor:
             return fail(f"port {s.nats_port} is in use (is wgmfa already up? set WGMFA_NATS_PORT)")
         if not port_free(s.proxy_host, s.proxy_port):
             return fail(f"port {s.proxy_port} on {s.proxy_host} is in use (set WGMFA_PROXY_PORT)")
+        if s.runs_sink and not port_free("127.0.0.1", s.smtp_sink_port):
+            return fail(f"port {s.smtp_sink_port} is in use (set WGMFA_SMTP_SINK_PORT, or WGMFA_SMTP_HOST for a real server)")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -242,6 +259,7 @@ class Supervisor:
             f"  proxy   {proxy_url}/api/v1/client-mfa/start\n"
             f"  NATS    {self.nats.url}\n"
             f"  reaper  running\n"
+            f"  mail    {self.mail_line()}\n"
             f"  gateway {gateway}\n"
             f"From another terminal (after `. .venv/bin/activate`):\n"
             f"  wgmfa admin location add office --endpoint 192.0.2.1:51820 --network 10.10.0.0/24 --mfa internal\n"
@@ -249,6 +267,11 @@ class Supervisor:
             f"Ctrl-C stops everything.\n",
             flush=True,
         )
+
+    def mail_line(self) -> str:
+        if self.settings.runs_sink:
+            return f"emailed codes are kept in {self.state_dir / 'mail'} (SMTP sink on 127.0.0.1:{self.settings.smtp_sink_port})"
+        return f"sent through {self.settings.smtp_host}"
 
     def _on_signal(self, _signum: int, _frame: object) -> None:
         self.stopping = True

@@ -141,6 +141,7 @@ class Stack:
         self.proxy = ServiceProcess("proxy_service", self.env, work_dir / "proxy.log")
         self.admin: AdminClient | None = None
         self.http = httpx.AsyncClient(base_url=self.proxy_url, timeout=15)
+        self.extra: list[ServiceProcess] = []
 
     async def start(self) -> "Stack":
         self.core.start()
@@ -173,15 +174,35 @@ class Stack:
         except httpx.HTTPError:
             return False
 
+    async def extra_proxy(self) -> tuple[ServiceProcess, str]:
+        """Another proxy process on the same bus: (process, its URL)."""
+        port = free_port()
+        env = dict(self.env, WGMFA_PROXY_PORT=str(port))
+        process = ServiceProcess("proxy_service", env, self.work_dir / f"proxy-{port}.log")
+        process.start()
+        self.extra.append(process)
+        url = f"http://127.0.0.1:{port}"
+
+        async def healthy() -> bool:
+            try:
+                return (await self.http.get(f"{url}/api/v1/health")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await eventually(healthy, timeout=20, what="the second proxy")
+        return process, url
+
     async def stop(self) -> None:
         await self.http.aclose()
         if self.admin is not None:
             await self.admin.close()
+        for process in self.extra:
+            process.stop()
         self.proxy.stop()
         self.core.stop()
 
     def logs(self) -> str:
-        return self.core.log() + self.proxy.log()
+        return self.core.log() + self.proxy.log() + "".join(p.log() for p in self.extra)
 
     # --- operator actions ---------------------------------------------------------------
 
