@@ -1,26 +1,28 @@
-"""Helpers the benchmarks share: a throwaway nats-server and percentiles."""
+"""Helpers the benchmarks share."""
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 import statistics
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
-from events.server import NatsServer
+from events.server import temporary_nats_server
+
+nats_server = temporary_nats_server
 
 
 @contextlib.contextmanager
-def nats_server() -> Iterator[NatsServer]:
-    directory = Path(tempfile.mkdtemp(prefix="wgmfa-bench-"))
-    server = NatsServer(directory)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+def wireguard_place(requested: str | None) -> Iterator[tuple[str, str | None]]:
+    """(backend kind, network namespace): as root, real wireguard-go in a namespace of its
+    own; otherwise the in-memory fake."""
+    kind = requested or ("userspace" if os.geteuid() == 0 else "fake")
+    if kind != "userspace":
+        yield kind, None
+        return
+    from tests.support.netns import Topology
+
+    with Topology() as topology:
+        yield kind, topology.gateway
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

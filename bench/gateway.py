@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from bench.common import nats_server
+from bench.common import nats_server, wireguard_place
 from events import subjects
 from events.bus import Bus
 from events.sealing import generate_keypair, generate_psk, seal
@@ -79,21 +79,8 @@ async def run_size(url: str, size: int, location_id: int, backend_kind: str, net
 
 
 async def main(args: argparse.Namespace) -> dict:
-    backend = args.backend or ("userspace" if os.geteuid() == 0 else "fake")
-    topology = None
-    if backend == "userspace":
-        from tests.support.netns import Topology
-
-        topology = Topology()
-    try:
-        with nats_server() as server:
-            results = [
-                await run_size(server.url, size, index + 1, backend, topology.gateway if topology else None)
-                for index, size in enumerate(args.sizes)
-            ]
-    finally:
-        if topology:
-            topology.close()
+    with wireguard_place(args.backend) as (backend, netns), nats_server() as server:
+        results = [await run_size(server.url, size, index + 1, backend, netns) for index, size in enumerate(args.sizes)]
     return {"backend": backend, "results": results}
 
 

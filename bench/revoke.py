@@ -15,7 +15,7 @@ import os
 import time
 from datetime import timedelta
 
-from bench.common import nats_server, percentiles
+from bench.common import nats_server, percentiles, wireguard_place
 from events import streams, subjects
 from events.bus import Bus
 from events.clock import FakeClock
@@ -33,21 +33,11 @@ THRESHOLD = 300
 
 
 async def main(args: argparse.Namespace) -> dict:
-    backend_kind = args.backend or ("userspace" if os.geteuid() == 0 else "fake")
-    topology = None
-    if backend_kind == "userspace":
-        from tests.support.netns import Topology
-
-        topology = Topology()
-    try:
-        with nats_server() as server:
-            return {"backend": backend_kind, **await measure(server.url, args.peers, backend_kind, topology)}
-    finally:
-        if topology:
-            topology.close()
+    with wireguard_place(args.backend) as (backend_kind, netns), nats_server() as server:
+        return {"backend": backend_kind, **await measure(server.url, args.peers, backend_kind, netns)}
 
 
-async def measure(url: str, peers: int, backend_kind: str, topology) -> dict:  # type: ignore[no-untyped-def]
+async def measure(url: str, peers: int, backend_kind: str, netns: str | None) -> dict:
     bus = await Bus.connect(url, "bench", wait_s=5)
     await bus.ensure_streams()
 
@@ -75,7 +65,7 @@ async def measure(url: str, peers: int, backend_kind: str, topology) -> dict:  #
                                      sealing_private_key=sealing_private, listen_port=41001, address="10.201.0.1/16")
     backend = UserspaceBackend() if backend_kind == "userspace" else FakeBackend()
     settings = GatewaySettings(nats_url=url, gateway_id="bench", stats_interval=3600,
-                               netns=topology.gateway if topology else None, interface=f"wgr{os.getpid() % 10000}")
+                               netns=netns, interface=f"wgr{os.getpid() % 10000}")
     gateway = Gateway(settings, credentials, backend, bus=bus)
     removed: dict[str, float] = {}
     original_remove = backend.remove_peer

@@ -18,8 +18,7 @@ from core_service.settings import CoreSettings
 from events import streams, subjects
 from events.bus import Bus
 from events.clock import Clock, SystemClock
-from events.logs import configure_logging
-from events.service import stop_event
+from events.service import cancel_all, every, run_until_signalled
 from schemas import rpc
 from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER
 
@@ -74,7 +73,7 @@ class Core:
         )
         self._tasks = [
             asyncio.create_task(relay.run(self.settings.outbox_interval_s), name="outbox"),
-            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(every(HOUSEKEEPING_INTERVAL_S, self._housekeeping, "housekeeping", log)),
         ]
         log.info("core ready (version %s, database %s)", VERSION, self.db.engine.url.render_as_string(hide_password=True))
 
@@ -106,21 +105,12 @@ class Core:
         return rpc.CoreHelloResult(rpc_public_key=self.vault.rpc_public_key, version=VERSION, instance_id=self.vault.instance_id)
 
     async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
-            try:
-                expired = await self.mfa.expire_logins()
-                if expired:
-                    log.info("expired %s MFA logins", expired)
-            except Exception as exc:
-                log.warning("housekeeping: %s", exc)
+        expired = await self.mfa.expire_logins()
+        if expired:
+            log.info("expired %s MFA logins", expired)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         if self._relay is not None:
             with contextlib.suppress(Exception):
                 await self._relay.mark_published()
@@ -131,10 +121,4 @@ class Core:
 
 async def main() -> None:
     settings = CoreSettings()
-    configure_logging("core", settings.log_level)
-    core = Core(settings)
-    stop = stop_event()
-    await core.start()
-    await stop.wait()
-    log.info("core stopping")
-    await core.stop()
+    await run_until_signalled("core", settings, Core(settings))

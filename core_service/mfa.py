@@ -298,9 +298,7 @@ class Mfa:
                     login_id = login.id
                     psk = await self._verify_and_authorize(session, login, code, req)
         except _FactorFailed as failure:
-            assert login_id is not None
-            await self._record_failure(login_id, failure.reason, req.client.ip)
-            raise RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED) from None
+            raise await self._failed(login_id, failure, req.client.ip) from None
         if expired:
             raise _bad(LOGIN_NOT_FOUND)
         return MfaFinishResult(psk_sealed=seal(req.reply_key, psk))
@@ -425,9 +423,7 @@ class Mfa:
                     await session.exec(update(User).where(col(User.id) == user.id).values(mfa_failures=0, mfa_locked_until=None))
                     enqueue_notify(session, LoginApproved(login_id=login.id))
         except _FactorFailed as failure:
-            assert login_id is not None
-            await self._record_failure(login_id, failure.reason, req.client.ip)
-            raise RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED) from None
+            raise await self._failed(login_id, failure, req.client.ip) from None
         if expired:
             raise _bad(LOGIN_NOT_FOUND)
         log.info("login %s approved by a mobile key", login_id)
@@ -478,6 +474,12 @@ class Mfa:
         return Empty()
 
     # --- failures ---------------------------------------------------------------------------
+
+    async def _failed(self, login_id: UUID | None, failure: _FactorFailed, client_ip: str | None) -> RpcFailure:
+        """Record a failed factor; the answer never says which part was wrong."""
+        assert login_id is not None
+        await self._record_failure(login_id, failure.reason, client_ip)
+        return RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED)
 
     async def _record_failure(self, login_id: UUID, reason: str, client_ip: str | None) -> None:
         """Count a failed factor against the login (dead after max_failed_attempts) and the

@@ -5,13 +5,16 @@ Python), else from PATH, else Debian's /usr/sbin/nats-server.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -123,3 +126,16 @@ class NatsServer:
     def resume(self) -> None:
         if self.process is not None:
             self.process.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def temporary_nats_server(prefix: str = "wgmfa-nats-") -> Iterator[NatsServer]:
+    """A nats-server with JetStream on a free port and a fresh store, removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    server = NatsServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)

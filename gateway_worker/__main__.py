@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from events.logs import configure_logging
-from events.service import stop_event
+from events.service import run_until_signalled
 from gateway_worker.app import Gateway
 from gateway_worker.backend import BackendUnavailable
 from gateway_worker.backends import create_backend
@@ -48,16 +48,11 @@ async def main() -> int:
     except BackendUnavailable as exc:
         log.error("%s", exc)
         return 3
-    gateway = Gateway(settings, credentials, backend)
-    stop = stop_event()
     try:
-        await gateway.start()
+        await run_until_signalled("gateway", settings, Gateway(settings, credentials, backend))
     except BackendUnavailable as exc:
         log.error("%s", exc)
         return 3
-    await stop.wait()
-    log.info("gateway stopping")
-    await gateway.stop()
     return 0
 
 

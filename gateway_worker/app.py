@@ -21,6 +21,7 @@ from events import streams, subjects
 from events.bus import Bus, PermanentFailure
 from events.clock import Clock, SystemClock
 from events.sealing import SealError, unseal
+from events.service import cancel_all, every
 from gateway_worker.backend import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
 from gateway_worker.settings import GatewaySettings, default_gateway_id
 from gateway_worker.sync import plan
@@ -101,7 +102,9 @@ class Gateway:
                 max_deliver=0,  # a valid state is retried until the interface takes it
             )
         )
-        self._tasks.append(asyncio.create_task(self._stats_forever(), name="gateway stats"))
+        self._tasks.append(
+            asyncio.create_task(every(self.settings.stats_interval, self.publish_stats, "stats", log), name="gateway stats")
+        )
         log.info(
             "gateway %s ready: location %s on %s (%s)",
             self.gateway_id, self.location_id, self.interface.name, type(self.backend).__name__,
@@ -276,22 +279,8 @@ class Gateway:
         except Exception as exc:
             log.error("could not recreate %s: %s", self.interface.name, exc)
 
-    async def _stats_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.stats_interval)
-            try:
-                await self.publish_stats()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("stats: %s", exc)
-
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._tasks)
         if self.bus is not None and self._own_bus:
             await self.bus.close()
         if self.settings.remove_interface_on_exit:

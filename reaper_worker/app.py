@@ -15,8 +15,7 @@ from pydantic import ValidationError
 from events import streams, subjects
 from events.bus import WRONG_LAST_SEQUENCE, Bus, describe_validation_error
 from events.clock import Clock, SystemClock
-from events.logs import configure_logging
-from events.service import stop_event
+from events.service import cancel_all, every, run_until_signalled
 from events.settings import LivenessSettings
 from reaper_worker.liveness import Decision, Liveness, revoke_for
 from schemas.common import uuid7
@@ -53,7 +52,7 @@ class Reaper:
         self._tasks = [
             asyncio.create_task(self._follow(peers), name="reaper peers"),
             asyncio.create_task(self._follow(stats), name="reaper stats"),
-            asyncio.create_task(self._sweep_forever(), name="reaper sweep"),
+            asyncio.create_task(every(self.settings.sweep_interval_s, self.sweep, "sweep", log), name="reaper sweep"),
         ]
         self.ready.set()
         log.info("reaper ready: watching %s MFA authorizations", len(self.liveness.authorizations))
@@ -174,22 +173,8 @@ class Reaper:
         )
         return True
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval_s)
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("sweep failed: %s", exc)
-
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._tasks)
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -199,10 +184,4 @@ class Reaper:
 
 async def main() -> None:
     settings = ReaperSettings()
-    configure_logging("reaper", settings.log_level)
-    reaper = Reaper(settings)
-    stop = stop_event()
-    await reaper.start()
-    await stop.wait()
-    log.info("reaper stopping")
-    await reaper.stop()
+    await run_until_signalled("reaper", settings, Reaper(settings))

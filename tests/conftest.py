@@ -1,7 +1,6 @@
 """Shared fixtures: a real nats-server per test, real PostgreSQL on demand."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import shutil
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from events.server import NatsServer
+from events.server import NatsServer, temporary_nats_server
 from tests.support.postgres import PostgresCluster, PostgresUnavailable
 
 
@@ -23,17 +22,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip_root)
 
 
-@contextlib.contextmanager
-def running_nats() -> Iterator[NatsServer]:
-    """A real nats-server with JetStream on a free port and a fresh store."""
-    directory = Path(tempfile.mkdtemp(prefix="wgmfa-nats-"))
-    server = NatsServer(directory)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+running_nats = temporary_nats_server  # a real nats-server with JetStream, fresh store
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from events.sealing import generate_keypair, unseal
 from events.server import NatsServer
 from schemas.events import PeerAuthorized
 from tests.conftest import running_nats
-from tests.support.stack import BusCapture, Stack, assert_no_secret, eventually
+from tests.support.stack import BusCapture, Stack, assert_no_secret
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -10,19 +10,17 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pyotp
 import pytest
 import pytest_asyncio
 
-from events.sealing import generate_keypair
 from gateway_worker.backend import InterfaceConfig, PeerConfig
 from gateway_worker.backends.uapi import UserspaceBackend
 from schemas import rpc
 from tests.conftest import running_nats
-from tests.support.netns import GATEWAY_ADDRESS, Topology
+from tests.support.netns import Topology
 from tests.support.stack import REPO, ServiceProcess, Stack, eventually
 from wgmfa.smtp_sink import MailSink
 

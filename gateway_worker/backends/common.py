@@ -47,6 +47,14 @@ def holds(peer: PeerConfig, actual: PeerStatus) -> bool:
     )
 
 
+def read_back(peer: PeerConfig, peers: list[PeerStatus]) -> PeerStatus:
+    """The peer as the interface now holds it; raises unless it holds as asked."""
+    actual = next((p for p in peers if p.public_key == peer.public_key), None)
+    if actual is None or not holds(peer, actual):
+        raise BackendError(f"peer {peer.public_key} does not read back as applied")
+    return actual
+
+
 def resolve_endpoint(endpoint: str) -> tuple[str, int]:
     """HOST:PORT (or [v6]:PORT) to a numeric address and port."""
     host, sep, port = endpoint.rpartition(":")

@@ -19,7 +19,7 @@ from gateway_worker.backends.common import (
     check_batch,
     check_key,
     check_peer,
-    holds,
+    read_back,
     resolve_endpoint,
     run_ip,
     verify_batch,
@@ -132,10 +132,7 @@ class KernelBackend:
     async def set_peer(self, peer: PeerConfig) -> PeerStatus:
         check_peer(peer)  # the kernel silently ignores a PSK that is not 32 bytes
         await self._send([self._request(peer)])
-        actual = next((p for p in (await self.status()).peers if p.public_key == peer.public_key), None)
-        if actual is None or not holds(peer, actual):
-            raise BackendError(f"peer {peer.public_key} does not read back as applied")
-        return actual
+        return read_back(peer, (await self.status()).peers)
 
     async def remove_peer(self, public_key: str) -> None:
         check_key(public_key, "public key")

@@ -24,7 +24,7 @@ from gateway_worker.backend import (
     PeerStatus,
 )
 from events.sealing import public_key_of
-from gateway_worker.backends.common import check_batch, check_key, check_peer, holds, resolve_endpoint, run_ip, verify_batch
+from gateway_worker.backends.common import check_batch, check_key, check_peer, read_back, resolve_endpoint, run_ip, verify_batch
 
 SOCKET_DIR = Path("/var/run/wireguard")
 BATCH = 1000  # peers per UAPI set request
@@ -217,10 +217,7 @@ class UserspaceBackend:
     async def set_peer(self, peer: PeerConfig) -> PeerStatus:
         check_peer(peer)
         await self._set(self._peer_lines(peer))
-        actual = next((p for p in (await self.status()).peers if p.public_key == peer.public_key), None)
-        if actual is None or not holds(peer, actual):
-            raise BackendError(f"peer {peer.public_key} does not read back as applied")
-        return actual
+        return read_back(peer, (await self.status()).peers)
 
     async def remove_peer(self, public_key: str) -> None:
         check_key(public_key, "public key")
