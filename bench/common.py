@@ -1,10 +1,13 @@
 """Helpers the benchmarks share."""
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
+import json
 import os
 import statistics
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from events.server import temporary_nats_server
 
@@ -32,3 +35,18 @@ def percentiles(values: list[float]) -> dict[str, float]:
         "p99_ms": ordered[max(0, int(len(ordered) * 0.99) - 1)] * 1000,
         "max_ms": ordered[-1] * 1000,
     }
+
+
+def run_benchmark(
+    parser: argparse.ArgumentParser,
+    main: Callable[[argparse.Namespace], Awaitable[dict]],
+    show: Callable[[dict], None],
+) -> None:
+    """Parse the arguments (adding --json), run, and print the report."""
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args()
+    report = asyncio.run(main(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        show(report)

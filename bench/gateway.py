@@ -8,12 +8,10 @@ otherwise the in-memory fake (say which in the report).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import time
 
-from bench.common import nats_server, wireguard_place
+from bench.common import nats_server, run_benchmark, wireguard_place
 from events import subjects
 from events.bus import Bus
 from events.sealing import generate_keypair, generate_psk, seal
@@ -88,12 +86,10 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000])
     parser.add_argument("--backend", choices=["userspace", "fake"])
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    report = asyncio.run(main(args))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
+    run_benchmark(parser, main, show)
+
+
+def show(report: dict) -> None:
     print(f"backend {report['backend']}")
     for r in report["results"]:
         print(f"  {r['peers']:>6} peers: cold {r['cold_resync_s'] * 1000:8.0f} ms, warm {r['warm_resync_s'] * 1000:7.0f} ms, "

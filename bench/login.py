@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pyotp
 
+from bench.common import run_benchmark
 from events import subjects
 from events.bus import Bus
 from events.server import NatsServer
@@ -134,12 +134,10 @@ def cli() -> None:
     parser.add_argument("--floor", type=int, default=3000, help="no-op requests for each floor")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--postgres", action="store_true", help="core on a throwaway PostgreSQL instead of SQLite")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    report = asyncio.run(main(args))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
+    run_benchmark(parser, main, show)
+
+
+def show(report: dict) -> None:
     print(f"database {report['database']}, concurrency {report['concurrency']}")
     for r in report["results"]:
         print(f"  {r['name']:<42} {r['per_second']:8.1f}/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms")

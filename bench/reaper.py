@@ -7,14 +7,13 @@ and JSON-parsing them without the liveness bookkeeping).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from datetime import datetime, timedelta, timezone
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from bench.common import nats_server
+from bench.common import nats_server, run_benchmark
 from events import subjects
 from events.bus import Bus
 from events.clock import FakeClock
@@ -95,12 +94,10 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=10_000)
     parser.add_argument("--samples", type=int, default=20, help="rounds of samples (every peer in each)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    report = asyncio.run(main(args))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
+    run_benchmark(parser, main, show)
+
+
+def show(report: dict) -> None:
     print(f"{report['peer_samples']} peer samples in {report['messages']} messages")
     print(f"  reaper, through NATS (replay)      {report['reaper_replay_per_s']:12,.0f} peer samples/s")
     print(f"  JetStream read, no decoding        {report['jetstream_read_only_per_s']:12,.0f} peer samples/s")

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from datetime import timedelta
 
-from bench.common import nats_server, percentiles, wireguard_place
+from bench.common import nats_server, percentiles, run_benchmark, wireguard_place
 from events import streams, subjects
 from events.bus import Bus
 from events.clock import FakeClock
@@ -116,12 +115,10 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=200, help="peers revoked by one sweep")
     parser.add_argument("--backend", choices=["userspace", "fake"])
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    report = asyncio.run(main(args))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
+    run_benchmark(parser, main, show)
+
+
+def show(report: dict) -> None:
     e2e, hop = report["sweep_to_removed"], report["bare_jetstream_hop"]
     print(f"backend {report['backend']}, {report['peers']} peers revoked by one sweep")
     print(f"  sweep decision -> peer removed   p50 {e2e['p50_ms']:7.1f} ms  p99 {e2e['p99_ms']:7.1f} ms  max {e2e['max_ms']:7.1f} ms")

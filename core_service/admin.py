@@ -12,7 +12,7 @@ from core_service import totp
 from core_service.context import CoreContext
 from core_service.models import Device, Location, LocationDevice, User, VpnSession
 from core_service.outbox import enqueue_event, enqueue_peer_state
-from core_service.sessions import find_location, find_user, names, peer_authorized, revoke
+from core_service.sessions import find_location, find_user, names, parties, peer_authorized, revoke
 from events.sealing import SealError, generate_keypair, is_key, seal
 from schemas.common import LIVE_SESSION_STATES, MfaMode, RevokeReason, SessionState
 from schemas.events import DeviceAdded, LocationCreated, TotpEnrolled, UserCreated
@@ -413,9 +413,6 @@ class Admin:
                 raise RpcFailure(ErrorStatus.NOT_FOUND, f"session {req.session_id} not found")
             if vpn_session.state not in LIVE_SESSION_STATES:
                 raise RpcFailure(ErrorStatus.CONFLICT, f"session {req.session_id} is already revoked")
-            location = await session.get(Location, vpn_session.location_id)
-            device = await session.get(Device, vpn_session.device_id)
-            user = await session.get(User, vpn_session.user_id)
-            assert location and device and user
+            location, device, user = await parties(session, vpn_session)
             await revoke(session, vpn_session, location, device, user, RevokeReason.ADMIN, self.ctx.clock.now())
         return session_info(vpn_session, location, device, user)

@@ -8,9 +8,9 @@ from datetime import timedelta
 from sqlmodel import col, select
 
 from core_service.context import CoreContext
-from core_service.models import Device, Location, User, VpnSession
+from core_service.models import Device, VpnSession
 from core_service.outbox import enqueue_event
-from core_service.sessions import names, revoke
+from core_service.sessions import names, parties, revoke
 from schemas.common import LIVE_SESSION_STATES, SessionState
 from schemas.events import PeerAuthorized, PeerRevoked, SessionConnected, StatsSample
 
@@ -41,10 +41,7 @@ class DataPlane:
                 or vpn_session.device_id != state.device_id
             ):
                 return
-            location = await session.get(Location, vpn_session.location_id)
-            device = await session.get(Device, vpn_session.device_id)
-            user = await session.get(User, vpn_session.user_id)
-            assert location and device and user
+            location, device, user = await parties(session, vpn_session)
             await revoke(
                 session, vpn_session, location, device, user, state.reason, self.ctx.clock.now(), publish_peer=False
             )
@@ -77,9 +74,7 @@ class DataPlane:
                 vpn_session.state = SessionState.CONNECTED
                 vpn_session.connected_at = min(handshake_at, now)
                 session.add(vpn_session)
-                location = await session.get(Location, vpn_session.location_id)
-                user = await session.get(User, vpn_session.user_id)
-                assert location and user
+                location, _, user = await parties(session, vpn_session)
                 enqueue_event(
                     session,
                     SessionConnected(

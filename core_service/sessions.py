@@ -27,6 +27,15 @@ def names(location: Location, device: Device, user: User) -> dict[str, object]:
     }
 
 
+async def parties(session: AsyncSession, vpn_session: VpnSession) -> tuple[Location, Device, User]:
+    """The location, device and user a session belongs to."""
+    location = await session.get(Location, vpn_session.location_id)
+    device = await session.get(Device, vpn_session.device_id)
+    user = await session.get(User, vpn_session.user_id)
+    assert location is not None and device is not None and user is not None
+    return location, device, user
+
+
 async def find_location(session: AsyncSession, ref: str | int, *, lock: bool = False) -> Location:
     """A location by id or name (locked for update when asked); 404 when there is none."""
     text = str(ref)
