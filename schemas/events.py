@@ -257,6 +257,56 @@ class MobileKeyRegistered(Event):
     client_ip: str | None = None
 
 
+class EnrollmentIssued(Event):
+    """An admin issued an enrollment token (the token itself is never in an event)."""
+
+    type: Literal["enrollment.issued"] = "enrollment.issued"
+    enrollment_id: UUID
+    user_id: int
+    username: str
+    expires_at: AwareDatetime
+
+
+class EnrollmentStarted(Event):
+    type: Literal["enrollment.started"] = "enrollment.started"
+    enrollment_id: UUID
+    user_id: int
+    username: str
+    session_deadline: AwareDatetime
+    client_ip: str | None = None
+
+
+class EnrollmentDeviceCreated(Event):
+    type: Literal["enrollment.device_created"] = "enrollment.device_created"
+    enrollment_id: UUID
+    user_id: int
+    username: str
+    device_id: int
+    device_name: str
+    locations: list[int] = Field(description="ids of the locations the device was placed at")
+    client_ip: str | None = None
+
+
+class EnrollmentFailed(Event):
+    """A refused enrollment step: bad, expired, reused or revoked token, a forged or stale
+    cookie, a wrong setup code. Ids are those known at the point of failure."""
+
+    type: Literal["enrollment.failed"] = "enrollment.failed"
+    step: str = Field(description="start, factor_start, factor_finish, create_device, network_info, register_mobile")
+    reason: str
+    enrollment_id: UUID | None = None
+    user_id: int | None = None
+    username: str | None = None
+    client_ip: str | None = None
+
+
+class EnrollmentRevoked(Event):
+    type: Literal["enrollment.revoked"] = "enrollment.revoked"
+    enrollment_id: UUID
+    user_id: int
+    username: str
+
+
 class DeadLetter(Event):
     """A message a consumer could not decode or process; published on wgmfa.dlq.<subject>."""
 
@@ -287,6 +337,11 @@ AuditEvent = Annotated[
         ReaperStarted,
         MfaEmailSent,
         MobileKeyRegistered,
+        EnrollmentIssued,
+        EnrollmentStarted,
+        EnrollmentDeviceCreated,
+        EnrollmentFailed,
+        EnrollmentRevoked,
     ],
     Field(discriminator="type"),
 ]
@@ -311,6 +366,11 @@ AnyEvent = Annotated[
         ReaperStarted,
         MfaEmailSent,
         MobileKeyRegistered,
+        EnrollmentIssued,
+        EnrollmentStarted,
+        EnrollmentDeviceCreated,
+        EnrollmentFailed,
+        EnrollmentRevoked,
         LoginApproved,
         StatsSample,
         DeadLetter,
