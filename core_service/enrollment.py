@@ -13,7 +13,6 @@ import ipaddress
 import json
 import logging
 import secrets
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -150,15 +149,19 @@ def enrollment_info(enrollment: Enrollment, user: User, now: datetime) -> Enroll
     )
 
 
-@dataclass
 class _Refusal(Exception):
-    """A refused step: answered with `status`/`message`, audited as enrollment.failed."""
+    """A refused step: answered with `status`/`message`, audited as enrollment.failed.
+    Ids are copied at once: the rows expire when the transaction rolls back."""
 
-    status: ErrorStatus
-    message: str
-    reason: str
-    enrollment: Enrollment | None = None
-    user: User | None = None
+    def __init__(
+        self, status: ErrorStatus, message: str, reason: str, enrollment: Enrollment | None = None,
+        user: User | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.status, self.message, self.reason = status, message, reason
+        self.enrollment_id = enrollment.id if enrollment else None
+        self.user_id = user.id if user else None
+        self.username = user.username if user else None
 
 
 class Enrollments:
@@ -240,9 +243,9 @@ class Enrollments:
                 EnrollmentFailed(
                     step=step,
                     reason=refusal.reason,
-                    enrollment_id=refusal.enrollment.id if refusal.enrollment else None,
-                    user_id=refusal.user.id if refusal.user else None,
-                    username=refusal.user.username if refusal.user else None,
+                    enrollment_id=refusal.enrollment_id,
+                    user_id=refusal.user_id,
+                    username=refusal.username,
                     client_ip=client.ip,
                 ),
             )

@@ -108,6 +108,12 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     sink.stop()
 
 
+def allowed_code(allowed: subprocess.CompletedProcess[str]) -> str:
+    """The one-time registration code `wgmfa admin mobile allow --json` printed."""
+    assert allowed.returncode == 0, allowed.stderr
+    return json.loads(allowed.stdout)["code"]
+
+
 async def wait_for_next_totp_step() -> None:
     await asyncio.sleep(30.5 - time.time() % 30)
 
@@ -279,8 +285,8 @@ async def test_a_phone_opens_its_own_tunnel_with_its_signing_key(world: World) -
     await stack.admin.call("user_add", rpc.UserAddRequest(username="bea", email="bea@example.com"), rpc.UserInfo)
     config = await world.device_config("bea", "phone", location.location.name)
     key_file = world.work / "bea-phone.key"
-    assert world.wgmfa("admin", "mobile", "allow", "bea", "phone").returncode == 0
-    registered = world.wgmfa("mobile", "register", "--config", str(config), "--key-file", str(key_file))
+    code = allowed_code(world.wgmfa("admin", "mobile", "allow", "bea", "phone", "--json"))
+    registered = world.wgmfa("mobile", "register", "--config", str(config), "--key-file", str(key_file), "--code", code)
     assert registered.returncode == 0, registered.stderr
     connected = world.wgmfa("client", "connect", "--config", str(config), "--method", "biometric", "--key-file",
                             str(key_file), "--netns", client_net.netns, "--interface", net.name("b1"))
@@ -297,8 +303,9 @@ async def test_a_phone_approves_a_desktop_tunnel_from_its_qr_code(world: World) 
     desktop = await world.device_config("max", "desktop", location.location.name)
     phone = await world.device_config("max", "phone", location.location.name)
     key_file = world.work / "max-phone.key"
-    assert world.wgmfa("admin", "mobile", "allow", "max", "phone").returncode == 0
-    assert world.wgmfa("mobile", "register", "--config", str(phone), "--key-file", str(key_file)).returncode == 0
+    code = allowed_code(world.wgmfa("admin", "mobile", "allow", "max", "phone", "--json"))
+    assert world.wgmfa("mobile", "register", "--config", str(phone), "--key-file", str(key_file),
+                       "--code", code).returncode == 0
 
     client = await world.client_process("client", "connect", "--config", str(desktop), "--method", "mobile",
                                         "--netns", desktop_net.netns, "--interface", net.name("m1"))
