@@ -445,11 +445,11 @@ class Enrollments:
     async def create_device(self, req: EnrollCreateDeviceRequest) -> AppDeviceConfigResult:
         if not is_key(req.reply_key):
             raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "reply_key must be an X25519 public key")
-        name = req.name.strip()
         try:
             try:
                 async with self.ctx.transaction() as session:
                     enrollment, user = await self._session(session, req, lock=True)
+                    name = enrollment.device_name or req.name.strip()  # the admin's choice, if any, wins
                     if not is_key(req.pubkey):
                         raise _Refusal(ErrorStatus.INVALID_ARGUMENT, INVALID_PUBKEY, "invalid_pubkey", enrollment, user)
                     if not 1 <= len(name) <= 64:

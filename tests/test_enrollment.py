@@ -435,3 +435,40 @@ async def test_admin_enroll_list_and_revoke_commands(world: World) -> None:
     response = await world.post("/api/v1/enrollment/start", {"token": document["token"]})
     assert (response.status_code, response.json()) == (401, {"error": "invalid token"})
     assert wgmfa("admin", "enroll", "revoke", "nobody-at-all").returncode != 0
+
+
+async def test_the_reference_client_enrolls_through_the_same_routes(world: World, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import sys
+
+    from tests.support.stack import REPO
+
+    username = await world.user()
+    token = await world.token(username)
+    output = tmp_path / "device.json"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wgmfa", "client", "enroll", world.stack.proxy_url, token, "-o", str(output),
+        "--method", "totp", "--name", "workstation", "--location", "office",
+        env=world.stack.env, cwd=REPO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    seen = ""
+    while "otpauth://" not in seen:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert line, seen
+        seen += line.decode()
+    secret = re.search(r"secret=([A-Z2-7]+)", seen).group(1)
+    process.stdin.write((pyotp.TOTP(secret).at(utcnow() - timedelta(seconds=30)) + "\n").encode())
+    await process.stdin.drain()
+    rest = (await asyncio.wait_for(process.communicate(), 30))[0].decode()
+    assert process.returncode == 0, seen + rest
+    config = json.loads(output.read_text())
+    assert (output.stat().st_mode & 0o777) == 0o600
+    assert config["device_name"] == "workstation" and config["location_name"] == "office"
+    assert config["address"].startswith("10.30.0.") and config["address"].endswith("/24")
+    assert config["allowed_ips"] == ["10.30.0.0/24"] and config["mfa_mode"] == "internal"
+    assert config["proxy_url"] == world.stack.proxy_url and config["private_key"]
+    login = await world.post("/api/v1/client-mfa/start", {"location_id": config["location_id"], "pubkey": config["pubkey"],
+                                                          "method": 0})
+    finished = await world.post("/api/v1/client-mfa/finish", {"token": login.json()["token"], "code": pyotp.TOTP(secret).now()})
+    assert finished.status_code == 200, finished.text
