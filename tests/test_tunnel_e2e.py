@@ -10,18 +10,23 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pyotp
 import pytest
 import pytest_asyncio
 
+from events.sealing import generate_keypair
 from gateway_worker.backend import InterfaceConfig, PeerConfig
 from gateway_worker.backends.uapi import UserspaceBackend
 from schemas import rpc
+from schemas.common import utcnow
 from tests.conftest import running_nats
 from tests.support.netns import Topology
 from tests.support.stack import REPO, ServiceProcess, Stack, eventually
+from wgmfa.client import client_config
 from wgmfa.smtp_sink import MailSink
 
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
@@ -341,3 +346,44 @@ async def test_the_client_offers_the_factors_and_moves_past_one_not_set_up(world
     output = await finished(client)
     assert client.returncode == 0 and "connected" in output, output
     world.wgmfa("client", "disconnect", "--interface", net.name("t1"))
+
+
+async def test_an_app_enrolls_itself_with_its_own_totp_and_opens_a_real_tunnel(world: World) -> None:
+    """As Defguard's desktop app: an admin's token, `enrollment/start`, the user's own TOTP
+    (the admin never sees the secret), `create_device`, then a method-0 login and traffic."""
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    location = await world.location_for_methods()
+    await stack.admin.call("user_add", rpc.UserAddRequest(username="nora", email="nora@example.com"), rpc.UserInfo)
+    issued = await stack.admin.call("enroll_create", rpc.EnrollCreateRequest(username="nora", reply_key=stack.admin.reply_key.public),
+                                    rpc.EnrollCreateResult)
+    token = stack.admin.reply_key.open(issued.token_sealed)
+    json_only = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=stack.proxy_url, timeout=15) as http:
+        started = await http.post("/api/v1/enrollment/start", content=json.dumps({"token": token}), headers=json_only)
+        assert started.status_code == 200, started.text
+        assert started.json()["user"]["enrolled"] is False
+        cookie = next(c for c in started.headers.get_list("set-cookie") if c.startswith("defguard_proxy="))
+        http.cookies.clear()
+        with_cookie = json_only | {"Cookie": cookie}
+        secret = (await http.post("/api/v1/enrollment/register-mfa/code/start", content=json.dumps({"method": 0}),
+                                  headers=with_cookie)).json()["totp_secret"]
+        code = pyotp.TOTP(secret).at(utcnow() - timedelta(seconds=30))
+        confirmed = await http.post("/api/v1/enrollment/register-mfa/code/finish",
+                                    content=json.dumps({"code": code, "method": 0}), headers=with_cookie)
+        assert confirmed.status_code == 200, confirmed.text
+        private, public = generate_keypair()
+        created = await http.post("/api/v1/enrollment/create_device",
+                                  content=json.dumps({"name": "nora-laptop", "pubkey": public}), headers=with_cookie)
+        assert created.status_code == 200, created.text
+    document = created.json()
+    chosen = next(c for c in document["configs"] if c["network_id"] == location.location.id)
+    assert chosen["location_mfa_mode"] == 2
+    config_path = world.work / "nora-laptop.json"
+    config_path.write_text(json.dumps(client_config(chosen, document["device"], document["instance"], private,
+                                                    document["token"])))
+    connected = world.wgmfa("client", "connect", "--config", str(config_path), "--code", pyotp.TOTP(secret).now(),
+                            "--proxy-url", stack.proxy_url, "--netns", client_net.netns, "--interface", net.name("n1"))
+    assert connected.returncode == 0 and "connected" in connected.stdout, connected.stderr + connected.stdout
+    assert net.ping(client_net.netns, "10.69.0.1", count=2)
+    world.wgmfa("client", "disconnect", "--interface", net.name("n1"))
