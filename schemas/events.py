@@ -257,12 +257,15 @@ class MobileKeyRegistered(Event):
     client_ip: str | None = None
 
 
+_Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
 class EnrollmentIssued(Event):
     """An admin issued an enrollment token (the token itself is never in an event)."""
 
     type: Literal["enrollment.issued"] = "enrollment.issued"
     enrollment_id: UUID
-    user_id: int
+    user_id: _Id
     username: str
     expires_at: AwareDatetime
 
@@ -270,7 +273,7 @@ class EnrollmentIssued(Event):
 class EnrollmentStarted(Event):
     type: Literal["enrollment.started"] = "enrollment.started"
     enrollment_id: UUID
-    user_id: int
+    user_id: _Id
     username: str
     session_deadline: AwareDatetime
     client_ip: str | None = None
@@ -279,11 +282,11 @@ class EnrollmentStarted(Event):
 class EnrollmentDeviceCreated(Event):
     type: Literal["enrollment.device_created"] = "enrollment.device_created"
     enrollment_id: UUID
-    user_id: int
+    user_id: _Id
     username: str
-    device_id: int
+    device_id: _Id
     device_name: str
-    locations: list[int] = Field(description="ids of the locations the device was placed at")
+    locations: list[_Id] = Field(description="ids of the locations the device was placed at")
     client_ip: str | None = None
 
 
@@ -295,7 +298,7 @@ class EnrollmentFailed(Event):
     step: str = Field(description="start, factor_start, factor_finish, create_device, network_info, register_mobile")
     reason: str
     enrollment_id: UUID | None = None
-    user_id: int | None = None
+    user_id: _Id | None = None
     username: str | None = None
     client_ip: str | None = None
 
@@ -303,7 +306,7 @@ class EnrollmentFailed(Event):
 class EnrollmentRevoked(Event):
     type: Literal["enrollment.revoked"] = "enrollment.revoked"
     enrollment_id: UUID
-    user_id: int
+    user_id: _Id
     username: str
 
 

@@ -472,3 +472,28 @@ async def test_the_reference_client_enrolls_through_the_same_routes(world: World
                                                           "method": 0})
     finished = await world.post("/api/v1/client-mfa/finish", {"token": login.json()["token"], "code": pyotp.TOTP(secret).now()})
     assert finished.status_code == 200, finished.text
+
+
+async def test_the_rate_limit_covers_the_new_routes(world: World) -> None:
+    port = free_port()
+    limited = ServiceProcess("proxy_service", dict(world.stack.env, WGMFA_PROXY_PORT=str(port), WGMFA_RATE_LIMIT_PER_S="0.1",
+                                                   WGMFA_RATE_LIMIT_BURST="2"), world.stack.work_dir / "proxy-limited.log")
+    limited.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async def healthy() -> bool:
+            try:
+                return (await world.stack.http.get(f"{url}/api/v1/health")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await eventually(healthy, timeout=20, what="the rate-limited proxy")
+        statuses = []
+        for path, body in (("/api/v1/poll", {"token": "t"}), ("/api/v1/enrollment/start", {"token": "t"}),
+                           ("/api/v1/enrollment/create_device", {"name": "n", "pubkey": "k"})):
+            response = await world.post(path, body, proxy=url)
+            statuses.append(response.status_code)
+        assert statuses == [403, 401, 429], statuses
+        assert "defguard-core-version" in response.headers and "retry-after" in response.headers
+    finally:
+        limited.stop()

@@ -26,9 +26,10 @@ class App:
     async def sealed(self, value: str) -> str:
         return seal(await self.h.client.core_key(), value)
 
-    async def token(self, username: str, ttl_s: int = 3600) -> str:
+    async def token(self, username: str, ttl_s: int = 3600, device_name: str | None = None) -> str:
         created = await self.h.admin.call(
-            "enroll_create", rpc.EnrollCreateRequest(username=username, ttl_s=ttl_s, reply_key=self.h.admin.reply_key.public),
+            "enroll_create", rpc.EnrollCreateRequest(username=username, ttl_s=ttl_s, device_name=device_name,
+                                                     reply_key=self.h.admin.reply_key.public),
             rpc.EnrollCreateResult,
         )
         return self.h.admin.reply_key.open(created.token_sealed)
@@ -142,6 +143,11 @@ async def test_the_device_lands_at_every_location_and_polls_follow_new_ones(h: H
     state = (await h.bus.last_peer_state(lab.id, created.device.id)).state
     assert state.type == "peer.authorized" and state.psk_sealed is None
     token = app.reply.open(created.token_sealed)
+
+    # the admin's --device-name names the device, whatever the app proposes
+    named = App(h)
+    await named.start(await named.token("dee", device_name="dee-phone"))
+    assert (await named.create_device("iPhone")).device.name == "dee-phone"
 
     await h.location("annex", network="10.12.0.0/24")
     polled = await app.poll(token)
