@@ -7,7 +7,6 @@ Wire behaviour follows Defguard's core (strings included), see docs in README.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -24,6 +23,7 @@ from core_service import factor_setup
 from core_service.admin import mobile_code_hash, place_device
 from core_service.context import CoreContext
 from core_service.mailer import MailError, Mailer
+from core_service.mfa import token_hash
 from core_service.models import Device, Enrollment, Location, LocationDevice, MobileKey, PollingToken, User
 from core_service.outbox import enqueue_event
 from core_service.sessions import find_user
@@ -91,10 +91,6 @@ MOBILE_NOT_ALLOWED = (
 WRONG_MOBILE_CODE = "invalid registration code"
 
 _MODE_NUMBER = {MfaMode.DISABLED: 1, MfaMode.INTERNAL: 2, MfaMode.EXTERNAL: 3}
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def app_location_config(location: Location, placement: LocationDevice) -> AppLocationConfig:

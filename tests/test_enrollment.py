@@ -3,12 +3,16 @@ bodies and headers (docs: README, "Defguard's apps") through running proxies, co
 nats-server, with a real SMTP server."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,14 +21,14 @@ import pytest
 import pytest_asyncio
 from nacl.signing import SigningKey
 
-from events import subjects
-from events.bus import Bus
 from events.sealing import generate_keypair
 from events.server import NatsServer
 from schemas import rpc
 from schemas.common import utcnow
 from tests.conftest import running_nats
-from tests.support.stack import BusCapture, ServiceProcess, Stack, assert_no_secret, eventually, free_port, read_stream
+from tests.support.stack import (
+    REPO, BusCapture, ServiceProcess, Stack, assert_no_secret, eventually, free_port, read_stream,
+)
 from wgmfa.smtp_sink import MailSink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -409,11 +413,6 @@ async def test_the_mobile_app_registers_its_key_with_the_enrollment_cookie(world
 
 
 async def test_admin_enroll_list_and_revoke_commands(world: World) -> None:
-    import subprocess
-    import sys
-
-    from tests.support.stack import REPO
-
     username = await world.user(totp=True)
 
     def wgmfa(*args: str) -> subprocess.CompletedProcess[str]:
@@ -437,12 +436,7 @@ async def test_admin_enroll_list_and_revoke_commands(world: World) -> None:
     assert wgmfa("admin", "enroll", "revoke", "nobody-at-all").returncode != 0
 
 
-async def test_the_reference_client_enrolls_through_the_same_routes(world: World, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
-    import sys
-
-    from tests.support.stack import REPO
-
+async def test_the_reference_client_enrolls_through_the_same_routes(world: World, tmp_path: Path) -> None:
     username = await world.user()
     token = await world.token(username)
     output = tmp_path / "device.json"
