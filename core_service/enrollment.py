@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 TOKEN_BYTES = 24  # 192 bits, enrollment and polling tokens alike
 
 INVALID_TOKEN = "invalid token"
+TOKEN_EXPIRED = "token expired"  # the desktop app shows its own "token expired" message for it
 MISSING_COOKIE = "Missing authorization header"
 SESSION_EXPIRED = "Session expired"
 USER_DISABLED = "user is disabled"
@@ -277,7 +278,7 @@ class Enrollments:
                 if enrollment.started_at is not None:
                     raise _Refusal(ErrorStatus.UNAUTHENTICATED, INVALID_TOKEN, "reused_token", enrollment, user)
                 if enrollment.expires_at <= now:
-                    raise _Refusal(ErrorStatus.UNAUTHENTICATED, INVALID_TOKEN, "expired_token", enrollment, user)
+                    raise _Refusal(ErrorStatus.UNAUTHENTICATED, TOKEN_EXPIRED, "expired_token", enrollment, user)
                 if not user.is_active:
                     raise _Refusal(ErrorStatus.PERMISSION_DENIED, USER_DISABLED, "user_disabled", enrollment, user)
                 # The token is spent now; the session lives on in the cookie until its deadline.

@@ -187,7 +187,7 @@ async def test_unknown_reused_expired_and_revoked_tokens_are_refused(world: Worl
     expired = await world.token(username)
     world.sql("UPDATE enrollment SET expires_at = '2000-01-01 00:00:00' WHERE started_at IS NULL")
     response = await world.post("/api/v1/enrollment/start", {"token": expired})
-    assert (response.status_code, response.json()) == (401, {"error": "invalid token"})
+    assert (response.status_code, response.json()) == (401, {"error": "token expired"})
 
     revoked = await world.token(username)
     await world.stack.admin.call("enroll_revoke", rpc.EnrollRevokeRequest(enrollment=username), rpc.EnrollRevokeResult)

@@ -98,7 +98,7 @@ async def test_tokens_and_sessions_expire(h: Harness) -> None:
     late = await app.token("ben", ttl_s=60)
     token = await app.token("ben", ttl_s=3600)
     h.clock.advance(61)
-    await expect_failure(app.start(late), ErrorStatus.UNAUTHENTICATED, "invalid token")
+    await expect_failure(app.start(late), ErrorStatus.UNAUTHENTICATED, "token expired")
     result = await app.start(token)
     assert result.deadline == h.clock.now() + timedelta(seconds=600) and result.user.enrolled is False
     h.clock.advance(601)
