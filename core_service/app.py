@@ -120,6 +120,9 @@ class Core:
         expired = await self.mfa.expire_logins()
         if expired:
             log.info("expired %s MFA logins", expired)
+        closed = await self.enrollments.expire()
+        if closed:
+            log.info("closed %s enrollment sessions", closed)
 
     async def stop(self) -> None:
         await cancel_all(self._tasks)

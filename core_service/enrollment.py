@@ -68,6 +68,7 @@ from schemas.rpc import (
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 24  # 192 bits, enrollment and polling tokens alike
+ENROLLMENT_RETENTION = timedelta(days=30)
 
 INVALID_TOKEN = "invalid token"
 TOKEN_EXPIRED = "token expired"  # the desktop app shows its own "token expired" message for it
@@ -573,6 +574,23 @@ class Enrollments:
             instance_name=self.ctx.settings.instance_name,
             token_sealed=seal(reply_key, token),
         )
+
+    # --- housekeeping -------------------------------------------------------------------
+
+    async def expire(self) -> int:
+        """Forget the setup secrets of sessions past their deadline, and drop enrollments
+        long closed; returns how many sessions were closed."""
+        now = self.ctx.clock.now()
+        async with self.ctx.transaction() as session:
+            closed = await session.exec(
+                update(Enrollment)
+                .where(col(Enrollment.session_deadline) <= now,
+                       col(Enrollment.setup_method).is_not(None) | col(Enrollment.email_code_hash).is_not(None))
+                .values(setup_method=None, email_code_hash=None)
+            )
+            await session.exec(delete(Enrollment).where(col(Enrollment.expires_at) < now - ENROLLMENT_RETENTION,
+                                                        col(Enrollment.created_at) < now - ENROLLMENT_RETENTION))
+        return closed.rowcount or 0
 
     # --- the phone's signing key --------------------------------------------------------
 

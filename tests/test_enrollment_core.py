@@ -124,6 +124,14 @@ async def test_wrong_setup_codes_end_the_setup(h: Harness) -> None:
     # starting over works, and the right code then sets it up
     secret = await app.factor_start()
     await app.factor_finish(pyotp.TOTP(secret).at(h.clock.now()))
+    # a setup left half-way is forgotten once its session is over
+    other = App(h)
+    await plain_user(h, "cy")
+    await other.start(await other.token("cy"))
+    await other.factor_start()
+    h.clock.advance(601)
+    assert await h.core.enrollments.expire() == 1
+    assert await h.sql("SELECT count(*) FROM enrollment WHERE setup_method IS NOT NULL") == [(0,)]
     users = (await h.admin.call("user_list", rpc.Empty(), rpc.UserListResult)).users
     assert next(u for u in users if u.username == "cid").totp_enabled
 
