@@ -8,6 +8,7 @@ its RPC key, on every later step. So a session started on one proxy goes on on a
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timezone
 from email.utils import format_datetime
 from typing import Any
 
@@ -138,7 +139,7 @@ def create_router(
         # Set by hand: Starlette's set_cookie would quote the value; the apps send it back verbatim.
         attributes = [
             f"{COOKIE_NAME}={core.reply_key.open(result.cookie_sealed)}",
-            f"Expires={format_datetime(result.deadline, usegmt=True)}",
+            f"Expires={format_datetime(result.deadline.astimezone(timezone.utc), usegmt=True)}",
             "Path=/",
             "HttpOnly",
             "SameSite=Strict",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,8 @@ async def test_start_answers_what_the_apps_need_and_sets_the_cookie(world: World
     attributes = [a.strip().lower() for a in cookie.split(";")]
     assert "httponly" in attributes and "samesite=strict" in attributes and "path=/" in attributes
     assert "secure" not in attributes  # the public URL is plain http
+    expires = next(a for a in cookie.split(";") if a.strip().lower().startswith("expires="))
+    assert parsedate_to_datetime(expires.split("=", 1)[1]).timestamp() == body["deadline_timestamp"]
     for header in VERSION_HEADERS:
         assert header in response.headers
     assert response.headers["defguard-core-connected"] == "true"
