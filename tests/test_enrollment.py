@@ -340,13 +340,14 @@ async def test_poll_follows_admin_changes_and_new_locations(world: World) -> Non
     assert office["location_mfa_mode"] == 2
 
     # an admin changes the location (no admin command for it yet: the row, as it would)
-    world.sql("UPDATE location SET mfa_mode = 'disabled', keepalive_s = 15, endpoint = 'vpn.example.com:51830' "
-              "WHERE name = 'office'")
+    world.sql("UPDATE location SET mfa_mode = 'disabled', keepalive_s = 15, endpoint = 'vpn.example.com:51830', "
+              "network = '10.30.0.0/23' WHERE name = 'office'")
     changed = next(c for c in (await world.poll(token)).json()["device_config"]["configs"] if c["network_name"] == "office")
     assert (changed["location_mfa_mode"], changed["mfa_enabled"]) == (1, False)
     assert changed["keepalive_interval"] == 15 and changed["endpoint"] == "vpn.example.com:51830"
-    world.sql("UPDATE location SET mfa_mode = 'internal', keepalive_s = 25, endpoint = '172.31.0.1:51830' "
-              "WHERE name = 'office'")
+    assert changed["allowed_ips"] == "10.30.0.0/23" and "AllowedIPs = 10.30.0.0/23" in changed["config"]
+    world.sql("UPDATE location SET mfa_mode = 'internal', keepalive_s = 25, endpoint = '172.31.0.1:51830', "
+              "network = '10.30.0.0/24' WHERE name = 'office'")
 
     await world.stack.add_location(f"new{world.n}", network=f"10.{40 + world.n}.0.0/24", endpoint_port=51900 + world.n)
     names = {c["network_name"] for c in (await world.poll(token)).json()["device_config"]["configs"]}
