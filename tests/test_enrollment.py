@@ -495,3 +495,27 @@ async def test_the_rate_limit_covers_the_new_routes(world: World) -> None:
         assert "defguard-core-version" in response.headers and "retry-after" in response.headers
     finally:
         limited.stop()
+
+
+async def test_the_reference_client_sets_up_email_and_skips_a_factor_it_has(world: World, tmp_path: Path) -> None:
+    username = await world.user()
+    before = len(world.sink.received)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wgmfa", "client", "enroll", world.stack.proxy_url, await world.token(username),
+        "-o", str(tmp_path / "mail.json"), "--method", "email",
+        env=world.stack.env, cwd=REPO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    mail = (await asyncio.to_thread(world.sink.wait_for, before + 1))[before]
+    code = re.search(r"\b(\d{6})\b", mail.body).group(1)
+    out = (await asyncio.wait_for(process.communicate(f"{code}\n".encode()), 30))[0].decode()
+    assert process.returncode == 0 and "email is set up" in out, out
+
+    # now the user has a factor: a second enrollment asks for nothing
+    enrolled = subprocess.run(
+        [sys.executable, "-m", "wgmfa", "client", "enroll", world.stack.proxy_url, await world.token(username),
+         "-o", str(tmp_path / "second.json"), "--name", "second"],
+        env=world.stack.env, cwd=REPO, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
+    assert json.loads((tmp_path / "second.json").read_text())["device_name"] == "second"
