@@ -18,6 +18,7 @@ from events.settings import BusSettings
 from schemas import rpc
 from schemas.rpc import RpcFailure
 from wgmfa.output import fail, print_json, print_table
+from wgmfa.tail import parse_duration
 
 EXIT_ERROR = 1
 EXIT_UNAVAILABLE = 3
@@ -206,16 +207,8 @@ async def mobile_allow(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_duration(text: str) -> int:
-    """Seconds in `90`, `45m`, `24h` or `7d`."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    value = text.strip().lower()
-    try:
-        if value and value[-1] in units:
-            return int(value[:-1]) * units[value[-1]]
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 3600, 45m, 24h, 7d)") from None
+def duration_s(text: str) -> int:
+    return int(parse_duration(text).total_seconds())
 
 
 def enrollment_links(public_url: str, token: str) -> tuple[str, str]:
@@ -405,7 +398,7 @@ def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.Argum
     p.add_argument("target", metavar="USERNAME|list|revoke",
                    help="a user to issue a token for; `list` open tokens; `revoke ID|USERNAME`")
     p.add_argument("what", nargs="?", metavar="ID|USERNAME", help="for revoke: an enrollment id or a username")
-    p.add_argument("--ttl", type=parse_duration, default=86400, help="how long the token is valid (default 24h)")
+    p.add_argument("--ttl", type=duration_s, default=86400, help="how long the token is valid, e.g. 2h, 7d (default 24h)")
     p.add_argument("--device-name", help="a name to suggest for the user's device")
     p.add_argument("--all", action="store_true", help="list: also used, expired and revoked tokens")
     p.add_argument("--url", default=os.environ.get("WGMFA_PUBLIC_URL", "http://127.0.0.1:8080"),
