@@ -14,8 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from events.bus import Bus, BusUnavailable
-from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service import enrollment
+from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
 from proxy_service.remote import deny, wait_for_approval
 from proxy_service.settings import ProxySettings
