@@ -354,6 +354,8 @@ async def test_an_app_enrolls_itself_with_its_own_totp_and_opens_a_real_tunnel(w
     net, stack = world.net, world.stack
     client_net = net.add_client()
     location = await world.location_for_methods()
+    open_location = await stack.add_location("apps-open", mfa="disabled", network="10.71.0.0/24", endpoint_port=51825)
+    world.gateway(open_location).start()
     await stack.admin.call("user_add", rpc.UserAddRequest(username="nora", email="nora@example.com"), rpc.UserInfo)
     issued = await stack.admin.call("enroll_create", rpc.EnrollCreateRequest(username="nora", reply_key=stack.admin.reply_key.public),
                                     rpc.EnrollCreateResult)
@@ -387,3 +389,17 @@ async def test_an_app_enrolls_itself_with_its_own_totp_and_opens_a_real_tunnel(w
     assert connected.returncode == 0 and "connected" in connected.stdout, connected.stderr + connected.stdout
     assert net.ping(client_net.netns, "10.69.0.1", count=2)
     world.wgmfa("client", "disconnect", "--interface", net.name("n1"))
+
+    # the location without MFA: the same device connects with no second factor at all
+    without = next(c for c in document["configs"] if c["network_id"] == open_location.location.id)
+    assert without["location_mfa_mode"] == 1
+    open_path = world.work / "nora-laptop-open.json"
+    open_path.write_text(json.dumps(client_config(without, document["device"], document["instance"], private,
+                                                  document["token"])))
+    await eventually(lambda: world.peer_at_gateway(open_location.location.id, public), timeout=20,
+                     what="the enrolled device on the gateway of the location without MFA")
+    connected = world.wgmfa("client", "connect", "--config", str(open_path), "--netns", client_net.netns,
+                            "--interface", net.name("n2"))
+    assert connected.returncode == 0 and "connected" in connected.stdout, connected.stderr + connected.stdout
+    assert net.ping(client_net.netns, "10.71.0.1", count=2)
+    world.wgmfa("client", "disconnect", "--interface", net.name("n2"))
