@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import ipaddress
+import secrets
+import uuid
 from datetime import timedelta
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core_service import totp
+from core_service import factor_setup, totp
 from core_service.context import CoreContext
 from core_service.models import Device, Location, LocationDevice, User, VpnSession
 from core_service.outbox import enqueue_event, enqueue_peer_state
 from core_service.sessions import find_location, find_user, names, parties, peer_authorized, revoke
 from events.sealing import SealError, generate_keypair, is_key, seal
 from schemas.common import LIVE_SESSION_STATES, MfaMode, RevokeReason, SessionState
-from schemas.events import DeviceAdded, LocationCreated, TotpEnrolled, UserCreated
+from schemas.events import DeviceAdded, LocationCreated, UserCreated
 from schemas.rpc import (
     DeviceAddRequest,
     DeviceConfig,
@@ -46,6 +48,16 @@ from schemas.rpc import (
 )
 
 MIN_LIFETIME_S = 60
+MOBILE_CODE_BYTES = 16  # 128 bits
+
+
+def new_mobile_code() -> str:
+    return secrets.token_urlsafe(MOBILE_CODE_BYTES)
+
+
+def mobile_code_hash(ctx: CoreContext, device: Device, code: str) -> str:
+    """A keyed hash of a mobile registration code, bound to its device."""
+    return ctx.vault.code_hash(uuid.UUID(int=device.id), code)  # type: ignore[arg-type]
 
 
 def _invalid(message: str) -> RpcFailure:
@@ -125,6 +137,44 @@ def session_info(vpn_session: VpnSession, location: Location, device: Device, us
         revoked_at=vpn_session.revoked_at,
         revoke_reason=vpn_session.revoke_reason,  # type: ignore[arg-type]
     )
+
+
+async def free_address(session: AsyncSession, location: Location) -> str:
+    network = ipaddress.ip_network(location.network)
+    taken = set(
+        (await session.exec(select(LocationDevice.address).where(LocationDevice.location_id == location.id))).all()
+    )
+    taken.add(location.gateway_address.split("/")[0])
+    for host in network.hosts():
+        if str(host) not in taken:
+            return str(host)
+    raise RpcFailure(ErrorStatus.CONFLICT, f"no free address left in {network} at location {location.name}")
+
+
+async def place_device(
+    ctx: CoreContext, session: AsyncSession, location: Location, device: Device, user: User
+) -> LocationDevice:
+    """Put the device at the location with a free address (the caller holds the location's
+    row lock, which serialises allocation); at a location without MFA its peer is
+    authorized for good, with no PSK, at once."""
+    placement = LocationDevice(
+        location_id=location.id,  # type: ignore[arg-type]
+        device_id=device.id,  # type: ignore[arg-type]
+        address=await free_address(session, location),
+    )
+    session.add(placement)
+    await session.flush()
+    enqueue_event(session, DeviceAdded(**names(location, device, user), address=placement.address))
+    if location.mfa_mode == MfaMode.DISABLED:
+        placement.generation = 1
+        session.add(placement)
+        enqueue_peer_state(
+            session,
+            peer_authorized(
+                ctx, location, device, placement, session_id=None, psk=None, authorized_at=ctx.clock.now(), expires_at=None
+            ),
+        )
+    return placement
 
 
 class Admin:
@@ -243,17 +293,13 @@ class Admin:
         return UserListResult(users=[user_info(u) for u in users])
 
     async def totp_enroll(self, req: TotpEnrollRequest) -> TotpEnrollResult:
-        secret = totp.new_secret()
-        try:
-            sealed_uri = seal(req.reply_key, totp.provisioning_uri(secret, req.username, self.ctx.settings.totp_issuer))
-        except SealError as exc:
-            raise _invalid(f"reply_key: {exc}") from None
         async with self.ctx.transaction() as session:
             user = await find_user(session, req.username)
-            # The active factor (if any) keeps working until the new one is confirmed.
-            user.totp_pending_secret_enc = self.ctx.vault.encrypt(secret)
-            session.add(user)
-            enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=False))  # type: ignore[arg-type]
+            secret = factor_setup.begin_totp(self.ctx, session, user)
+            try:
+                sealed_uri = seal(req.reply_key, totp.provisioning_uri(secret, req.username, self.ctx.settings.totp_issuer))
+            except SealError as exc:
+                raise _invalid(f"reply_key: {exc}") from None
         return TotpEnrollResult(otpauth_uri_sealed=sealed_uri)
 
     async def totp_confirm(self, req: TotpConfirmRequest) -> UserInfo:
@@ -265,30 +311,27 @@ class Admin:
             user = await find_user(session, req.username)
             if user.totp_pending_secret_enc is None:
                 raise _invalid(f"no TOTP enrollment is pending for {user.username}: run `totp enroll` first")
-            secret = self.ctx.vault.decrypt(user.totp_pending_secret_enc)
-            step = totp.matching_step(secret, code, self.ctx.clock.now())
-            if step is None:
+            if not factor_setup.confirm_totp(self.ctx, session, user, code):
                 raise RpcFailure(
                     ErrorStatus.UNAUTHENTICATED, "the code does not match the enrolled secret (check the device clock)"
                 )
-            user.totp_secret_enc = user.totp_pending_secret_enc
-            user.totp_pending_secret_enc = None
-            user.totp_last_step = step  # the confirmation code cannot be used to log in
-            session.add(user)
-            enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=True))  # type: ignore[arg-type]
         return user_info(user)
 
     async def email_mfa(self, req: EmailMfaRequest) -> UserInfo:
         async with self.ctx.transaction() as session:
             user = await find_user(session, req.username)
-            user.email_mfa_enabled = req.enabled
-            session.add(user)
+            factor_setup.set_email_mfa(session, user, req.enabled)
         return user_info(user)
 
     # --- devices --------------------------------------------------------------------------
 
     async def mobile_allow(self, req: MobileAllowRequest) -> MobileAllowResult:
-        """Let the phone app of this device register its signing key, once, for a while."""
+        """Let the phone app of this device register its signing key, once, for a while,
+        with the one-time code this returns (sealed): knowing the device's public key is
+        not enough to register a phone."""
+        if not is_key(req.reply_key):
+            raise _invalid("reply_key must be an X25519 public key")
+        code = new_mobile_code()
         async with self.ctx.transaction() as session:
             user = await find_user(session, req.username)
             device = (
@@ -297,10 +340,12 @@ class Admin:
             if device is None:
                 raise RpcFailure(ErrorStatus.NOT_FOUND, f"device {req.device_name} of {user.username} not found")
             device.mobile_registration_until = self.ctx.clock.now() + timedelta(seconds=req.valid_s)
+            device.mobile_registration_code_hash = mobile_code_hash(self.ctx, device, code)
+            device.mobile_registration_failures = 0
             session.add(device)
         return MobileAllowResult(
             username=user.username, device_name=device.name, device_pubkey=device.pubkey,
-            until=device.mobile_registration_until,
+            until=device.mobile_registration_until, code_sealed=seal(req.reply_key, code),
         )
 
     async def device_add(self, req: DeviceAddRequest) -> DeviceConfig:
@@ -331,43 +376,8 @@ class Admin:
         existing = await session.get(LocationDevice, (location.id, device.id))
         if existing is not None:
             raise RpcFailure(ErrorStatus.CONFLICT, f"device {device.name} is already at location {location.name}")
-        placement = LocationDevice(
-            location_id=location.id,  # type: ignore[arg-type]
-            device_id=device.id,  # type: ignore[arg-type]
-            address=await self._free_address(session, location),
-        )
-        session.add(placement)
-        await session.flush()
-        enqueue_event(session, DeviceAdded(**names(location, device, user), address=placement.address))
-        if location.mfa_mode == MfaMode.DISABLED:
-            # Without MFA the peer is permanent, with no PSK, from now on.
-            placement.generation = 1
-            session.add(placement)
-            enqueue_peer_state(
-                session,
-                peer_authorized(
-                    self.ctx,
-                    location,
-                    device,
-                    placement,
-                    session_id=None,
-                    psk=None,
-                    authorized_at=self.ctx.clock.now(),
-                    expires_at=None,
-                ),
-            )
+        placement = await place_device(self.ctx, session, location, device, user)
         return device_config(location, device, user, placement, self.ctx.vault.instance_id)
-
-    async def _free_address(self, session: AsyncSession, location: Location) -> str:
-        network = ipaddress.ip_network(location.network)
-        taken = set(
-            (await session.exec(select(LocationDevice.address).where(LocationDevice.location_id == location.id))).all()
-        )
-        taken.add(location.gateway_address.split("/")[0])
-        for host in network.hosts():
-            if str(host) not in taken:
-                return str(host)
-        raise RpcFailure(ErrorStatus.CONFLICT, f"no free address left in {network} at location {location.name}")
 
     async def device_list(self, req: DeviceListRequest) -> DeviceListResult:
         async with self.ctx.db.reader() as session:

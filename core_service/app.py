@@ -10,6 +10,7 @@ from core_service.admin import Admin
 from core_service.context import CoreContext
 from core_service.dataplane import DataPlane
 from core_service.db import Database
+from core_service.enrollment import Enrollments
 from core_service.keys import Vault, load_master_key
 from core_service.mailer import SmtpMailer
 from core_service.mfa import Mfa
@@ -52,6 +53,7 @@ class Core:
         mailer = SmtpMailer(self.settings) if self.settings.smtp_host else None
         self.mfa = Mfa(ctx, mailer)
         self.admin = Admin(ctx)
+        self.enrollments = Enrollments(ctx, mailer)
         await relay.flush()  # what a previous run committed but could not publish
         for subject, request_type, handler in self._routes():
             await self.bus.serve_rpc(subject, request_type, handler)
@@ -78,14 +80,24 @@ class Core:
         log.info("core ready (version %s, database %s)", VERSION, self.db.engine.url.render_as_string(hide_password=True))
 
     def _routes(self) -> list[tuple[str, type, object]]:
-        admin, mfa = self.admin, self.mfa
+        admin, mfa, enroll = self.admin, self.mfa, self.enrollments
         return [
             (subjects.RPC_CORE_HELLO, rpc.CoreHello, self._hello),
             (subjects.RPC_MFA_START, rpc.MfaStartRequest, mfa.start),
             (subjects.RPC_MFA_FINISH, rpc.MfaFinishRequest, mfa.finish),
             (subjects.RPC_MFA_FINISH_REMOTE, rpc.MfaFinishRemoteRequest, mfa.finish_remote),
             (subjects.RPC_MFA_TOKEN_STATUS, rpc.TokenStatusRequest, mfa.token_status),
-            (subjects.RPC_ENROLL_MOBILE, rpc.RegisterMobileRequest, mfa.register_mobile),
+            (subjects.RPC_ENROLL_MOBILE, rpc.RegisterMobileRequest, enroll.register_mobile),
+            (subjects.RPC_ENROLL_START, rpc.EnrollStartRequest, enroll.start),
+            (subjects.RPC_ENROLL_FACTOR_START, rpc.EnrollFactorStartRequest, enroll.factor_start),
+            (subjects.RPC_ENROLL_FACTOR_FINISH, rpc.EnrollFactorFinishRequest, enroll.factor_finish),
+            (subjects.RPC_ENROLL_ACTIVATE, rpc.EnrollSession, enroll.activate),
+            (subjects.RPC_ENROLL_CREATE_DEVICE, rpc.EnrollCreateDeviceRequest, enroll.create_device),
+            (subjects.RPC_ENROLL_NETWORK_INFO, rpc.EnrollNetworkInfoRequest, enroll.network_info),
+            (subjects.RPC_ENROLL_POLL, rpc.PollRequest, enroll.poll),
+            (subjects.admin_rpc("enroll_create"), rpc.EnrollCreateRequest, enroll.create),
+            (subjects.admin_rpc("enroll_list"), rpc.EnrollListRequest, enroll.list),
+            (subjects.admin_rpc("enroll_revoke"), rpc.EnrollRevokeRequest, enroll.revoke),
             (subjects.admin_rpc("location_add"), rpc.LocationAddRequest, admin.location_add),
             (subjects.admin_rpc("location_list"), rpc.Empty, lambda _req: admin.location_list()),
             (subjects.admin_rpc("gateway_credentials"), rpc.GatewayCredentialsRequest, admin.gateway_credentials),
@@ -108,6 +120,9 @@ class Core:
         expired = await self.mfa.expire_logins()
         if expired:
             log.info("expired %s MFA logins", expired)
+        closed = await self.enrollments.expire()
+        if closed:
+            log.info("closed %s enrollment sessions", closed)
 
     async def stop(self) -> None:
         await cancel_all(self._tasks)

@@ -57,6 +57,8 @@ class Vault:
         self._rpc_private = b64encode(bytes(rpc_private))
         self.rpc_public_key = b64encode(bytes(rpc_private.public_key))
         self._code_key = _derive(master, b"wgmfa-codes")
+        # Its own key: a cookie can never be opened as, or mistaken for, a secret at rest.
+        self._cookie_box = SecretBox(_derive(master, b"wgmfa-cookie"))
         # the deployment's identity for mobile apps: stable for as long as the key is
         self.instance_id = str(uuid.UUID(bytes=_derive(master, b"wgmfa-instance")[:16], version=4))
 
@@ -64,6 +66,19 @@ class Vault:
         """A keyed hash of an emailed code, bound to its login: a database dump alone does
         not let anyone try the million codes offline."""
         return blake2b(code.encode(), key=self._code_key, salt=login_id.bytes, digest_size=32, encoder=RawEncoder).hex()
+
+    def seal_cookie(self, payload: str) -> str:
+        """Authenticated encryption of a cookie's content, URL-safe base64 without padding:
+        any core of the deployment opens it, no proxy keeps state for it."""
+        return base64.urlsafe_b64encode(self._cookie_box.encrypt(payload.encode())).decode().rstrip("=")
+
+    def open_cookie(self, value: str) -> str | None:
+        """The content of a cookie this deployment sealed; None for anything else."""
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            return self._cookie_box.decrypt(raw).decode()
+        except (CryptoError, ValueError, binascii.Error, UnicodeDecodeError):
+            return None
 
     def encrypt(self, plaintext: str) -> str:
         return _PREFIX + b64encode(self._box.encrypt(plaintext.encode()))

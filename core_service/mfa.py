@@ -30,7 +30,7 @@ from core_service.outbox import enqueue_event, enqueue_notify
 from core_service.sessions import authorize, names
 from events.sealing import SealError, b64decode_key, is_key, seal
 from schemas.common import LIVE_LOGIN_STATES, LoginState, MfaMethod, MfaMode, method_name, uuid7
-from schemas.events import LoginApproved, MfaEmailSent, MfaFailed, MfaLocked, MfaStarted, MfaSucceeded, MobileKeyRegistered
+from schemas.events import LoginApproved, MfaEmailSent, MfaFailed, MfaLocked, MfaStarted, MfaSucceeded
 from schemas.rpc import (
     Empty,
     ErrorStatus,
@@ -39,7 +39,6 @@ from schemas.rpc import (
     MfaFinishResult,
     MfaStartRequest,
     MfaStartResult,
-    RegisterMobileRequest,
     RpcFailure,
     TokenStatusRequest,
     TokenStatusResult,
@@ -78,8 +77,6 @@ AUTH_KEY_MISSING = "Authorization device key missing in request"
 AUTH_KEY_NOT_OURS = "Arguments invalid"
 WRONG_METHOD = "invalid MFA method"
 NOT_APPROVED = "mobile approval not completed yet"
-INVALID_AUTH_KEY = "Invalid biometric public key."
-INVALID_DEVICE_KEY = "Invalid device public key."
 
 
 def token_hash(token: str) -> str:
@@ -437,41 +434,6 @@ class Mfa:
         if login is None or login.state not in LIVE_LOGIN_STATES or login.expires_at <= self.ctx.clock.now():
             raise RpcFailure(ErrorStatus.UNAUTHENTICATED, LOGIN_NOT_FOUND)
         return TokenStatusResult(login_id=str(login.id), method=login.method, state=login.state, expires_at=login.expires_at)
-
-    # --- mobile keys ------------------------------------------------------------------------
-
-    async def register_mobile(self, req: RegisterMobileRequest) -> Empty:
-        """Bind a phone app's Ed25519 key to its device, if an admin allowed it."""
-        for value, message in ((req.auth_pub_key, INVALID_AUTH_KEY), (req.device_pub_key, INVALID_DEVICE_KEY)):
-            if not is_key(value):
-                raise _bad(message)
-        now = self.ctx.clock.now()
-        async with self.ctx.transaction() as session:
-            device = (await session.exec(select(Device).where(Device.pubkey == req.device_pub_key).with_for_update())).first()
-            if device is None:
-                raise _bad(DEVICE_NOT_FOUND)
-            if device.mobile_registration_until is None or device.mobile_registration_until <= now:
-                raise RpcFailure(
-                    ErrorStatus.PERMISSION_DENIED,
-                    "mobile registration is not allowed for this device; an administrator allows it with "
-                    "`wgmfa admin mobile allow USER DEVICE`",
-                )
-            taken = (await session.exec(select(MobileKey).where(MobileKey.public_key == req.auth_pub_key))).first()
-            if taken is not None and taken.device_id != device.id:
-                raise RpcFailure(ErrorStatus.CONFLICT, "this key is registered to another device")
-            await session.exec(delete(MobileKey).where(col(MobileKey.device_id) == device.id))
-            await session.flush()
-            session.add(MobileKey(user_id=device.user_id, device_id=device.id, public_key=req.auth_pub_key))  # type: ignore[arg-type]
-            device.mobile_registration_until = None  # one registration per allowance
-            session.add(device)
-            user = await session.get(User, device.user_id)
-            assert user is not None
-            enqueue_event(
-                session,
-                MobileKeyRegistered(user_id=user.id, username=user.username, device_id=device.id,  # type: ignore[arg-type]
-                                    device_name=device.name, client_ip=req.client.ip),
-            )
-        return Empty()
 
     # --- failures ---------------------------------------------------------------------------
 

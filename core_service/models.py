@@ -45,6 +45,10 @@ class Device(SQLModel, table=True):
     mobile_registration_until: datetime | None = Field(
         default=None, description="until when its phone app may register a signing key"
     )
+    mobile_registration_code_hash: str | None = Field(
+        default=None, max_length=64, description="keyed hash of the one-time code the allowance printed"
+    )
+    mobile_registration_failures: int = Field(default=0, description="wrong codes against the current allowance")
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -147,6 +151,38 @@ class VpnSession(SQLModel, table=True):
     expires_at: datetime
     revoked_at: datetime | None = None
     revoke_reason: str | None = Field(default=None, max_length=32)
+
+
+class Enrollment(SQLModel, table=True):
+    """An enrollment token an admin issued for one user: single use for `start`, which
+    opens a session (carried by the app's cookie) until `session_deadline`."""
+
+    __tablename__ = "enrollment"
+
+    id: uuid.UUID = Field(primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    device_name: str | None = Field(default=None, max_length=64, description="the name the admin suggested")
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime = Field(description="the token must be used before this")
+    started_at: datetime | None = None
+    session_deadline: datetime | None = None
+    revoked_at: datetime | None = None
+    setup_method: str | None = Field(default=None, max_length=16, description="the factor being set up: totp or email")
+    email_code_hash: str | None = Field(default=None, max_length=64)
+    email_codes_sent: int = Field(default=0, description="setup codes mailed in this session")
+    setup_failures: int = Field(default=0, description="wrong codes while setting up a factor")
+
+
+class PollingToken(SQLModel, table=True):
+    """The token a Defguard app polls its device's configuration with (one per device)."""
+
+    __tablename__ = "polling_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    device_id: int = Field(foreign_key="device.id", unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class Outbox(SQLModel, table=True):

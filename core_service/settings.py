@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from events.settings import LivenessSettings
 
@@ -23,6 +23,10 @@ class CoreSettings(LivenessSettings):
     default_threshold_s: int = 300
     default_lifetime_s: int = 43200
     default_keepalive_s: int = 25
+    enrollment_session_s: int = Field(600, ge=60, le=86400)
+    """How long an enrollment session (the app's cookie) lasts after the token's first use."""
+    instance_name: str = Field("wgmfa", min_length=1, max_length=64)
+    """The name Defguard's apps show for this deployment."""
     outbox_interval_s: float = 1.0
     publish_wait_s: float = 2.0
     """How long a request waits for its events to be published before it answers anyway

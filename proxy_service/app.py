@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from events.bus import Bus, BusUnavailable
+from proxy_service import enrollment
 from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
 from proxy_service.remote import deny, wait_for_approval
@@ -24,7 +25,6 @@ from schemas.http import (
     ClientMfaFinishResponse,
     ClientMfaStartRequest,
     ClientMfaStartResponse,
-    RegisterMobileRequest,
 )
 from schemas.rpc import ClientInfo, ErrorStatus, RpcFailure
 
@@ -187,10 +187,7 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
             return
         await wait_for_approval(websocket, core, token, client, lambda exc: HTTP_STATUS.get(exc.error.status, 500))
 
-    @app.post("/api/v1/enrollment/register_mobile")
-    async def register_mobile(body: RegisterMobileRequest, request: Request) -> JSONResponse:
-        await core.register_mobile(body.auth_pub_key, body.device_pub_key, client_info(request))
-        return JSONResponse({})
+    app.include_router(enrollment.create_router(settings, core, client_info))
 
     @app.get("/api/v1/health")
     @app.get("/health")
@@ -204,4 +201,4 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return BodyLimit(app, settings.max_body_bytes)  # type: ignore[return-value]
+    return enrollment.DefguardHeaders(BodyLimit(app, settings.max_body_bytes), holder)  # type: ignore[return-value]

@@ -75,10 +75,6 @@ class CoreClient:
         request = rpc.TokenStatusRequest(token_sealed=seal(key, token))
         return await self.bus.call(subjects.RPC_MFA_TOKEN_STATUS, request, rpc.TokenStatusResult, timeout=self.timeout_s)
 
-    async def register_mobile(self, auth_pub_key: str, device_pub_key: str, client: rpc.ClientInfo) -> None:
-        request = rpc.RegisterMobileRequest(auth_pub_key=auth_pub_key, device_pub_key=device_pub_key, client=client)
-        await self.bus.call(subjects.RPC_ENROLL_MOBILE, request, rpc.Empty, timeout=self.timeout_s)
-
 
 class BusHolder:
     """The proxy's bus connection, made in the background so that the proxy serves (503s)

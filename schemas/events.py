@@ -257,6 +257,59 @@ class MobileKeyRegistered(Event):
     client_ip: str | None = None
 
 
+_Id = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+class EnrollmentIssued(Event):
+    """An admin issued an enrollment token (the token itself is never in an event)."""
+
+    type: Literal["enrollment.issued"] = "enrollment.issued"
+    enrollment_id: UUID
+    user_id: _Id
+    username: str
+    expires_at: AwareDatetime
+
+
+class EnrollmentStarted(Event):
+    type: Literal["enrollment.started"] = "enrollment.started"
+    enrollment_id: UUID
+    user_id: _Id
+    username: str
+    session_deadline: AwareDatetime
+    client_ip: str | None = None
+
+
+class EnrollmentDeviceCreated(Event):
+    type: Literal["enrollment.device_created"] = "enrollment.device_created"
+    enrollment_id: UUID
+    user_id: _Id
+    username: str
+    device_id: _Id
+    device_name: str
+    locations: list[_Id] = Field(description="ids of the locations the device was placed at")
+    client_ip: str | None = None
+
+
+class EnrollmentFailed(Event):
+    """A refused enrollment step: bad, expired, reused or revoked token, a forged or stale
+    cookie, a wrong setup code. Ids are those known at the point of failure."""
+
+    type: Literal["enrollment.failed"] = "enrollment.failed"
+    step: str = Field(description="start, factor_start, factor_finish, create_device, network_info, register_mobile")
+    reason: str
+    enrollment_id: UUID | None = None
+    user_id: _Id | None = None
+    username: str | None = None
+    client_ip: str | None = None
+
+
+class EnrollmentRevoked(Event):
+    type: Literal["enrollment.revoked"] = "enrollment.revoked"
+    enrollment_id: UUID
+    user_id: _Id
+    username: str
+
+
 class DeadLetter(Event):
     """A message a consumer could not decode or process; published on wgmfa.dlq.<subject>."""
 
@@ -287,6 +340,11 @@ AuditEvent = Annotated[
         ReaperStarted,
         MfaEmailSent,
         MobileKeyRegistered,
+        EnrollmentIssued,
+        EnrollmentStarted,
+        EnrollmentDeviceCreated,
+        EnrollmentFailed,
+        EnrollmentRevoked,
     ],
     Field(discriminator="type"),
 ]
@@ -311,6 +369,11 @@ AnyEvent = Annotated[
         ReaperStarted,
         MfaEmailSent,
         MobileKeyRegistered,
+        EnrollmentIssued,
+        EnrollmentStarted,
+        EnrollmentDeviceCreated,
+        EnrollmentFailed,
+        EnrollmentRevoked,
         LoginApproved,
         StatsSample,
         DeadLetter,

@@ -44,6 +44,7 @@ class ClientMfaFinishRemoteRequest(ClientMfaFinishRequest):
 class RegisterMobileRequest(_Request):
     auth_pub_key: StrictStr = Field(max_length=256)
     device_pub_key: StrictStr = Field(max_length=256)
+    code: StrictStr | None = Field(None, max_length=256, description="wgmfa's own: the code `admin mobile allow` printed")
 
 
 class RemoteMfaSuccess(BaseModel):
@@ -51,3 +52,39 @@ class RemoteMfaSuccess(BaseModel):
 
     type: str = "mfa_success"
     preshared_key: str
+
+
+# --- enrollment (Defguard's apps; proto names, unknown fields ignored) -----------------------
+
+
+class EnrollmentStartRequest(_Request):
+    token: StrictStr = Field(max_length=512)
+
+
+class NewDeviceRequest(_Request):
+    name: StrictStr = Field(max_length=256)
+    pubkey: StrictStr = Field(max_length=256)
+
+
+class ExistingDeviceRequest(_Request):
+    pubkey: StrictStr = Field(max_length=256)
+
+
+class CodeMfaSetupStartRequest(_Request):
+    method: StrictInt = Field(ge=0, le=4)
+
+
+class CodeMfaSetupFinishRequest(_Request):
+    code: StrictStr = Field(max_length=64)
+    method: StrictInt | None = Field(None, ge=0, le=4, description="ignored: the method started decides")
+
+
+class ActivateUserRequest(_Request):
+    """Defguard's last enrollment step sets a password; wgmfa has none and stores nothing."""
+
+    password: StrictStr | None = Field(None, max_length=1024)
+    phone_number: StrictStr | None = Field(None, max_length=64)
+
+
+class InstanceInfoRequest(_Request):
+    token: StrictStr = Field(max_length=512)

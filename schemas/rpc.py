@@ -127,8 +127,13 @@ class TokenStatusResult(_Model):
 
 
 class RegisterMobileRequest(_Model):
+    """The phone proves it may register: the enrollment cookie of its owner's session
+    (Defguard's apps), or the one-time code `wgmfa admin mobile allow` printed."""
+
     auth_pub_key: str = Field(max_length=256)
     device_pub_key: str = Field(max_length=256)
+    cookie_sealed: str | None = None
+    code_sealed: str | None = None
     client: ClientInfo = Field(default_factory=ClientInfo)
 
 
@@ -268,6 +273,7 @@ class MobileAllowRequest(_Model):
     username: str
     device_name: str
     valid_s: int = Field(3600, ge=60, le=7 * 86400)
+    reply_key: str
 
 
 class MobileAllowResult(_Model):
@@ -275,6 +281,7 @@ class MobileAllowResult(_Model):
     device_name: str
     device_pubkey: str
     until: AwareDatetime
+    code_sealed: str = Field(description="the one-time registration code, sealed to reply_key")
 
 
 class SessionsRequest(_Model):
@@ -306,3 +313,143 @@ class SessionsResult(_Model):
 
 class RevokeRequest(_Model):
     session_id: int
+
+
+# --- enrollment (Defguard's apps enroll themselves) -------------------------------------------
+
+MAX_TTL_S = 30 * 86400
+
+
+class EnrollCreateRequest(_Model):
+    """`wgmfa admin enroll USERNAME`: a single-use token the user's app starts with."""
+
+    username: str = Field(max_length=64)
+    ttl_s: int = Field(86400, ge=60, le=MAX_TTL_S)
+    device_name: str | None = Field(None, min_length=1, max_length=64)
+    reply_key: str
+
+
+class EnrollmentInfo(_Model):
+    id: str
+    username: str
+    device_name: str | None = None
+    created_at: AwareDatetime
+    expires_at: AwareDatetime
+    started_at: AwareDatetime | None = None
+    session_deadline: AwareDatetime | None = None
+    state: str = Field(description="open, started, expired or revoked")
+
+
+class EnrollCreateResult(_Model):
+    enrollment: EnrollmentInfo
+    token_sealed: str = Field(description="the enrollment token, sealed to reply_key; shown once")
+
+
+class EnrollListRequest(_Model):
+    include_closed: bool = False
+
+
+class EnrollListResult(_Model):
+    enrollments: list[EnrollmentInfo]
+
+
+class EnrollRevokeRequest(_Model):
+    enrollment: str = Field(max_length=64, description="an enrollment id, or a username: all of its open ones")
+
+
+class EnrollRevokeResult(_Model):
+    revoked: list[EnrollmentInfo]
+
+
+class EnrollStartRequest(_Model):
+    token_sealed: str
+    client: ClientInfo = Field(default_factory=ClientInfo)
+    reply_key: str
+
+
+class EnrollUser(_Model):
+    username: str
+    email: str
+    is_active: bool
+    enrolled: bool = Field(description="the user has a second factor already: the app skips setting one up")
+    device_names: list[str]
+
+
+class EnrollStartResult(_Model):
+    cookie_sealed: str = Field(description="the session cookie's value, sealed to reply_key")
+    deadline: AwareDatetime
+    user: EnrollUser
+    instance_id: str
+    instance_name: str
+    smtp_configured: bool
+
+
+class EnrollSession(_Model):
+    """A request inside an enrollment session: the app's cookie, sealed to the core."""
+
+    cookie_sealed: str | None = Field(None, description="None: the app sent no cookie")
+    client: ClientInfo = Field(default_factory=ClientInfo)
+
+
+class EnrollFactorStartRequest(EnrollSession):
+    method: int = Field(ge=0, le=4)
+    reply_key: str
+
+
+class EnrollFactorStartResult(_Model):
+    totp_secret_sealed: str | None = Field(None, description="base32 TOTP secret sealed to reply_key; None for email")
+
+
+class EnrollFactorFinishRequest(EnrollSession):
+    code_sealed: str
+
+
+class EnrollCreateDeviceRequest(EnrollSession):
+    name: str = Field(max_length=256)
+    pubkey: str = Field(max_length=256)
+    reply_key: str
+
+
+class EnrollNetworkInfoRequest(EnrollSession):
+    pubkey: str = Field(max_length=256)
+    reply_key: str
+
+
+class PollRequest(_Model):
+    token_sealed: str
+    client: ClientInfo = Field(default_factory=ClientInfo)
+    reply_key: str
+
+
+class AppDevice(_Model):
+    id: int = Field(ge=1, le=2**63 - 1)
+    name: str
+    pubkey: str
+    user_id: int = Field(ge=1, le=2**63 - 1)
+    created_at: int = Field(ge=0, le=2**63 - 1, description="Unix seconds")
+
+
+class AppLocationConfig(_Model):
+    """One location as Defguard's apps read it (proto `DeviceConfig`)."""
+
+    network_id: int = Field(ge=1, le=2**63 - 1)
+    network_name: str
+    config: str = Field(description="a wg-quick configuration without the private key")
+    endpoint: str
+    assigned_ip: str
+    pubkey: str = Field(description="the location's WireGuard public key")
+    allowed_ips: str = Field(description="comma-separated networks routed through the tunnel")
+    dns: str | None = None
+    mfa_enabled: bool = Field(description="deprecated by Defguard: true only for internal MFA")
+    keepalive_interval: int = Field(ge=0, le=65535)
+    location_mfa_mode: int = Field(ge=1, le=3, description="1 disabled, 2 internal, 3 external")
+    service_location_mode: int = Field(1, ge=0, le=3, description="1: not a service location")
+
+
+class AppDeviceConfigResult(_Model):
+    device: AppDevice
+    configs: list[AppLocationConfig]
+    username: str
+    instance_id: str
+    instance_name: str
+    token_sealed: str = Field(description="the device's polling token, sealed to reply_key")

@@ -53,13 +53,22 @@ class World:
         return {"location": location, "username": username, "devices": made,
                 "credentials": json.loads(self.stack.admin.reply_key.open(location.credentials_sealed))}
 
+    async def allow_mobile(self, username: str, device_name: str) -> str:
+        """An admin's allowance for the device's phone app; returns its one-time code."""
+        allowed = await self.stack.admin.call(
+            "mobile_allow",
+            rpc.MobileAllowRequest(username=username, device_name=device_name, reply_key=self.stack.admin.reply_key.public),
+            rpc.MobileAllowResult,
+        )
+        return self.stack.admin.reply_key.open(allowed.code_sealed)
+
     async def phone_key(self, username: str, device: rpc.DeviceConfig, proxy: str | None = None) -> SigningKey:
         """Allow and register a phone app key for `device`."""
-        await self.stack.admin.call("mobile_allow", rpc.MobileAllowRequest(username=username, device_name=device.device_name),
-                                    rpc.MobileAllowResult)
+        code = await self.allow_mobile(username, device.device_name)
         key = SigningKey.generate()
         response = await self.stack.http.post(f"{proxy or ''}/api/v1/enrollment/register_mobile",
-                                              json={"auth_pub_key": b64(bytes(key.verify_key)), "device_pub_key": device.pubkey})
+                                              json={"auth_pub_key": b64(bytes(key.verify_key)), "device_pub_key": device.pubkey,
+                                                    "code": code})
         assert response.status_code == 200, response.text
         return key
 
@@ -209,21 +218,43 @@ async def test_registering_a_mobile_key(world: World) -> None:
     key = b64(bytes(SigningKey.generate().verify_key))
     url = "/api/v1/enrollment/register_mobile"
 
-    async def register(auth: str, device: str) -> tuple[int, dict]:
-        response = await world.stack.http.post(url, json={"auth_pub_key": auth, "device_pub_key": device})
-        return response.status_code, response.json()
+    async def register(auth: str, device: str, code: str | None = "x" * 22) -> tuple[int, dict]:
+        body = {"auth_pub_key": auth, "device_pub_key": device} | ({"code": code} if code else {})
+        response = await world.stack.http.post(url, json=body)
+        return response.status_code, response.json() if response.content else None
 
     assert await register("short", phone.pubkey) == (400, {"error": "Invalid biometric public key."})
     assert await register(key, "not-base64!") == (400, {"error": "Invalid device public key."})
     assert await register(key, generate_keypair()[1]) == (400, {"error": "device not found"})
     status, body = await register(key, phone.pubkey)
     assert status == 403 and "wgmfa admin mobile allow" in body["error"]
-    await world.stack.admin.call("mobile_allow", rpc.MobileAllowRequest(username=d["username"], device_name="phone"),
-                                 rpc.MobileAllowResult)
-    assert await register(key, phone.pubkey) == (200, {})
-    assert (await register(key, phone.pubkey))[0] == 403  # the allowance was used up
+    code = await world.allow_mobile(d["username"], "phone")
+    # knowing the device's public key is not enough: no code, or a wrong one, is refused
+    assert await register(key, phone.pubkey, code=None) == (400, {"error": "No token present"})
+    assert await register(key, phone.pubkey, code="guessed") == (403, {"error": "invalid registration code"})
+    assert await register(key, phone.pubkey, code=code) == (200, None)
+    assert (await register(key, phone.pubkey, code=code))[0] == 403  # the allowance was used up
     malformed = await world.stack.http.post(url, json={"auth_pub_key": key})
     assert malformed.status_code == 400 and "device_pub_key" in malformed.json()["error"]
+
+
+async def test_wrong_registration_codes_withdraw_the_allowance(world: World) -> None:
+    """The register_mobile hijack: during an allowance, someone who knows the device's
+    public key tries codes; after five wrong ones even the real code is refused."""
+    d = await world.setup(devices=("phone",))
+    phone = d["devices"]["phone"]
+    code = await world.allow_mobile(d["username"], "phone")
+    attacker = b64(bytes(SigningKey.generate().verify_key))
+    for attempt in range(5):
+        response = await world.stack.http.post("/api/v1/enrollment/register_mobile", json={
+            "auth_pub_key": attacker, "device_pub_key": phone.pubkey, "code": f"guess-{attempt}"})
+        assert response.status_code == 403, response.text
+    real = await world.stack.http.post("/api/v1/enrollment/register_mobile", json={
+        "auth_pub_key": b64(bytes(SigningKey.generate().verify_key)), "device_pub_key": phone.pubkey, "code": code})
+    assert real.status_code == 403 and "wgmfa admin mobile allow" in real.json()["error"]
+    # and no key was registered: biometric is not available for the device
+    started = await world.start(d, "phone", 3)
+    assert started.json() == {"error": "Select MFA method not available for the device."}
 
 
 # --- biometric -----------------------------------------------------------------------------

@@ -10,18 +10,23 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pyotp
 import pytest
 import pytest_asyncio
 
+from events.sealing import generate_keypair
 from gateway_worker.backend import InterfaceConfig, PeerConfig
 from gateway_worker.backends.uapi import UserspaceBackend
 from schemas import rpc
+from schemas.common import utcnow
 from tests.conftest import running_nats
 from tests.support.netns import Topology
 from tests.support.stack import REPO, ServiceProcess, Stack, eventually
+from wgmfa.client import client_config
 from wgmfa.smtp_sink import MailSink
 
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
@@ -106,6 +111,12 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         w.reaper.stop()
         await stack.stop()
     sink.stop()
+
+
+def allowed_code(allowed: subprocess.CompletedProcess[str]) -> str:
+    """The one-time registration code `wgmfa admin mobile allow --json` printed."""
+    assert allowed.returncode == 0, allowed.stderr
+    return json.loads(allowed.stdout)["code"]
 
 
 async def wait_for_next_totp_step() -> None:
@@ -279,8 +290,8 @@ async def test_a_phone_opens_its_own_tunnel_with_its_signing_key(world: World) -
     await stack.admin.call("user_add", rpc.UserAddRequest(username="bea", email="bea@example.com"), rpc.UserInfo)
     config = await world.device_config("bea", "phone", location.location.name)
     key_file = world.work / "bea-phone.key"
-    assert world.wgmfa("admin", "mobile", "allow", "bea", "phone").returncode == 0
-    registered = world.wgmfa("mobile", "register", "--config", str(config), "--key-file", str(key_file))
+    code = allowed_code(world.wgmfa("admin", "mobile", "allow", "bea", "phone", "--json"))
+    registered = world.wgmfa("mobile", "register", "--config", str(config), "--key-file", str(key_file), "--code", code)
     assert registered.returncode == 0, registered.stderr
     connected = world.wgmfa("client", "connect", "--config", str(config), "--method", "biometric", "--key-file",
                             str(key_file), "--netns", client_net.netns, "--interface", net.name("b1"))
@@ -297,8 +308,9 @@ async def test_a_phone_approves_a_desktop_tunnel_from_its_qr_code(world: World) 
     desktop = await world.device_config("max", "desktop", location.location.name)
     phone = await world.device_config("max", "phone", location.location.name)
     key_file = world.work / "max-phone.key"
-    assert world.wgmfa("admin", "mobile", "allow", "max", "phone").returncode == 0
-    assert world.wgmfa("mobile", "register", "--config", str(phone), "--key-file", str(key_file)).returncode == 0
+    code = allowed_code(world.wgmfa("admin", "mobile", "allow", "max", "phone", "--json"))
+    assert world.wgmfa("mobile", "register", "--config", str(phone), "--key-file", str(key_file),
+                       "--code", code).returncode == 0
 
     client = await world.client_process("client", "connect", "--config", str(desktop), "--method", "mobile",
                                         "--netns", desktop_net.netns, "--interface", net.name("m1"))
@@ -334,3 +346,60 @@ async def test_the_client_offers_the_factors_and_moves_past_one_not_set_up(world
     output = await finished(client)
     assert client.returncode == 0 and "connected" in output, output
     world.wgmfa("client", "disconnect", "--interface", net.name("t1"))
+
+
+async def test_an_app_enrolls_itself_with_its_own_totp_and_opens_a_real_tunnel(world: World) -> None:
+    """As Defguard's desktop app: an admin's token, `enrollment/start`, the user's own TOTP
+    (the admin never sees the secret), `create_device`, then a method-0 login and traffic."""
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    location = await world.location_for_methods()
+    open_location = await stack.add_location("apps-open", mfa="disabled", network="10.71.0.0/24", endpoint_port=51825)
+    world.gateway(open_location).start()
+    await stack.admin.call("user_add", rpc.UserAddRequest(username="nora", email="nora@example.com"), rpc.UserInfo)
+    issued = await stack.admin.call("enroll_create", rpc.EnrollCreateRequest(username="nora", reply_key=stack.admin.reply_key.public),
+                                    rpc.EnrollCreateResult)
+    token = stack.admin.reply_key.open(issued.token_sealed)
+    json_only = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=stack.proxy_url, timeout=15) as http:
+        started = await http.post("/api/v1/enrollment/start", content=json.dumps({"token": token}), headers=json_only)
+        assert started.status_code == 200, started.text
+        assert started.json()["user"]["enrolled"] is False
+        cookie = next(c for c in started.headers.get_list("set-cookie") if c.startswith("defguard_proxy="))
+        http.cookies.clear()
+        with_cookie = json_only | {"Cookie": cookie}
+        secret = (await http.post("/api/v1/enrollment/register-mfa/code/start", content=json.dumps({"method": 0}),
+                                  headers=with_cookie)).json()["totp_secret"]
+        code = pyotp.TOTP(secret).at(utcnow() - timedelta(seconds=30))
+        confirmed = await http.post("/api/v1/enrollment/register-mfa/code/finish",
+                                    content=json.dumps({"code": code, "method": 0}), headers=with_cookie)
+        assert confirmed.status_code == 200, confirmed.text
+        private, public = generate_keypair()
+        created = await http.post("/api/v1/enrollment/create_device",
+                                  content=json.dumps({"name": "nora-laptop", "pubkey": public}), headers=with_cookie)
+        assert created.status_code == 200, created.text
+    document = created.json()
+    chosen = next(c for c in document["configs"] if c["network_id"] == location.location.id)
+    assert chosen["location_mfa_mode"] == 2
+    config_path = world.work / "nora-laptop.json"
+    config_path.write_text(json.dumps(client_config(chosen, document["device"], document["instance"], private,
+                                                    document["token"])))
+    connected = world.wgmfa("client", "connect", "--config", str(config_path), "--code", pyotp.TOTP(secret).now(),
+                            "--proxy-url", stack.proxy_url, "--netns", client_net.netns, "--interface", net.name("n1"))
+    assert connected.returncode == 0 and "connected" in connected.stdout, connected.stderr + connected.stdout
+    assert net.ping(client_net.netns, "10.69.0.1", count=2)
+    world.wgmfa("client", "disconnect", "--interface", net.name("n1"))
+
+    # the location without MFA: the same device connects with no second factor at all
+    without = next(c for c in document["configs"] if c["network_id"] == open_location.location.id)
+    assert without["location_mfa_mode"] == 1
+    open_path = world.work / "nora-laptop-open.json"
+    open_path.write_text(json.dumps(client_config(without, document["device"], document["instance"], private,
+                                                  document["token"])))
+    await eventually(lambda: world.peer_at_gateway(open_location.location.id, public), timeout=20,
+                     what="the enrolled device on the gateway of the location without MFA")
+    connected = world.wgmfa("client", "connect", "--config", str(open_path), "--netns", client_net.netns,
+                            "--interface", net.name("n2"))
+    assert connected.returncode == 0 and "connected" in connected.stdout, connected.stderr + connected.stdout
+    assert net.ping(client_net.netns, "10.71.0.1", count=2)
+    world.wgmfa("client", "disconnect", "--interface", net.name("n2"))

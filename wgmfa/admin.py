@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import segno
 
@@ -16,6 +18,7 @@ from events.settings import BusSettings
 from schemas import rpc
 from schemas.rpc import RpcFailure
 from wgmfa.output import fail, print_json, print_table
+from wgmfa.tail import parse_duration
 
 EXIT_ERROR = 1
 EXIT_UNAVAILABLE = 3
@@ -189,14 +192,78 @@ async def email_mfa(client: AdminClient, args: argparse.Namespace) -> int:
 async def mobile_allow(client: AdminClient, args: argparse.Namespace) -> int:
     result: rpc.MobileAllowResult = await client.call(
         "mobile_allow",
-        rpc.MobileAllowRequest(username=args.username, device_name=args.device_name, valid_s=args.valid),
+        rpc.MobileAllowRequest(username=args.username, device_name=args.device_name, valid_s=args.valid,
+                               reply_key=client.reply_key.public),
         rpc.MobileAllowResult,
     )
+    code = client.reply_key.open(result.code_sealed)
     if args.json:
-        print_json(result)
+        print_json(result.model_dump(mode="json", exclude={"code_sealed"}) | {"code": code})
     else:
         print(f"the phone app of {result.username}/{result.device_name} may register its key until "
-              f"{result.until:%Y-%m-%d %H:%M:%S} UTC (once)")
+              f"{result.until:%Y-%m-%d %H:%M:%S} UTC (once), with this code (give it to the user only):")
+        print(code)
+        print(f"on the phone: wgmfa mobile register --config PHONE.json --key-file PHONE.key --code {code}")
+    return 0
+
+
+def duration_s(text: str) -> int:
+    return int(parse_duration(text).total_seconds())
+
+
+def enrollment_links(public_url: str, token: str) -> tuple[str, str]:
+    """(the desktop app's deep link, the mobile app's QR payload: base64 of {url, token})."""
+    url = public_url.rstrip("/")
+    deep_link = "defguard://addinstance?" + urlencode({"token": token, "url": url})
+    qr = base64.b64encode(json.dumps({"url": url, "token": token}).encode()).decode()
+    return deep_link, qr
+
+
+async def enroll(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.target == "list":
+        listed: rpc.EnrollListResult = await client.call(
+            "enroll_list", rpc.EnrollListRequest(include_closed=args.all), rpc.EnrollListResult
+        )
+        if args.json:
+            print_json(listed.enrollments)
+        else:
+            print_table([e.model_dump() for e in listed.enrollments],
+                        ["id", "username", "state", "device_name", "expires_at", "session_deadline"])
+        return 0
+    if args.target == "revoke":
+        if not args.what:
+            return fail("say which enrollment to revoke: wgmfa admin enroll revoke ID|USERNAME", 2)
+        revoked: rpc.EnrollRevokeResult = await client.call(
+            "enroll_revoke", rpc.EnrollRevokeRequest(enrollment=args.what), rpc.EnrollRevokeResult
+        )
+        if args.json:
+            print_json(revoked.revoked)
+        else:
+            for e in revoked.revoked:
+                print(f"enrollment {e.id} of {e.username} revoked")
+        return 0
+    if args.what:
+        return fail(f"unexpected argument {args.what!r}: wgmfa admin enroll USERNAME|list|revoke", 2)
+    result: rpc.EnrollCreateResult = await client.call(
+        "enroll_create",
+        rpc.EnrollCreateRequest(username=args.target, ttl_s=args.ttl, device_name=args.device_name,
+                                reply_key=client.reply_key.public),
+        rpc.EnrollCreateResult,
+    )
+    token = client.reply_key.open(result.token_sealed)
+    url = args.url.rstrip("/")
+    deep_link, qr = enrollment_links(url, token)
+    if args.json:
+        print_json({"enrollment": result.enrollment, "url": url, "token": token, "deep_link": deep_link,
+                    "qr_payload": qr})
+        return 0
+    e = result.enrollment
+    print(f"enrollment for {e.username}, single use, valid until {e.expires_at:%Y-%m-%d %H:%M:%S} UTC (id {e.id})")
+    print(f"  URL:   {url}")
+    print(f"  token: {token}")
+    print(f"desktop app: Add instance with the URL and token, or open {deep_link}")
+    print("mobile app: scan this QR code")
+    print_qr(qr)
     return 0
 
 
@@ -325,6 +392,18 @@ def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.Argum
     p.add_argument("device_name")
     p.add_argument("--valid", type=int, default=3600, help="seconds the allowance lasts (default 3600)")
     p.set_defaults(run=mobile_allow)
+
+    p = areas.add_parser("enroll", help="enrollment tokens for Defguard's apps and `wgmfa client enroll`",
+                         parents=[json_flag])
+    p.add_argument("target", metavar="USERNAME|list|revoke",
+                   help="a user to issue a token for; `list` open tokens; `revoke ID|USERNAME`")
+    p.add_argument("what", nargs="?", metavar="ID|USERNAME", help="for revoke: an enrollment id or a username")
+    p.add_argument("--ttl", type=duration_s, default=86400, help="how long the token is valid, e.g. 2h, 7d (default 24h)")
+    p.add_argument("--device-name", help="a name to suggest for the user's device")
+    p.add_argument("--all", action="store_true", help="list: also used, expired and revoked tokens")
+    p.add_argument("--url", default=os.environ.get("WGMFA_PUBLIC_URL", "http://127.0.0.1:8080"),
+                   help="the proxy URL the apps reach (default $WGMFA_PUBLIC_URL or http://127.0.0.1:8080)")
+    p.set_defaults(run=enroll)
 
     device = areas.add_parser("device", help="devices").add_subparsers(dest="action", required=True)
     p = device.add_parser("add", help="add a device to a location and print its config", parents=[json_flag])

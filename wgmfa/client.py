@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pyotp
 import segno
 import websockets
 import websockets.exceptions
@@ -18,7 +21,9 @@ import websockets.exceptions
 from events.settings import BusSettings
 from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
 from gateway_worker.backends.uapi import UserspaceBackend
+from events.sealing import generate_keypair
 from schemas.common import MfaMethod
+from wgmfa.admin import write_secret_file
 from wgmfa.mobile import load_key, qr_payload, sign
 from wgmfa.output import fail
 
@@ -235,6 +240,115 @@ async def disconnect(args: argparse.Namespace) -> int:
     return 0
 
 
+MODES = {1: "disabled", 2: "internal", 3: "external"}
+
+
+class Enrollment:
+    """The enrollment routes, called as Defguard's desktop app calls them: the session
+    lives in the `defguard_proxy` cookie `start` sets."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=30)
+        self.cookie: str | None = None
+
+    async def call(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Cookie": self.cookie} if self.cookie else {}
+        try:
+            response = await self.http.post(f"/api/v1/{route}", json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise MfaFailed(f"cannot reach {self.url}: {exc}") from None
+        self.http.cookies.clear()  # the session is the cookie `start` gave, nothing else
+        document = response.json() if response.content else {}
+        if response.status_code != 200:
+            raise MfaFailed(f"{route}: {document.get('error', response.status_code)}")
+        if route == "enrollment/start":
+            cookie = next((c for c in response.headers.get_list("set-cookie") if c.startswith("defguard_proxy=")), None)
+            if cookie is None:
+                raise MfaFailed("the server set no enrollment cookie")
+            self.cookie = cookie.split(";")[0]
+        return document
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+async def set_up_factor(enrollment: Enrollment, started: dict[str, Any], args: argparse.Namespace) -> None:
+    """The user's own second factor: TOTP (the secret is shown here only) or email."""
+    methods = ["totp", "email"] if started["settings"].get("smtp_configured") else ["totp"]
+    method = args.method or (methods[0] if len(methods) == 1 else None)
+    while method not in methods:
+        answer = await ask("second factor to set up: " + ", ".join(f"[{i}] {m}" for i, m in enumerate(methods, 1)) + ": ")
+        method = methods[int(answer) - 1] if answer.isdigit() and 0 < int(answer) <= len(methods) else answer
+    setup = await enrollment.call("enrollment/register-mfa/code/start", {"method": int(METHODS[method])})
+    for _attempt in range(3):
+        if method == "totp":
+            secret = setup["totp_secret"]
+            uri = pyotp.TOTP(secret).provisioning_uri(name=started["user"]["login"], issuer_name=started["instance"]["name"])
+            print("scan this with your authenticator app (shown only here, only now):", flush=True)
+            segno.make(uri, error="m").terminal(compact=True)
+            print(uri, flush=True)
+            code = await ask("the code your app shows: ")
+        else:
+            print(f"a code is on its way to {started['user']['email']}", flush=True)
+            code = await ask("emailed code: ")
+        try:
+            await enrollment.call("enrollment/register-mfa/code/finish", {"code": code, "method": int(METHODS[method])})
+            print(f"{method} is set up", flush=True)
+            return
+        except MfaFailed as exc:
+            print(f"not accepted ({exc}); try again", flush=True)
+    raise MfaFailed("the second factor was not set up")
+
+
+def client_config(config: dict[str, Any], device: dict[str, Any], instance: dict[str, Any], private_key: str,
+                  polling_token: str) -> dict[str, Any]:
+    """One location of an app's DeviceConfigResponse as `client connect` reads it."""
+    allowed = [ip.strip() for ip in config["allowed_ips"].split(",") if ip.strip()]
+    address = ipaddress.ip_address(config["assigned_ip"].split(",")[0].split("/")[0])
+    prefix = next((ipaddress.ip_network(a).prefixlen for a in allowed if address in ipaddress.ip_network(a)),
+                  address.max_prefixlen)
+    return {
+        "device_id": device["id"], "device_name": device["name"], "username": instance["username"],
+        "pubkey": device["pubkey"], "location_id": config["network_id"], "location_name": config["network_name"],
+        "endpoint": config["endpoint"], "server_pubkey": config["pubkey"], "address": f"{address}/{prefix}",
+        "allowed_ips": allowed, "keepalive_s": config["keepalive_interval"],
+        "mfa_mode": MODES.get(config.get("location_mfa_mode") or 0, "internal" if config["mfa_enabled"] else "disabled"),
+        "instance_id": instance["id"], "proxy_url": instance["proxy_url"].rstrip("/"), "private_key": private_key,
+        "polling_token": polling_token,
+    }
+
+
+async def enroll(args: argparse.Namespace) -> int:
+    """Enroll this machine the way Defguard's apps do, and write its device config."""
+    enrollment = Enrollment(args.url)
+    try:
+        started = await enrollment.call("enrollment/start", {"token": args.token})
+        print(f"enrolling {started['user']['login']} at {started['instance']['name']}", flush=True)
+        if not started["user"]["enrolled"]:
+            await set_up_factor(enrollment, started, args)
+        private_key, public_key = generate_keypair()
+        created = await enrollment.call("enrollment/create_device",
+                                        {"name": args.name or socket.gethostname()[:64], "pubkey": public_key})
+    except MfaFailed as exc:
+        return fail(str(exc), EXIT_MFA)
+    finally:
+        await enrollment.close()
+    configs = created["configs"]
+    if not configs:
+        return fail("enrolled, but there is no location yet; ask your administrator", EXIT_MFA)
+    chosen = next((c for c in configs if c["network_name"] == args.location), None) if args.location else configs[0]
+    if chosen is None:
+        return fail(f"no location {args.location}; there are: {', '.join(c['network_name'] for c in configs)}", 2)
+    document = client_config(chosen, created["device"], created["instance"], private_key, created["token"])
+    write_secret_file(args.output, json.dumps(document, indent=2) + "\n")
+    print(f"device {created['device']['name']} enrolled; config for {chosen['network_name']} written to {args.output}")
+    others = [c["network_name"] for c in configs if c is not chosen]
+    if others:
+        print(f"other locations: {', '.join(others)} (--location NAME)")
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.ArgumentParser) -> None:
     client = subparsers.add_parser("client", help="the reference VPN client (needs root)").add_subparsers(dest="action", required=True)
     p = client.add_parser("connect", help="MFA with the proxy, then bring the tunnel up")
@@ -248,6 +362,14 @@ def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.Argum
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the first handshake")
     p.add_argument("--timeout-mfa", type=float, default=300.0, help="seconds to wait for a phone's approval")
     p.set_defaults(run=connect)
+    p = client.add_parser("enroll", help="enroll this machine with an admin's token, as Defguard's apps do")
+    p.add_argument("url", help="the URL the admin gave (the proxy)")
+    p.add_argument("token", help="the enrollment token")
+    p.add_argument("--output", "-o", required=True, help="write the device config here (mode 0600)")
+    p.add_argument("--name", help="this device's name (default: the host name)")
+    p.add_argument("--method", choices=["totp", "email"], help="the second factor to set up, if you have none")
+    p.add_argument("--location", help="the location to write the config for (default: the first)")
+    p.set_defaults(run=enroll)
     p = client.add_parser("disconnect", help="take the tunnel down")
     p.add_argument("--config")
     p.add_argument("--interface")

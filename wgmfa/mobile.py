@@ -62,6 +62,8 @@ async def post(proxy_url: str, route: str, body: dict[str, Any]) -> tuple[int, d
             response = await http.post(route, json=body)
         except httpx.HTTPError as exc:
             raise SystemExit(fail(f"cannot reach the proxy at {proxy_url}: {exc}", 3)) from None
+    if not response.content:
+        return response.status_code, {}
     try:
         return response.status_code, response.json()
     except ValueError:
@@ -73,7 +75,7 @@ async def register(args: argparse.Namespace) -> int:
     key = load_key(Path(args.key_file), create=True)
     proxy = args.proxy_url or config.get("proxy_url") or "http://127.0.0.1:8080"
     status, body = await post(proxy, "/api/v1/enrollment/register_mobile",
-                              {"auth_pub_key": public_key(key), "device_pub_key": config["pubkey"]})
+                              {"auth_pub_key": public_key(key), "device_pub_key": config["pubkey"], "code": args.code})
     if status != 200:
         return fail(f"registration refused ({status}): {body.get('error')}")
     print(f"registered this phone's key {public_key(key)} for device {config.get('device_name', config['pubkey'])}")
@@ -101,6 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction, _json_flag: argparse.Argu
     p = mobile.add_parser("register", help="make a signing key and register it for the phone's device")
     p.add_argument("--config", required=True, help="the phone's device config (`wgmfa admin device add -o`)")
     p.add_argument("--key-file", required=True, help="the phone's signing key (made if missing)")
+    p.add_argument("--code", required=True, help="the one-time code `wgmfa admin mobile allow` printed")
     p.add_argument("--proxy-url")
     p.set_defaults(run=register)
     p = mobile.add_parser("approve", help="approve a desktop's login from its QR payload")
