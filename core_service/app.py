@@ -13,6 +13,7 @@ from core_service.db import Database
 from core_service.keys import Vault, load_master_key
 from core_service.mailer import SmtpMailer
 from core_service.mfa import Mfa
+from core_service.oidc import OidcAdmin, RelyingParty
 from core_service.outbox import OutboxRelay
 from core_service.settings import CoreSettings
 from events import streams, subjects
@@ -52,6 +53,7 @@ class Core:
         mailer = SmtpMailer(self.settings) if self.settings.smtp_host else None
         self.mfa = Mfa(ctx, mailer)
         self.admin = Admin(ctx)
+        self.oidc_admin = OidcAdmin(ctx, RelyingParty(ctx))
         await relay.flush()  # what a previous run committed but could not publish
         for subject, request_type, handler in self._routes():
             await self.bus.serve_rpc(subject, request_type, handler)
@@ -86,6 +88,11 @@ class Core:
             (subjects.RPC_MFA_FINISH_REMOTE, rpc.MfaFinishRemoteRequest, mfa.finish_remote),
             (subjects.RPC_MFA_TOKEN_STATUS, rpc.TokenStatusRequest, mfa.token_status),
             (subjects.RPC_ENROLL_MOBILE, rpc.RegisterMobileRequest, mfa.register_mobile),
+            (subjects.RPC_OIDC_AUTH_URL, rpc.OidcAuthUrlRequest, mfa.oidc.auth_url),
+            (subjects.RPC_OIDC_CALLBACK, rpc.OidcCallbackRequest, mfa.oidc.callback),
+            (subjects.admin_rpc("oidc_set"), rpc.OidcProviderSetRequest, self.oidc_admin.set),
+            (subjects.admin_rpc("oidc_show"), rpc.Empty, lambda _req: self.oidc_admin.show()),
+            (subjects.admin_rpc("oidc_unlink"), rpc.UserRef, admin.oidc_unlink),
             (subjects.admin_rpc("location_add"), rpc.LocationAddRequest, admin.location_add),
             (subjects.admin_rpc("location_list"), rpc.Empty, lambda _req: admin.location_list()),
             (subjects.admin_rpc("gateway_credentials"), rpc.GatewayCredentialsRequest, admin.gateway_credentials),

@@ -57,6 +57,8 @@ class Vault:
         self._rpc_private = b64encode(bytes(rpc_private))
         self.rpc_public_key = b64encode(bytes(rpc_private.public_key))
         self._code_key = _derive(master, b"wgmfa-codes")
+        # a key of its own for what browsers hold (OIDC cookies): they come back from outside
+        self._cookie_box = SecretBox(_derive(master, b"wgmfa-cookie"))
         # the deployment's identity for mobile apps: stable for as long as the key is
         self.instance_id = str(uuid.UUID(bytes=_derive(master, b"wgmfa-instance")[:16], version=4))
 
@@ -75,6 +77,17 @@ class Vault:
             return self._box.decrypt(base64.b64decode(stored[len(_PREFIX):])).decode()
         except CryptoError:
             raise SecretKeyError("stored secret cannot be decrypted with this key (WGMFA_SECRET_KEY changed?)") from None
+
+    def seal_cookie(self, value: str) -> str:
+        """An opaque, authenticated, encrypted cookie value (URL-safe base64)."""
+        return base64.urlsafe_b64encode(self._cookie_box.encrypt(value.encode())).decode().rstrip("=")
+
+    def open_cookie(self, cookie: str) -> str | None:
+        """The value of a cookie seal_cookie made with this key; None for anything else."""
+        try:
+            return self._cookie_box.decrypt(base64.urlsafe_b64decode(cookie + "=" * (-len(cookie) % 4))).decode()
+        except (CryptoError, binascii.Error, ValueError):
+            return None
 
     def open_sealed(self, sealed: str) -> str:
         """Opens a value a caller sealed to the RPC key; raises events.sealing.SealError."""

@@ -1,4 +1,5 @@
-"""The FastAPI application: Defguard-compatible client MFA routes, health and metrics."""
+"""The FastAPI application: Defguard-compatible client MFA routes (the OIDC pages in
+proxy_service.openid), health and metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from events.bus import Bus, BusUnavailable
 from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
+from proxy_service.openid import add_openid_routes
 from proxy_service.remote import deny, wait_for_approval
 from proxy_service.settings import ProxySettings
 from schemas.http import (
@@ -191,6 +193,8 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
     async def register_mobile(body: RegisterMobileRequest, request: Request) -> JSONResponse:
         await core.register_mobile(body.auth_pub_key, body.device_pub_key, client_info(request))
         return JSONResponse({})
+
+    add_openid_routes(app, core, settings, client_info, on_core_error)
 
     @app.get("/api/v1/health")
     @app.get("/health")
