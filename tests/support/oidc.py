@@ -132,3 +132,40 @@ def _form_action(page: str) -> str:
     marker = 'action="'
     start = page.index(marker) + len(marker)
     return page[start:page.index('"', start)].replace("&amp;", "&")
+
+
+async def configure(admin: Any, issuer: str, redirect_uri: str, *, display_name: str = "Test IdP") -> Any:
+    """`wgmfa admin oidc set` through the admin RPC."""
+    from schemas import rpc
+
+    return await admin.call(
+        "oidc_set",
+        rpc.OidcProviderSetRequest(
+            issuer=issuer, client_id=CLIENT_ID, client_secret_sealed=await admin.seal_for_core(CLIENT_SECRET),
+            display_name=display_name, redirect_uri=redirect_uri,
+        ),
+        rpc.OidcProviderInfo,
+    )
+
+
+class Browser:
+    """One user agent (one cookie jar) talking to the proxy and the provider over HTTP,
+    as the proxy's pages would: what a tampering or a foreign browser can do, too."""
+
+    def __init__(self, proxy_url: str) -> None:
+        self.proxy_url = proxy_url
+        self.redirect_uri = f"{proxy_url}/openid/mfa/callback"
+        self.http = httpx.AsyncClient(timeout=20)
+
+    async def auth_info(self, token: str) -> httpx.Response:
+        return await self.http.post(f"{self.proxy_url}/api/v1/openid/auth_info", json={"state": token, "type": "mfa"})
+
+    async def log_in(self, authorize_url: str, login: str) -> dict[str, str]:
+        return await log_in_at_provider(self.http, authorize_url, login, self.redirect_uri)
+
+    async def callback(self, answer: dict[str, str]) -> httpx.Response:
+        body = {"type": "mfa", **{k: answer.get(k) for k in ("state", "code", "iss", "error")}}
+        return await self.http.post(f"{self.proxy_url}/api/v1/openid/callback/mfa", json=body)
+
+    async def close(self) -> None:
+        await self.http.aclose()
