@@ -402,7 +402,8 @@ class Mfa:
             result = await session.exec(
                 update(MfaLogin)
                 .where(col(MfaLogin.state).in_(LIVE_LOGIN_STATES), col(MfaLogin.expires_at) <= now)
-                .values(state=LoginState.EXPIRED, challenge=None, email_code_hash=None)
+                .values(state=LoginState.EXPIRED, challenge=None, email_code_hash=None, oidc_state_hash=None,
+                        oidc_browser_hash=None, oidc_nonce=None, oidc_verifier_enc=None)
             )
             await session.exec(
                 delete(MfaLogin).where(
