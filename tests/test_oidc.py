@@ -19,7 +19,8 @@ from events.server import NatsServer
 from schemas import rpc
 from tests.conftest import running_nats
 from tests.support.oidc import OTHER_CLIENT_ID, Account, Browser, Provider, configure, with_query
-from tests.support.stack import REPO, BusCapture, Stack, assert_no_secret, read_stream
+from events.bus import BusUnavailable
+from tests.support.stack import REPO, BusCapture, ServiceProcess, Stack, assert_no_secret, eventually, read_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,6 +40,7 @@ ACCOUNTS = {
     "kim": Account("kim@example.com"),
     "lea": Account("lea@example.com"),
     "chromy": Account("chromy@example.com"),
+    "max": Account("max@example.com"),
 }
 
 
@@ -156,8 +158,10 @@ async def test_the_browser_login_completes_the_apps_polling_once(world: World) -
     assert [(s.username, s.method) for s in sessions if s.username == "alice"] == [("alice", "oidc")]
 
     await capture.stop()
-    assert_no_secret(capture.text(), {"token": token, "PSK": psk, "code": answer["code"], "state": answer["state"],
-                                      "cookie": cookie_value, "client secret": "wgmfa-test-client-secret"}, "NATS")
+    secrets = {"token": token, "PSK": psk, "code": answer["code"], "state": answer["state"], "cookie": cookie_value,
+               "client secret": "wgmfa-test-client-secret"}
+    assert_no_secret(capture.text(), secrets, "NATS")
+    assert_no_secret(world.stack.logs(), secrets, "the logs")
 
 
 async def test_a_replayed_callback_is_refused(world: World) -> None:
@@ -373,6 +377,36 @@ async def test_oidc_admin_commands(world: World, tmp_path: Path) -> None:
     assert as_json["redirect_uri"] == f"{world.stack.proxy_url}/openid/mfa/callback"
     unknown = wgmfa("oidc", "unlink", "nobody")
     assert unknown.returncode == 1 and "nobody" in unknown.stderr
+
+
+async def test_any_proxy_and_any_core_take_any_step(world: World) -> None:
+    stack = world.stack
+    _, other_proxy = await stack.extra_proxy()
+    token = await world.start(await world.device("max"))
+    browser = world.browser()
+    answer = await browser.log_in(await world.authorize_url(browser, token), "max")
+    # the core that made the state and the cookie goes away; another one takes over
+    other_core = ServiceProcess("core_service", stack.env, stack.work_dir / "core-2.log")
+    other_core.start()
+    stack.core.stop()
+    try:
+        await eventually(lambda: _core_answers(stack), timeout=30, interval=0.2, what="the other core")
+        done = await browser.http.post(f"{other_proxy}/api/v1/openid/callback/mfa", json={"type": "mfa", **answer})
+        assert done.status_code == 200, done.text
+        finished = await browser.http.post(f"{other_proxy}/api/v1/client-mfa/finish", json={"token": token})
+        assert finished.status_code == 200, finished.text
+    finally:
+        other_core.stop()
+        stack.core.start()
+        await stack.wait_core()
+
+
+async def _core_answers(stack: Stack) -> bool:
+    try:
+        await stack.admin.call("oidc_show", rpc.Empty(), rpc.OidcProviderInfo)
+        return True
+    except BusUnavailable:
+        return False
 
 
 @pytest.mark.timeout(180)
