@@ -203,6 +203,11 @@ class RelyingParty:
                 raise ProviderRejected("oidc_token_refused", f"the provider refused the code: {exc.error}") from None
             except httpx2.TransportError as exc:
                 raise ProviderUnreachable(f"cannot reach the provider's token endpoint: {exc or type(exc).__name__}") from None
+            except httpx2.HTTPStatusError as exc:
+                status = exc.response.status_code
+                if status >= 500:  # an outage, not a refusal: the login may be tried again
+                    raise ProviderUnreachable(f"the provider's token endpoint answered HTTP {status}") from None
+                raise ProviderRejected("oidc_token_refused", f"the provider's token endpoint answered HTTP {status}") from None
             except ValueError:
                 raise ProviderRejected("oidc_token_refused", "the provider's token response is not valid") from None
             id_token = token.get("id_token")
@@ -221,6 +226,8 @@ class RelyingParty:
             response = await client.get(provider.userinfo_endpoint)
         except httpx2.TransportError as exc:
             raise ProviderUnreachable(f"cannot reach the provider's userinfo endpoint: {exc or type(exc).__name__}") from None
+        if response.status_code >= 500:
+            raise ProviderUnreachable(f"the provider's userinfo endpoint answered HTTP {response.status_code}")
         if response.status_code != 200:
             raise ProviderRejected("oidc_userinfo_refused", f"the provider's userinfo answered HTTP {response.status_code}")
         try:

@@ -143,3 +143,14 @@ async def test_a_slow_provider_answers_503_and_the_login_expires_normally(world:
     browser = Browser(world.stack.proxy_url)
     assert await world.callback(token, browser) == (200, "")
     assert (await world.finish(token))[0] == 200
+
+
+async def test_a_provider_outage_answers_503_and_keeps_the_login(world: World) -> None:
+    world.issuer.mode = "outage"  # its token endpoint answers 502 with an HTML page
+    token, browser, _ = await world.login()
+    status, error = await world.callback(token, browser)
+    assert (status, error) == (503, "the identity provider is unavailable: the provider's token endpoint answered HTTP 502")
+    assert await world.finish(token) == PENDING
+    world.issuer.mode = "good"
+    assert await world.callback(token, Browser(world.stack.proxy_url)) == (200, "")
+    assert (await world.finish(token))[0] == 200

@@ -19,14 +19,14 @@ from joserfc import jwt
 from joserfc.jwk import KeySet, OctKey, RSAKey
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Route
 
 from tests.support.oidc import CLIENT_ID, CLIENT_SECRET
 from tests.support.stack import free_port
 
 MODES = ("good", "other_audience", "wrong_issuer", "expired", "issued_in_future", "alg_none", "unknown_key",
-         "rotated_key", "hs256", "no_nonce")
+         "rotated_key", "hs256", "no_nonce", "outage")
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -106,6 +106,8 @@ class TokenIssuer:
             return JSONResponse({"error": "invalid_grant"}, status_code=400)
         if self.token_delay_s:
             await asyncio.sleep(self.token_delay_s)
+        if self.mode == "outage":
+            return PlainTextResponse("<html>502 Bad Gateway</html>", status_code=502)
         return JSONResponse({"access_token": secrets.token_urlsafe(16), "token_type": "Bearer", "expires_in": 300,
                              "id_token": self.id_token(grant["nonce"])})
 
