@@ -24,6 +24,7 @@ from core_service.factors.base import METHOD_NOT_AVAILABLE, Factor, bad_request,
 from core_service.models import Device, Location, MfaLogin, User
 from core_service.oidc import (
     NOT_CONFIGURED,
+    Identity,
     ProviderRejected,
     ProviderUnreachable,
     RelyingParty,
@@ -161,7 +162,7 @@ class OidcFactor(Factor):
             elif nonce is None or verifier_enc is None:
                 failure = ("oidc_no_request", STATE_UNKNOWN)
             if failure is not None:
-                await self._fail(session, login, failure[0])
+                await self._fail(session, login, failure[0], req.client.ip)
         if failure is not None:
             raise _unauthenticated(failure[1])
         assert provider is not None and nonce is not None and verifier_enc is not None and code is not None
@@ -175,9 +176,9 @@ class OidcFactor(Factor):
             raise RpcFailure(ErrorStatus.UNAVAILABLE, f"the identity provider is unavailable: {exc}") from None
         except ProviderRejected as rejected:
             log.info("OIDC login %s rejected: %s", login.id, rejected.detail)
-            await self._fail_by_id(login.id, rejected.reason)
+            await self._fail_by_id(login.id, rejected.reason, req.client.ip)
             raise _unauthenticated(rejected.detail) from None
-        return await self._approve(login.id, identity, refreshed_jwks)
+        return await self._approve(login.id, identity, refreshed_jwks, req.client.ip)
 
     def _binding(self, cookie: str) -> dict[str, str] | None:
         opened = self.ctx.vault.open_cookie(cookie)
@@ -191,7 +192,7 @@ class OidcFactor(Factor):
             return None
         return binding
 
-    async def _approve(self, login_id: UUID, identity, refreshed_jwks: str | None) -> Empty:  # type: ignore[no-untyped-def]
+    async def _approve(self, login_id: UUID, identity: Identity, refreshed_jwks: str | None, client_ip: str | None) -> Empty:
         now = self.ctx.clock.now()
         async with self.ctx.transaction() as session:
             login = (await session.exec(select(MfaLogin).where(MfaLogin.id == login_id).with_for_update())).one()
@@ -216,14 +217,14 @@ class OidcFactor(Factor):
                 session.add(login)
                 session.add(user)
             else:
-                await self._fail(session, login, reason)
+                await self._fail(session, login, reason, client_ip)
         if reason is not None:
             log.info("OIDC login %s rejected: %s", login_id, reason)
             raise _unauthenticated("this identity cannot complete the login of this device's user")
         log.info("OIDC login %s approved", login_id)
         return Empty()
 
-    async def _fail(self, session: AsyncSession, login: MfaLogin, reason: str) -> None:
+    async def _fail(self, session: AsyncSession, login: MfaLogin, reason: str, client_ip: str | None) -> None:
         """The login ends: no finish can succeed, the app is told to start again."""
         login.state = LoginState.FAILED
         login.oidc_state_hash = login.oidc_browser_hash = login.oidc_nonce = login.oidc_verifier_enc = None
@@ -235,12 +236,12 @@ class OidcFactor(Factor):
         enqueue_event(
             session,
             MfaFailed(**names(location, device, user), login_id=login.id, method="oidc", reason=reason,
-                      failed_attempts=login.failed_attempts),
+                      failed_attempts=login.failed_attempts, client_ip=client_ip),
         )
 
-    async def _fail_by_id(self, login_id: UUID, reason: str) -> None:
+    async def _fail_by_id(self, login_id: UUID, reason: str, client_ip: str | None) -> None:
         async with self.ctx.transaction() as session:
             login = (await session.exec(select(MfaLogin).where(MfaLogin.id == login_id).with_for_update())).one()
             if login.state == LoginState.PENDING:
-                await self._fail(session, login, reason)
+                await self._fail(session, login, reason, client_ip)
 
