@@ -31,12 +31,14 @@ h1 { font-size: 1.3rem; margin-top: 0; }
 a.button { display: inline-block; background: #2255cc; color: #fff; padding: .7rem 1.2rem;
            border-radius: 6px; text-decoration: none; font-weight: 600; }
 .failed h1 { color: #b42318; }
+[hidden] { display: none !important; }
 """
 
 _MFA_SCRIPT = """
 (async () => {
   const title = document.getElementById('title');
   const status = document.getElementById('status');
+  const sentence = (text) => text.charAt(0).toUpperCase() + text.slice(1);
   const token = new URLSearchParams(window.location.search).get('token');
   if (!token) {
     status.textContent = 'This link is incomplete: start the login again from the VPN app.';
@@ -52,7 +54,7 @@ _MFA_SCRIPT = """
     if (!response.ok) {
       document.body.className = 'failed';
       title.textContent = 'The VPN login cannot go on';
-      status.textContent = body.error + '. Start the login again from the VPN app.';
+      status.textContent = sentence(body.error) + '. Start the login again from the VPN app.';
       return;
     }
     const button = document.getElementById('authenticate');
@@ -70,13 +72,14 @@ _CALLBACK_SCRIPT = """
 (async () => {
   const title = document.getElementById('title');
   const status = document.getElementById('status');
+  const sentence = (text) => text.charAt(0).toUpperCase() + text.slice(1);
   const query = new URLSearchParams(window.location.search);
   // the code and state work once: keep them out of the history
   window.history.replaceState(null, '', window.location.pathname);
   const failed = (message) => {
     document.body.className = 'failed';
     title.textContent = 'VPN login failed';
-    status.textContent = message + ' Start the login again from the VPN app.';
+    status.textContent = sentence(message) + ' Start the login again from the VPN app.';
   };
   if (!query.get('state')) {
     failed('This page was opened without the answer of the identity provider.');

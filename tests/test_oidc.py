@@ -99,6 +99,8 @@ async def world(nats_for_module: NatsServer, tmp_path_factory: pytest.TempPathFa
     provider = Provider(f"{stack.proxy_url}/openid/mfa/callback", work / "provider.log", ACCOUNTS).start()
     await stack.start()
     w = World(stack, provider)
+    await configure(stack.admin, provider.issuer, provider.redirect_uri)
+    w.location = await stack.add_location("corp", mfa="external", network="10.80.0.0/24")
     try:
         yield w
     finally:
@@ -108,20 +110,17 @@ async def world(nats_for_module: NatsServer, tmp_path_factory: pytest.TempPathFa
         provider.stop()
 
 
-async def test_external_locations_need_a_provider_and_it_must_offer_pkce(world: World) -> None:
+async def test_a_provider_is_read_from_its_discovery_document_or_refused(world: World) -> None:
     stack = world.stack
-    with pytest.raises(rpc.RpcFailure, match="external MFA needs an OpenID provider"):
-        await stack.add_location("corp", mfa="external", network="10.80.0.0/24")
     with pytest.raises(rpc.RpcFailure, match="cannot reach the provider's discovery document"):
         await configure(stack.admin, "http://127.0.0.1:9", world.provider.redirect_uri)
     with pytest.raises(rpc.RpcFailure, match="must be an https URL"):
         await configure(stack.admin, "http://idp.example.com", world.provider.redirect_uri)
     with pytest.raises(rpc.RpcFailure, match="names issuer"):
         await configure(stack.admin, world.provider.issuer + "/", world.provider.redirect_uri)
-    info = await configure(stack.admin, world.provider.issuer, world.provider.redirect_uri)
+    info = await stack.admin.call("oidc_show", rpc.Empty(), rpc.OidcProviderInfo)  # the refusals changed nothing
     assert info.issuer == world.provider.issuer and info.iss_parameter_supported
-    assert info.signing_algs == ["RS256"]
-    world.location = await stack.add_location("corp", mfa="external", network="10.80.0.0/24")
+    assert info.signing_algs == ["RS256"] and info.token_endpoint == f"{world.provider.issuer}/token"
 
 
 async def test_the_browser_login_completes_the_apps_polling_once(world: World) -> None:
@@ -150,6 +149,18 @@ async def test_the_browser_login_completes_the_apps_polling_once(world: World) -
 
     status, psk = await world.finish(token)
     assert status == 200 and len(base64.b64decode(psk)) == 32
+
+
+@pytest.mark.timeout(120)
+async def test_the_page_tells_the_user_when_the_login_cannot_go_on(world: World) -> None:
+    from tests.support.browser import page_in_chromium
+
+    text, button = await page_in_chromium(f"{world.stack.proxy_url}/openid/mfa?token=expired-or-unknown",
+                                          "cannot go on", world.stack.work_dir)
+    assert "Login session not found. Start the login again from the VPN app." in text and not button
+    text, button = await page_in_chromium(f"{world.stack.proxy_url}/openid/mfa/callback?state=unknown&code=x",
+                                          "VPN login failed", world.stack.work_dir)
+    assert "Start the login again" in text and not button
     assert await world.finish(token) == GONE
     # the first login bound the provider's identity to the user
     alice = await world.user("alice")
@@ -418,3 +429,15 @@ async def test_the_happy_path_in_a_real_browser(world: World) -> None:
     assert "VPN login succeeded" in page and "You can close this window" in page
     status, psk = await world.finish(token)
     assert status == 200 and len(base64.b64decode(psk)) == 32
+
+
+@pytest.mark.timeout(120)
+async def test_the_page_tells_the_user_when_the_login_cannot_go_on(world: World) -> None:
+    from tests.support.browser import page_in_chromium
+
+    text, button = await page_in_chromium(f"{world.stack.proxy_url}/openid/mfa?token=expired-or-unknown",
+                                          "cannot go on", world.stack.work_dir)
+    assert "Login session not found. Start the login again from the VPN app." in text and not button
+    text, button = await page_in_chromium(f"{world.stack.proxy_url}/openid/mfa/callback?state=unknown&code=x",
+                                          "VPN login failed", world.stack.work_dir)
+    assert "Start the login again" in text and not button

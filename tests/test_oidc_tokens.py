@@ -66,6 +66,8 @@ async def world(nats_for_module: NatsServer, tmp_path_factory: pytest.TempPathFa
                   oidc_timeout_s=str(OIDC_TIMEOUT_S))
     issuer = TokenIssuer().start()
     await stack.start()
+    await configure(stack.admin, issuer.issuer, f"{stack.proxy_url}/openid/mfa/callback")
+    await stack.add_location("corp", mfa="external", network="10.90.0.0/24")
     try:
         yield World(stack, issuer)
     finally:
@@ -82,9 +84,11 @@ async def test_a_provider_must_offer_pkce_s256_and_asymmetric_id_tokens(world: W
     with pytest.raises(rpc.RpcFailure, match="signs ID tokens with none of"):
         await configure(world.stack.admin, world.issuer.issuer, redirect)
     world.issuer.algorithms = ["RS256", "HS256"]
-    info = await configure(world.stack.admin, world.issuer.issuer, redirect)
-    assert info.signing_algs == ["RS256"]  # HS256 is never accepted, even when the provider offers it
-    await world.stack.add_location("corp", mfa="external", network="10.90.0.0/24")
+    try:
+        info = await configure(world.stack.admin, world.issuer.issuer, redirect)
+        assert info.signing_algs == ["RS256"]  # HS256 is never accepted, even when the provider offers it
+    finally:
+        world.issuer.algorithms = ["RS256"]
 
 
 async def test_a_good_id_token_completes_the_login(world: World) -> None:

@@ -15,6 +15,26 @@ FLAGS = [
 ]
 
 
+async def page_in_chromium(page_url: str, settled_text: str, work_dir: Path, timeout_s: float = 60) -> tuple[str, bool]:
+    """Open a page and wait until it shows `settled_text`: (its text, whether its
+    authenticate button is visible)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (scripts/install.sh --test)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS,
+                                                   timeout=timeout_s * 1000)
+        try:
+            page = await browser.new_page()
+            page.set_default_timeout(timeout_s * 1000)
+            await page.goto(page_url)
+            await page.get_by_text(settled_text).wait_for()
+            return await page.locator("main").inner_text(), await page.locator("#authenticate").is_visible()
+        finally:
+            await browser.close()
+
+
 async def log_in_with_chromium(page_url: str, login: str, work_dir: Path, timeout_s: float = 60) -> str:
     """Open the proxy's OIDC page, press its button, sign in and consent at the provider,
     and return the text of the page the browser lands on."""
