@@ -186,11 +186,12 @@ class RelyingParty:
             timeout=self.timeout_s,
         )
 
-    def authorization_url(self, provider: OidcProvider, *, state: str, nonce: str, code_verifier: str) -> str:
-        client = self._client(provider)
-        url, _ = client.create_authorization_url(
-            provider.authorization_endpoint, state=state, nonce=nonce, code_verifier=code_verifier
-        )
+    async def authorization_url(self, provider: OidcProvider, *, state: str, nonce: str, code_verifier: str) -> str:
+        """The URL (no request is made) with the code challenge (S256), state and nonce."""
+        async with self._client(provider) as client:
+            url, _ = client.create_authorization_url(
+                provider.authorization_endpoint, state=state, nonce=nonce, code_verifier=code_verifier
+            )
         return url
 
     async def identity(self, provider: OidcProvider, *, code: str, code_verifier: str, nonce: str) -> tuple[Identity, str | None]:

@@ -16,7 +16,8 @@ METHOD_NOT_AVAILABLE = "selected MFA method not available"
 
 
 def token_hash(token: str) -> str:
-    """How a login's token is stored (and found)."""
+    """How a bearer value (a login's token, an OIDC state or browser secret) is stored
+    and found."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 

@@ -9,7 +9,6 @@ take any step; the browser holds an encrypted cookie that only a core can open.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -48,10 +47,6 @@ NOT_THIS_BROWSER = "OIDC state does not belong to this browser"
 STATE_UNKNOWN = "OIDC state not found or already used"
 MAX_COOKIE_AGE_S = 86_400
 STATE_CHARS = 43  # of 62 symbols: 256 bits
-
-
-def _digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def _unauthenticated(message: str) -> RpcFailure:
@@ -101,13 +96,13 @@ class OidcFactor(Factor):
             if provider is None:
                 raise bad_request(NOT_CONFIGURED)
             # A new request (the page reloaded) replaces the previous one: one state live.
-            login.oidc_state_hash = _digest(state)
-            login.oidc_browser_hash = _digest(browser)
+            login.oidc_state_hash = token_hash(state)
+            login.oidc_browser_hash = token_hash(browser)
             login.oidc_nonce = nonce
             login.oidc_verifier_enc = self.ctx.vault.encrypt(verifier)
             session.add(login)
-        url = self.relying_party.authorization_url(provider, state=state, nonce=nonce, code_verifier=verifier)
-        cookie = self.ctx.vault.seal_cookie(json.dumps({"login": str(login.id), "browser": browser, "state": _digest(state)}))
+        url = await self.relying_party.authorization_url(provider, state=state, nonce=nonce, code_verifier=verifier)
+        cookie = self.ctx.vault.seal_cookie(json.dumps({"login": str(login.id), "browser": browser, "state": token_hash(state)}))
         max_age = int((login.expires_at - now).total_seconds())
         return OidcAuthUrlResult(
             url_sealed=seal(req.reply_key, url),
@@ -126,7 +121,7 @@ class OidcFactor(Factor):
         if not cookie:
             raise _unauthenticated(COOKIE_MISSING)
         binding = self._binding(cookie)
-        state_hash = _digest(state)
+        state_hash = token_hash(state)
         if binding is None or not hmac.compare_digest(binding["state"], state_hash):
             raise _unauthenticated(NOT_THIS_BROWSER)
         now = self.ctx.clock.now()
@@ -138,7 +133,7 @@ class OidcFactor(Factor):
             if login is None:
                 raise bad_request(STATE_UNKNOWN)
             if str(login.id) != binding["login"] or not hmac.compare_digest(
-                login.oidc_browser_hash or "", _digest(binding["browser"])
+                login.oidc_browser_hash or "", token_hash(binding["browser"])
             ):
                 raise _unauthenticated(NOT_THIS_BROWSER)
             if login.state != LoginState.PENDING or login.expires_at <= now:

@@ -25,9 +25,6 @@ from starlette.routing import Route
 from tests.support.oidc import CLIENT_ID, CLIENT_SECRET
 from tests.support.stack import free_port
 
-MODES = ("good", "other_audience", "wrong_issuer", "expired", "issued_in_future", "alg_none", "unknown_key",
-         "rotated_key", "hs256", "no_nonce", "outage")
-
 
 def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
