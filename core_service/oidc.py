@@ -84,7 +84,7 @@ def provider_info(provider: OidcProvider) -> OidcProviderInfo:
     )
 
 
-def _check_url(url: str, what: str) -> None:
+def check_provider_url(url: str, what: str) -> None:
     """https, except on this machine's loopback (a provider for tests or a local proxy)."""
     parsed = urlparse(url)
     if parsed.scheme == "https" and parsed.hostname:
@@ -125,8 +125,8 @@ class RelyingParty:
     async def discover(self, req: OidcProviderSetRequest, client_secret: str) -> OidcProvider:
         """Read and check the discovery document and key set; refuse, with the reason, a
         provider that cannot do the code flow with PKCE S256 and asymmetric ID tokens."""
-        _check_url(req.issuer, "the issuer")
-        _check_url(req.redirect_uri, "the redirect URI")
+        check_provider_url(req.issuer, "the issuer")
+        check_provider_url(req.redirect_uri, "the redirect URI")
         if "openid" not in req.scopes.split():
             raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "the scopes must include openid")
         async with httpx2.AsyncClient(timeout=self.timeout_s) as http:
@@ -154,7 +154,7 @@ class RelyingParty:
                                  f"the provider signs ID tokens with none of {', '.join(ALLOWED_ALGORITHMS)}")
             for key in ("authorization_endpoint", "token_endpoint", "jwks_uri", "userinfo_endpoint"):
                 if document.get(key):
-                    _check_url(document[key], f"the provider's {key}")
+                    check_provider_url(document[key], f"the provider's {key}")
             jwks = await self._get_json(http, document["jwks_uri"], "key set")
         _import_keys(jwks)
         return OidcProvider(
