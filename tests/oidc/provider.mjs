@@ -38,7 +38,7 @@ const provider = new Provider(issuer, {
   },
 });
 
-// the development-only warnings would fill the test logs
+// a failure inside the provider shows in its log, next to the test that caused it
 provider.on('server_error', (_ctx, error) => console.error('server_error', error));
 
 provider.listen(config.port, '127.0.0.1', () => {

@@ -63,7 +63,7 @@ class Provider:
             ],
             "accounts": {name: {"email": a.email, "email_verified": a.email_verified} for name, a in self.accounts.items()},
         }
-        env = dict(os.environ, WGMFA_TEST_OP=json.dumps(config), NODE_ENV="production")
+        env = dict(os.environ, WGMFA_TEST_OP=json.dumps(config))
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen([node, str(OIDC_DIR / "provider.mjs")], env=env, cwd=OIDC_DIR,
                                             stdout=log, stderr=subprocess.STDOUT)
