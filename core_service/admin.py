@@ -13,6 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core_service import factor_setup, totp
 from core_service.context import CoreContext
 from core_service.models import Device, Location, LocationDevice, User, VpnSession
+from core_service.oidc import NOT_CONFIGURED, provider_configured
 from core_service.outbox import enqueue_event, enqueue_peer_state
 from core_service.sessions import find_location, find_user, names, parties, peer_authorized, revoke
 from events.sealing import SealError, generate_keypair, is_key, seal
@@ -45,6 +46,7 @@ from schemas.rpc import (
     UserAddRequest,
     UserInfo,
     UserListResult,
+    UserRef,
 )
 
 MIN_LIFETIME_S = 60
@@ -96,6 +98,8 @@ def user_info(user: User) -> UserInfo:
         is_active=user.is_active,
         totp_enabled=user.totp_secret_enc is not None,
         email_mfa_enabled=user.email_mfa_enabled,
+        oidc_issuer=user.oidc_issuer,
+        oidc_subject=user.oidc_subject,
     )
 
 
@@ -230,6 +234,8 @@ class Admin:
         )
         try:
             async with self.ctx.transaction() as session:
+                if req.mfa_mode == MfaMode.EXTERNAL and not await provider_configured(session):
+                    raise _invalid(f"external MFA needs an OpenID provider; {NOT_CONFIGURED}")
                 session.add(location)
                 await session.flush()
                 enqueue_event(
@@ -315,6 +321,15 @@ class Admin:
                 raise RpcFailure(
                     ErrorStatus.UNAUTHENTICATED, "the code does not match the enrolled secret (check the device clock)"
                 )
+        return user_info(user)
+
+    async def oidc_unlink(self, req: UserRef) -> UserInfo:
+        """Forget the user's OpenID identity: the next OIDC login binds again (by verified email)."""
+        async with self.ctx.transaction() as session:
+            user = await find_user(session, req.username)
+            user.oidc_issuer = None
+            user.oidc_subject = None
+            session.add(user)
         return user_info(user)
 
     async def email_mfa(self, req: EmailMfaRequest) -> UserInfo:

@@ -14,6 +14,7 @@ from core_service.enrollment import Enrollments
 from core_service.keys import Vault, load_master_key
 from core_service.mailer import SmtpMailer
 from core_service.mfa import Mfa
+from core_service.oidc import OidcAdmin, RelyingParty
 from core_service.outbox import OutboxRelay
 from core_service.settings import CoreSettings
 from events import streams, subjects
@@ -54,6 +55,7 @@ class Core:
         self.mfa = Mfa(ctx, mailer)
         self.admin = Admin(ctx)
         self.enrollments = Enrollments(ctx, mailer)
+        self.oidc_admin = OidcAdmin(ctx, RelyingParty(ctx))
         await relay.flush()  # what a previous run committed but could not publish
         for subject, request_type, handler in self._routes():
             await self.bus.serve_rpc(subject, request_type, handler)
@@ -98,6 +100,11 @@ class Core:
             (subjects.admin_rpc("enroll_create"), rpc.EnrollCreateRequest, enroll.create),
             (subjects.admin_rpc("enroll_list"), rpc.EnrollListRequest, enroll.list),
             (subjects.admin_rpc("enroll_revoke"), rpc.EnrollRevokeRequest, enroll.revoke),
+            (subjects.RPC_OIDC_AUTH_URL, rpc.OidcAuthUrlRequest, mfa.oidc.auth_url),
+            (subjects.RPC_OIDC_CALLBACK, rpc.OidcCallbackRequest, mfa.oidc.callback),
+            (subjects.admin_rpc("oidc_set"), rpc.OidcProviderSetRequest, self.oidc_admin.set),
+            (subjects.admin_rpc("oidc_show"), rpc.Empty, lambda _req: self.oidc_admin.show()),
+            (subjects.admin_rpc("oidc_unlink"), rpc.UserRef, admin.oidc_unlink),
             (subjects.admin_rpc("location_add"), rpc.LocationAddRequest, admin.location_add),
             (subjects.admin_rpc("location_list"), rpc.Empty, lambda _req: admin.location_list()),
             (subjects.admin_rpc("gateway_credentials"), rpc.GatewayCredentialsRequest, admin.gateway_credentials),

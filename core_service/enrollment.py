@@ -22,8 +22,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core_service import factor_setup
 from core_service.admin import mobile_code_hash, place_device
 from core_service.context import CoreContext
+from core_service.factors.base import token_hash
+from core_service.keys import ENROLLMENT_COOKIE
 from core_service.mailer import MailError, Mailer
-from core_service.mfa import token_hash
 from core_service.models import Device, Enrollment, Location, LocationDevice, MobileKey, PollingToken, User
 from core_service.outbox import enqueue_event
 from core_service.sessions import find_user
@@ -301,7 +302,7 @@ class Enrollments:
                 )
         except _Refusal as refusal:
             raise await self._refused("start", refusal, req.client) from None
-        cookie = self.ctx.vault.seal_cookie(json.dumps({"e": str(enrollment.id), "d": int(deadline.timestamp())}))
+        cookie = self.ctx.vault.seal_cookie(ENROLLMENT_COOKIE, json.dumps({"e": str(enrollment.id), "d": int(deadline.timestamp())}))
         return EnrollStartResult(
             cookie_sealed=seal(req.reply_key, cookie),
             deadline=deadline,
@@ -322,7 +323,7 @@ class Enrollments:
         if req.cookie_sealed is None:
             raise _Refusal(ErrorStatus.UNAUTHENTICATED, MISSING_COOKIE, "no_cookie")
         cookie = self._open(req.cookie_sealed, "cookie_sealed")
-        content = self.ctx.vault.open_cookie(cookie)
+        content = self.ctx.vault.open_cookie(ENROLLMENT_COOKIE, cookie)
         try:
             enrollment_id = UUID(json.loads(content)["e"]) if content else None
         except (ValueError, KeyError, TypeError):

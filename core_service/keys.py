@@ -44,6 +44,11 @@ def load_master_key(configured: str | None, state_dir: Path) -> bytes:
     return key
 
 
+ENROLLMENT_COOKIE = "enroll"  # with the prefix, at most the 16 bytes blake2b personalises with
+OIDC_COOKIE = "oidc"
+COOKIE_PURPOSES = (ENROLLMENT_COOKIE, OIDC_COOKIE)
+
+
 def _derive(master: bytes, purpose: bytes) -> bytes:
     return blake2b(b"", key=master, person=purpose, digest_size=32, encoder=RawEncoder)
 
@@ -57,8 +62,11 @@ class Vault:
         self._rpc_private = b64encode(bytes(rpc_private))
         self.rpc_public_key = b64encode(bytes(rpc_private.public_key))
         self._code_key = _derive(master, b"wgmfa-codes")
-        # Its own key: a cookie can never be opened as, or mistaken for, a secret at rest.
-        self._cookie_box = SecretBox(_derive(master, b"wgmfa-cookie"))
+        # A key of its own per kind of cookie that browsers and apps hold: they come back from
+        # outside, and one can never be opened as another kind, or as a secret at rest.
+        self._cookie_boxes = {
+            purpose: SecretBox(_derive(master, b"wgmfa-ck-" + purpose.encode())) for purpose in COOKIE_PURPOSES
+        }
         # the deployment's identity for mobile apps: stable for as long as the key is
         self.instance_id = str(uuid.UUID(bytes=_derive(master, b"wgmfa-instance")[:16], version=4))
 
@@ -67,16 +75,16 @@ class Vault:
         not let anyone try the million codes offline."""
         return blake2b(code.encode(), key=self._code_key, salt=login_id.bytes, digest_size=32, encoder=RawEncoder).hex()
 
-    def seal_cookie(self, payload: str) -> str:
+    def seal_cookie(self, purpose: str, payload: str) -> str:
         """Authenticated encryption of a cookie's content, URL-safe base64 without padding:
         any core of the deployment opens it, no proxy keeps state for it."""
-        return base64.urlsafe_b64encode(self._cookie_box.encrypt(payload.encode())).decode().rstrip("=")
+        return base64.urlsafe_b64encode(self._cookie_boxes[purpose].encrypt(payload.encode())).decode().rstrip("=")
 
-    def open_cookie(self, value: str) -> str | None:
-        """The content of a cookie this deployment sealed; None for anything else."""
+    def open_cookie(self, purpose: str, value: str) -> str | None:
+        """The content of a cookie of this purpose this deployment sealed; None for anything else."""
         try:
             raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-            return self._cookie_box.decrypt(raw).decode()
+            return self._cookie_boxes[purpose].decrypt(raw).decode()
         except (CryptoError, ValueError, binascii.Error, UnicodeDecodeError):
             return None
 

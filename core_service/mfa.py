@@ -1,36 +1,34 @@
 """Client MFA logins: start (choose a factor, get an opaque token) and finish (prove the
 factor, get a fresh PSK). Wire behaviour follows Defguard's core, strings included.
 
-Factors: TOTP (0), an emailed code (1), a phone signing the challenge of its own login
-(3, biometric), and a phone approving a desktop's login by signing its challenge (4,
-mobile approve: `finish_remote`, then the proxy holding the desktop's socket finishes).
+Factors: TOTP (0), an emailed code (1), the company's OpenID provider in the browser (2),
+a phone signing the challenge of its own login (3, biometric), and a phone approving a
+desktop's login by signing its challenge (4, mobile approve: `finish_remote`, then the
+proxy holding the desktop's socket finishes). Each is one unit in core_service.factors;
+this class runs the lifecycle they share.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import logging
 import secrets
-import string
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
 from sqlmodel import col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core_service import totp
 from core_service.context import CoreContext
-from core_service.mailer import MailError, Mailer
+from core_service.factors import build_factors
+from core_service.factors.base import FactorFailed, token_hash
+from core_service.factors.challenge import signature_valid
+from core_service.factors.oidc import OidcFactor
+from core_service.mailer import Mailer
 from core_service.models import Device, Location, LocationDevice, MfaLogin, MobileKey, User
 from core_service.outbox import enqueue_event, enqueue_notify
 from core_service.sessions import authorize, names
-from events.sealing import SealError, b64decode_key, is_key, seal
+from events.sealing import SealError, is_key, seal
 from schemas.common import LIVE_LOGIN_STATES, LoginState, MfaMethod, MfaMode, method_name, uuid7
-from schemas.events import LoginApproved, MfaEmailSent, MfaFailed, MfaLocked, MfaStarted, MfaSucceeded
+from schemas.events import LoginApproved, MfaFailed, MfaLocked, MfaStarted, MfaSucceeded
 from schemas.rpc import (
     Empty,
     ErrorStatus,
@@ -47,7 +45,6 @@ from schemas.rpc import (
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 24  # 192 bits
-CHALLENGE_LENGTH = 44  # alphanumeric, as Defguard's: about 262 bits
 MAX_USER_LOCK_S = 3600
 FIRST_USER_LOCK_S = 60
 LOGIN_RETENTION = timedelta(days=7)
@@ -56,7 +53,6 @@ METHODS_BY_MODE = {
     MfaMode.INTERNAL: {MfaMethod.TOTP, MfaMethod.EMAIL, MfaMethod.BIOMETRIC, MfaMethod.MOBILE_APPROVE},
     MfaMode.EXTERNAL: {MfaMethod.OIDC},
 }
-SIGNED_METHODS = {MfaMethod.BIOMETRIC, MfaMethod.MOBILE_APPROVE}
 
 LOCATION_NOT_FOUND = "location not found"
 MFA_NOT_ENABLED = "MFA not enabled for location"
@@ -65,58 +61,29 @@ USER_NOT_FOUND = "user not found"
 UNAUTHORIZED = "unauthorized"
 INVALID_METHOD = "invalid MFA method selected"
 METHOD_NOT_SUPPORTED = "selected MFA method not supported by location"
-METHOD_NOT_AVAILABLE = "selected MFA method not available"
-METHOD_NOT_AVAILABLE_FOR_DEVICE = "Select MFA method not available for the device."
 INVALID_TOKEN = "invalid token"
 LOGIN_NOT_FOUND = "login session not found"
-TOTP_CODE_MISSING = "TOTP code not provided"
-EMAIL_CODE_MISSING = "email MFA code not provided"
-SIGNATURE_MISSING_BIOMETRIC = "Challenge not found in request"
 SIGNATURE_MISSING = "Signature not found in request"
 AUTH_KEY_MISSING = "Authorization device key missing in request"
 AUTH_KEY_NOT_OURS = "Arguments invalid"
 WRONG_METHOD = "invalid MFA method"
-NOT_APPROVED = "mobile approval not completed yet"
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def new_challenge() -> str:
-    alphabet = string.ascii_letters + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(CHALLENGE_LENGTH))
-
-
-def signature_valid(public_key: str, challenge: str, signature: str) -> bool:
-    """Ed25519 over the challenge's UTF-8 bytes; key and signature base64."""
-    try:
-        raw_signature = base64.b64decode(signature, validate=True)
-        VerifyKey(b64decode_key(public_key, what="signing key")).verify(challenge.encode(), raw_signature)
-        return True
-    except (BadSignatureError, SealError, binascii.Error, ValueError, TypeError):
-        return False
-
-
-def masked_address(address: str) -> str:
-    local, _, domain = address.partition("@")
-    return f"{local[:1]}***@{domain}"
 
 
 def _bad(message: str) -> RpcFailure:
     return RpcFailure(ErrorStatus.INVALID_ARGUMENT, message)
 
 
-class _FactorFailed(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+_FactorFailed = FactorFailed
 
 
 class Mfa:
     def __init__(self, ctx: CoreContext, mailer: Mailer | None = None) -> None:
         self.ctx = ctx
         self.mailer = mailer
+        self.factors = build_factors(ctx, mailer)
+        oidc = self.factors[MfaMethod.OIDC]
+        assert isinstance(oidc, OidcFactor)
+        self.oidc = oidc  # its browser flow: auth_url and callback
 
     # --- start ------------------------------------------------------------------------------
 
@@ -151,8 +118,7 @@ class Mfa:
             if user.mfa_locked_until is not None and user.mfa_locked_until > now:
                 wait = int((user.mfa_locked_until - now).total_seconds()) + 1
                 raise RpcFailure(ErrorStatus.RATE_LIMITED, "too many failed MFA attempts; try again later", wait)
-            if method == MfaMethod.EMAIL:
-                await self._check_email_budget(session, user, now)
+            await self.factors[method].before_start(session, user, now)
             # One live login per device and location: a new start replaces the previous one
             # (and with it a mailed code or a challenge).
             await session.exec(
@@ -172,14 +138,11 @@ class Mfa:
                 user_id=user.id,  # type: ignore[arg-type]
                 method=method_name(method),
                 state=LoginState.PENDING,
-                challenge=new_challenge() if method in SIGNED_METHODS else None,
                 client_ip=req.client.ip,
                 created_at=now,
                 expires_at=now + timedelta(seconds=self.ctx.settings.login_ttl_s),
             )
-            if method == MfaMethod.EMAIL:
-                code = f"{secrets.randbelow(10**6):06d}"
-                login.email_code_hash = self.ctx.vault.code_hash(login.id, code)
+            code = self.factors[method].prepare(login)  # a challenge, or a code to deliver
             session.add(login)
             ids = names(location, device, user)
             enqueue_event(
@@ -188,73 +151,11 @@ class Mfa:
                            expires_at=login.expires_at),
             )
         if code is not None:
-            await self._mail_code(login, location, device, user, code, req.client.ip)
+            await self.factors[method].deliver(login, location, device, user, code, req.client.ip)
         return MfaStartResult(token_sealed=seal(req.reply_key, token), challenge=login.challenge)
 
     async def _check_configured(self, session: AsyncSession, user: User, device: Device, method: MfaMethod) -> None:
-        if method == MfaMethod.TOTP:
-            available = user.totp_secret_enc is not None
-        elif method == MfaMethod.EMAIL:
-            available = user.email_mfa_enabled and self.mailer is not None
-        elif method == MfaMethod.BIOMETRIC:
-            if (await session.exec(select(MobileKey.id).where(MobileKey.device_id == device.id))).first() is None:
-                raise _bad(METHOD_NOT_AVAILABLE_FOR_DEVICE)
-            available = True
-        elif method == MfaMethod.MOBILE_APPROVE:
-            available = (await session.exec(select(MobileKey.id).where(MobileKey.user_id == user.id))).first() is not None
-        else:
-            available = False  # OIDC comes with its own issue
-        if not available:
-            raise _bad(METHOD_NOT_AVAILABLE)
-
-    async def _check_email_budget(self, session: AsyncSession, user: User, now: datetime) -> None:
-        """At most email_per_user_limit mails per user per window; then 429."""
-        window = timedelta(seconds=self.ctx.settings.email_limit_window_s)
-        sent = (
-            await session.exec(
-                select(MfaLogin.created_at)
-                .where(MfaLogin.user_id == user.id, MfaLogin.method == "email", col(MfaLogin.created_at) > now - window)
-                .order_by(col(MfaLogin.created_at))
-            )
-        ).all()
-        if len(sent) >= self.ctx.settings.email_per_user_limit:
-            wait = int((sent[0] + window - now).total_seconds()) + 1
-            raise RpcFailure(ErrorStatus.RATE_LIMITED, "too many MFA emails; try again later", wait)
-
-    async def _mail_code(
-        self, login: MfaLogin, location: Location, device: Device, user: User, code: str, client_ip: str | None
-    ) -> None:
-        """Mail the code after the login is committed (no transaction held over SMTP); if
-        the mail cannot go, the login dies: nothing is left pending."""
-        assert self.mailer is not None
-        expires = login.expires_at.strftime("%Y-%m-%d %H:%M:%S UTC")
-        subject = f"Your wgmfa code for {location.name} ({device.name})"
-        body = (
-            f"Hello {user.username},\n\n"
-            f"your device \"{device.name}\" asked to connect to the VPN location \"{location.name}\""
-            f"{f' from {client_ip}' if client_ip else ''} at {login.created_at.strftime('%Y-%m-%d %H:%M:%S UTC')}.\n\n"
-            f"Your code: {code}\n\n"
-            f"It works once and expires at {expires} (in {self.ctx.settings.login_ttl_s // 60} minutes).\n"
-            f"If you did not ask for it, do not use it, and tell your administrator.\n"
-        )
-        try:
-            await self.mailer.send(user.email, subject, body)
-        except MailError as exc:
-            log.warning("could not mail the code of login %s: %s", login.id, exc)
-            async with self.ctx.transaction() as session:
-                await session.exec(update(MfaLogin).where(col(MfaLogin.id) == login.id).values(state=LoginState.EXPIRED))
-                enqueue_event(
-                    session,
-                    MfaFailed(**names(location, device, user), login_id=login.id, method="email",
-                              reason="email_unavailable", failed_attempts=0, client_ip=client_ip),
-                )
-            raise RpcFailure(ErrorStatus.UNAVAILABLE, f"cannot send the MFA email: {exc}") from None
-        async with self.ctx.transaction() as session:
-            enqueue_event(
-                session,
-                MfaEmailSent(**names(location, device, user), login_id=login.id, to=masked_address(user.email),
-                             expires_at=login.expires_at),
-            )
+        await self.factors[method].check_available(session, user, device)
 
     # --- finish -----------------------------------------------------------------------------
 
@@ -305,19 +206,16 @@ class Mfa:
     ) -> str:
         now = self.ctx.clock.now()
         method = MfaMethod[login.method.upper()]
+        factor = self.factors[method]
         user = (await session.exec(select(User).where(User.id == login.user_id).with_for_update())).one()
-        if method == MfaMethod.MOBILE_APPROVE:
+        if factor.pending_message is not None:  # proven by another call: a phone, a browser
             if login.state != LoginState.APPROVED:
-                raise RpcFailure(ErrorStatus.FAILED_PRECONDITION, NOT_APPROVED)
+                raise RpcFailure(ErrorStatus.FAILED_PRECONDITION, factor.pending_message)
         else:
             if login.state != LoginState.PENDING:
                 raise _bad(LOGIN_NOT_FOUND)
-            missing = {MfaMethod.TOTP: TOTP_CODE_MISSING, MfaMethod.EMAIL: EMAIL_CODE_MISSING,
-                       MfaMethod.BIOMETRIC: SIGNATURE_MISSING_BIOMETRIC}
-            if method not in missing:
-                raise _bad(METHOD_NOT_AVAILABLE)
             if code is None:
-                raise _bad(missing[method])
+                raise _bad(factor.missing_code)
             if user.mfa_locked_until is not None and user.mfa_locked_until > now:
                 raise _FactorFailed("locked_out")
             if not user.is_active:
@@ -352,32 +250,7 @@ class Mfa:
     ) -> None:
         """Raise _FactorFailed unless `code` proves the factor; a success resets the user's
         failure count."""
-        if method == MfaMethod.TOTP:
-            if user.totp_secret_enc is None:
-                raise _FactorFailed("factor_unavailable")
-            step = totp.matching_step(self.ctx.vault.decrypt(user.totp_secret_enc), code, now)
-            if step is None:
-                raise _FactorFailed("wrong_code")
-            # Each time step is accepted once per user, atomically: of two logins racing
-            # with one code, exactly one moves the step forward.
-            claimed = await session.exec(
-                update(User)
-                .where(col(User.id) == user.id, (col(User.totp_last_step).is_(None)) | (col(User.totp_last_step) < step))
-                .values(totp_last_step=step, mfa_failures=0, mfa_locked_until=None)
-            )
-            if claimed.rowcount != 1:
-                raise _FactorFailed("replayed_code")
-            return
-        if method == MfaMethod.EMAIL:
-            expected = login.email_code_hash or ""
-            if not hmac.compare_digest(expected, self.ctx.vault.code_hash(login.id, code.strip())):
-                raise _FactorFailed("wrong_code")
-        elif method == MfaMethod.BIOMETRIC:
-            key = (await session.exec(select(MobileKey).where(MobileKey.device_id == login.device_id))).first()
-            if key is None or login.challenge is None:
-                raise _FactorFailed("factor_unavailable")
-            if not signature_valid(key.public_key, login.challenge, code):
-                raise _FactorFailed("bad_signature")
+        await self.factors[method].verify(session, login, user, code, now)
         await session.exec(update(User).where(col(User.id) == user.id).values(mfa_failures=0, mfa_locked_until=None))
 
     async def finish_remote(self, req: MfaFinishRemoteRequest) -> Empty:
@@ -491,7 +364,8 @@ class Mfa:
             result = await session.exec(
                 update(MfaLogin)
                 .where(col(MfaLogin.state).in_(LIVE_LOGIN_STATES), col(MfaLogin.expires_at) <= now)
-                .values(state=LoginState.EXPIRED, challenge=None, email_code_hash=None)
+                .values(state=LoginState.EXPIRED, challenge=None, email_code_hash=None, oidc_state_hash=None,
+                        oidc_browser_hash=None, oidc_nonce=None, oidc_verifier_enc=None)
             )
             await session.exec(
                 delete(MfaLogin).where(

@@ -105,6 +105,7 @@ class MfaLogin(SQLModel, table=True):
             sqlite_where=_LIVE_LOGIN,
             postgresql_where=_LIVE_LOGIN,
         ),
+        Index("uq_mfa_login_oidc_state", "oidc_state_hash", unique=True),
     )
 
     id: uuid.UUID = Field(primary_key=True)
@@ -121,6 +122,12 @@ class MfaLogin(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime = Field(index=True)
     finished_at: datetime | None = None
+    # OIDC (method 2): the authorization request in flight, so that any core can take its
+    # callback; state and browser secret hashed, the PKCE verifier encrypted, all single use
+    oidc_state_hash: str | None = Field(default=None, max_length=64)
+    oidc_browser_hash: str | None = Field(default=None, max_length=64)
+    oidc_nonce: str | None = Field(default=None, max_length=128)
+    oidc_verifier_enc: str | None = None
 
 
 class VpnSession(SQLModel, table=True):
@@ -197,3 +204,26 @@ class Outbox(SQLModel, table=True):
     payload: str
     created_at: datetime = Field(default_factory=utcnow)
     published_at: datetime | None = None
+
+
+class OidcProvider(SQLModel, table=True):
+    """The company's OpenID provider (one per deployment), as its discovery document
+    described it when an admin set it."""
+
+    __tablename__ = "oidc_provider"
+
+    id: int | None = Field(default=None, primary_key=True)
+    issuer: str = Field(max_length=512)
+    client_id: str = Field(max_length=255)
+    client_secret_enc: str
+    display_name: str = Field(max_length=64)
+    scopes: str = Field(max_length=255)
+    redirect_uri: str = Field(max_length=512)
+    authorization_endpoint: str = Field(max_length=512)
+    token_endpoint: str = Field(max_length=512)
+    userinfo_endpoint: str | None = Field(default=None, max_length=512)
+    jwks_uri: str = Field(max_length=512)
+    jwks: str = Field(description="the provider's key set (JSON), refreshed on an unknown key id")
+    signing_algs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    iss_parameter_supported: bool = False
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -45,6 +45,10 @@ class CoreSettings(LivenessSettings):
     """Emailed codes a user may receive per `email_limit_window_s`; then 429."""
     email_limit_window_s: int = 300
 
+    oidc_timeout_s: float = 3.0
+    """How long a call to the OpenID provider may take; keep it below WGMFA_RPC_TIMEOUT_S
+    so that a slow provider is reported (503) before the caller gives up."""
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -1,4 +1,5 @@
-"""The FastAPI application: Defguard-compatible client MFA routes, health and metrics."""
+"""The FastAPI application: Defguard-compatible client MFA routes (the OIDC pages in
+proxy_service.openid), health and metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ from events.bus import Bus, BusUnavailable
 from proxy_service import enrollment
 from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
+from proxy_service.openid import add_openid_routes
 from proxy_service.remote import deny, wait_for_approval
 from proxy_service.settings import ProxySettings
 from schemas.http import (
@@ -188,6 +190,8 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
         await wait_for_approval(websocket, core, token, client, lambda exc: HTTP_STATUS.get(exc.error.status, 500))
 
     app.include_router(enrollment.create_router(settings, core, client_info))
+
+    add_openid_routes(app, core, settings, client_info, on_core_error)
 
     @app.get("/api/v1/health")
     @app.get("/health")

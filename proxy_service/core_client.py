@@ -75,6 +75,28 @@ class CoreClient:
         request = rpc.TokenStatusRequest(token_sealed=seal(key, token))
         return await self.bus.call(subjects.RPC_MFA_TOKEN_STATUS, request, rpc.TokenStatusResult, timeout=self.timeout_s)
 
+    async def oidc_auth_url(self, token: str, client: rpc.ClientInfo) -> tuple[str, str, str, int]:
+        """(authorization URL, button name, browser-binding cookie, its max age)."""
+        key = await self.core_key()
+        request = rpc.OidcAuthUrlRequest(token_sealed=seal(key, token), client=client, reply_key=self.reply_key.public)
+        result = await self.bus.call(subjects.RPC_OIDC_AUTH_URL, request, rpc.OidcAuthUrlResult, timeout=self.timeout_s)
+        return (self.reply_key.open(result.url_sealed), result.button_display_name,
+                self.reply_key.open(result.cookie_sealed), result.cookie_max_age_s)
+
+    async def oidc_callback(
+        self, state: str, code: str | None, iss: str | None, error: str | None, cookie: str | None, client: rpc.ClientInfo
+    ) -> None:
+        key = await self.core_key()
+        request = rpc.OidcCallbackRequest(
+            state_sealed=seal(key, state),
+            code_sealed=seal(key, code) if code else None,
+            iss=iss,
+            error=error,
+            cookie_sealed=seal(key, cookie) if cookie else None,
+            client=client,
+        )
+        await self.bus.call(subjects.RPC_OIDC_CALLBACK, request, rpc.Empty, timeout=self.timeout_s)
+
 
 class BusHolder:
     """The proxy's bus connection, made in the background so that the proxy serves (503s)

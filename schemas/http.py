@@ -88,3 +88,23 @@ class ActivateUserRequest(_Request):
 
 class InstanceInfoRequest(_Request):
     token: StrictStr = Field(max_length=512)
+class OpenIdAuthInfoRequest(_Request):
+    """Defguard's `auth_info`: for the MFA flow, `state` is the MFA login token."""
+
+    state: StrictStr = Field(max_length=512)
+    type: StrictStr = Field(max_length=32)
+
+
+class OpenIdAuthInfoResponse(BaseModel):
+    url: str
+    button_display_name: str | None = None
+
+
+class OpenIdCallbackRequest(_Request):
+    """What the provider sent the browser back with (the callback page posts it)."""
+
+    state: StrictStr = Field(max_length=512)
+    type: StrictStr = Field(max_length=32)
+    code: StrictStr | None = Field(None, max_length=2048)
+    iss: StrictStr | None = Field(None, max_length=512)
+    error: StrictStr | None = Field(None, max_length=256)

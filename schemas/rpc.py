@@ -137,6 +137,61 @@ class RegisterMobileRequest(_Model):
     client: ClientInfo = Field(default_factory=ClientInfo)
 
 
+# --- OIDC (method 2, the browser flow) -----------------------------------------------
+
+
+class OidcAuthUrlRequest(_Model):
+    """The browser page asks where to send the user (Defguard's auth_info, type mfa)."""
+
+    token_sealed: str = Field(description="the MFA login token the page was opened with")
+    client: ClientInfo = Field(default_factory=ClientInfo)
+    reply_key: str
+
+
+class OidcAuthUrlResult(_Model):
+    url_sealed: str = Field(description="the provider's authorization URL (it carries the state)")
+    button_display_name: str
+    cookie_sealed: str = Field(description="the browser-binding cookie's value, opaque to the proxy")
+    cookie_max_age_s: int = Field(ge=1, le=86_400)
+
+
+class OidcCallbackRequest(_Model):
+    """What the provider sent the browser back with, and the browser's binding cookie."""
+
+    state_sealed: str
+    code_sealed: str | None = None
+    iss: str | None = Field(None, max_length=512, description="RFC 9207 issuer response parameter")
+    error: str | None = Field(None, max_length=256, description="the provider's error code, if it refused")
+    cookie_sealed: str | None = None
+    client: ClientInfo = Field(default_factory=ClientInfo)
+
+
+class OidcProviderSetRequest(_Model):
+    issuer: str = Field(min_length=1, max_length=512)
+    client_id: str = Field(min_length=1, max_length=255)
+    client_secret_sealed: str
+    display_name: str = Field("OpenID", min_length=1, max_length=64)
+    scopes: str = Field("openid email profile", min_length=6, max_length=255)
+    redirect_uri: str = Field(min_length=1, max_length=512, description="<proxy public URL>/openid/mfa/callback")
+
+
+class OidcProviderInfo(_Model):
+    """The configured provider; never its secret."""
+
+    issuer: str
+    client_id: str
+    display_name: str
+    scopes: str
+    redirect_uri: str
+    authorization_endpoint: str
+    token_endpoint: str
+    userinfo_endpoint: str | None = None
+    jwks_uri: str
+    signing_algs: list[str]
+    iss_parameter_supported: bool
+    updated_at: AwareDatetime
+
+
 # --- admin ------------------------------------------------------------------------------
 
 
@@ -218,6 +273,8 @@ class UserInfo(_Model):
     is_active: bool
     totp_enabled: bool
     email_mfa_enabled: bool
+    oidc_issuer: str | None = Field(None, description="the bound OpenID identity's issuer, after the first OIDC login")
+    oidc_subject: str | None = Field(None, description="the bound OpenID identity's subject")
 
 
 class UserListResult(_Model):

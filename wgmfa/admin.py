@@ -17,7 +17,7 @@ from events.sealing import ReplyKey, generate_keypair, seal
 from events.settings import BusSettings
 from schemas import rpc
 from schemas.rpc import RpcFailure
-from wgmfa.output import fail, print_json, print_table
+from wgmfa.output import fail, fmt, print_json, print_table
 from wgmfa.tail import parse_duration
 
 EXIT_ERROR = 1
@@ -339,6 +339,47 @@ async def revoke(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def oidc_set(client: AdminClient, args: argparse.Namespace) -> int:
+    try:
+        secret = Path(args.client_secret_file).read_text().strip()
+    except OSError as exc:
+        return fail(f"cannot read the client secret: {exc}", EXIT_ERROR)
+    redirect_uri = args.redirect_uri or f"{os.environ.get('WGMFA_PUBLIC_URL', 'http://127.0.0.1:8080').rstrip('/')}/openid/mfa/callback"
+    info: rpc.OidcProviderInfo = await client.call(
+        "oidc_set",
+        rpc.OidcProviderSetRequest(
+            issuer=args.issuer, client_id=args.client_id, client_secret_sealed=await client.seal_for_core(secret),
+            display_name=args.display_name, scopes=args.scopes, redirect_uri=redirect_uri,
+        ),
+        rpc.OidcProviderInfo,
+    )
+    if args.json:
+        print_json(info)
+    else:
+        print(f"OpenID provider {info.issuer} set (client {info.client_id}, button \"Authenticate with {info.display_name}\")")
+        print(f"register this redirect URI with the provider: {info.redirect_uri}")
+    return 0
+
+
+async def oidc_show(client: AdminClient, args: argparse.Namespace) -> int:
+    info: rpc.OidcProviderInfo = await client.call("oidc_show", rpc.Empty(), rpc.OidcProviderInfo)
+    if args.json:
+        print_json(info)
+    else:
+        for key, value in info.model_dump().items():
+            print(f"{key}: {', '.join(value) if isinstance(value, list) else fmt(value)}")
+    return 0
+
+
+async def oidc_unlink(client: AdminClient, args: argparse.Namespace) -> int:
+    user: rpc.UserInfo = await client.call("oidc_unlink", rpc.UserRef(username=args.username), rpc.UserInfo)
+    if args.json:
+        print_json(user)
+    else:
+        print(f"{user.username} has no OpenID identity now; the next OIDC login binds one by verified email")
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.ArgumentParser) -> None:
     admin = subparsers.add_parser("admin", help="manage locations, users, devices and sessions", parents=[json_flag])
     areas = admin.add_subparsers(dest="area", required=True, metavar="AREA")
@@ -404,6 +445,20 @@ def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.Argum
     p.add_argument("--url", default=os.environ.get("WGMFA_PUBLIC_URL", "http://127.0.0.1:8080"),
                    help="the proxy URL the apps reach (default $WGMFA_PUBLIC_URL or http://127.0.0.1:8080)")
     p.set_defaults(run=enroll)
+    oidc = areas.add_parser("oidc", help="the OpenID provider for external MFA").add_subparsers(dest="action", required=True)
+    p = oidc.add_parser("set", help="configure the provider (read from its discovery document)", parents=[json_flag])
+    p.add_argument("--issuer", required=True, help="the provider's issuer URL")
+    p.add_argument("--client-id", required=True)
+    p.add_argument("--client-secret-file", required=True, help="a file holding the client secret")
+    p.add_argument("--display-name", default="OpenID", help='shown as "Authenticate with NAME" (default OpenID)')
+    p.add_argument("--scopes", default="openid email profile")
+    p.add_argument("--redirect-uri", help="default $WGMFA_PUBLIC_URL/openid/mfa/callback")
+    p.set_defaults(run=oidc_set)
+    p = oidc.add_parser("show", help="show the provider (never its secret)", parents=[json_flag])
+    p.set_defaults(run=oidc_show)
+    p = oidc.add_parser("unlink", help="forget a user's OpenID identity", parents=[json_flag])
+    p.add_argument("username")
+    p.set_defaults(run=oidc_unlink)
 
     device = areas.add_parser("device", help="devices").add_subparsers(dest="action", required=True)
     p = device.add_parser("add", help="add a device to a location and print its config", parents=[json_flag])

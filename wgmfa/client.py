@@ -7,8 +7,11 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import socket
+import sys
 import time
+import webbrowser
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +61,12 @@ def state_file(name: str) -> Path:
 METHODS = {
     "totp": MfaMethod.TOTP,
     "email": MfaMethod.EMAIL,
+    "oidc": MfaMethod.OIDC,
     "biometric": MfaMethod.BIOMETRIC,
     "mobile": MfaMethod.MOBILE_APPROVE,
 }
 NOT_AVAILABLE = "selected MFA method not available"
+OIDC_POLL_S = 2.0
 
 
 class Proxy:
@@ -81,6 +86,26 @@ class Proxy:
         if response.status_code != 200:
             raise MfaFailed(str(document.get("error", response.status_code)))
         return document
+
+    async def poll_finish(self, token: str, timeout: float) -> str:
+        """Ask finish until the browser login is done (428 meanwhile); the PSK once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = await self.http.post("/api/v1/client-mfa/finish", json={"token": token})
+            except httpx.HTTPError as exc:
+                raise MfaFailed(f"cannot reach the proxy at {self.url}: {exc}") from None
+            if response.status_code == 200:
+                return response.json()["preshared_key"]
+            if response.status_code != 428:
+                try:
+                    reason = response.json().get("error", response.status_code)
+                except ValueError:
+                    reason = response.status_code
+                raise MfaFailed(f"the browser login did not succeed: {reason}")
+            if time.monotonic() > deadline:
+                raise MfaFailed("the browser login was not completed in time")
+            await asyncio.sleep(OIDC_POLL_S)
 
     async def remote_psk(self, token: str, timeout: float) -> str:
         """Wait on the WebSocket for the phone's approval; the PSK comes down it once."""
@@ -108,7 +133,7 @@ def offered_methods(config: dict[str, Any], args: argparse.Namespace) -> list[st
     """What the location's mode allows this client to try (the user's own set-up decides
     the rest: the proxy answers `selected MFA method not available`)."""
     if config.get("mfa_mode") == "external":
-        return []
+        return ["oidc"]
     methods = ["totp", "email", "mobile"]
     if args.key_file:
         methods.insert(2, "biometric")
@@ -127,8 +152,6 @@ async def run_mfa(config: dict[str, Any], args: argparse.Namespace) -> str:
     proxy = Proxy(args.proxy_url or config.get("proxy_url") or "http://127.0.0.1:8080")
     try:
         offered = offered_methods(config, args)
-        if not offered:
-            raise MfaFailed("this location uses an external identity provider, which this client does not drive yet")
         if args.method or args.code:  # a code without a method is a TOTP code: no prompt at all
             return await run_method(proxy, config, args, args.method or "totp")
         while True:
@@ -164,6 +187,12 @@ async def run_method(proxy: Proxy, config: dict[str, Any], args: argparse.Namesp
         print("a code is on its way to your mailbox", flush=True)
         code = args.code or await ask("emailed code: ")
         return (await proxy.call("finish", {"token": token, "code": code}))["preshared_key"]
+    if method == "oidc":
+        url = f"{proxy.url.rstrip('/')}/openid/mfa?token={token}"
+        print(f"log in with your company account in the browser: {url}", flush=True)
+        if args.browser and could_open_browser():
+            await asyncio.to_thread(webbrowser.open, url)
+        return await proxy.poll_finish(token, timeout=args.timeout_mfa)
     if method == "biometric":
         key = load_key(Path(args.key_file))
         return (await proxy.call("finish", {"token": token, "code": sign(key, started["challenge"])}))["preshared_key"]
@@ -172,6 +201,12 @@ async def run_method(proxy: Proxy, config: dict[str, Any], args: argparse.Namesp
     segno.make(payload, error="l").terminal(compact=True)
     print(f"(or on the phone: wgmfa mobile approve {payload} --key-file PHONE.key)", flush=True)
     return await proxy.remote_psk(token, timeout=args.timeout_mfa)
+
+
+def could_open_browser() -> bool:
+    """Only where a graphical browser can show up: on a bare server `webbrowser` would
+    start a text browser in this very terminal."""
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 async def connect(args: argparse.Namespace) -> int:
@@ -360,7 +395,10 @@ def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.Argum
     p.add_argument("--netns", help="bring the interface up in this network namespace")
     p.add_argument("--proxy-url", help="override the config's proxy_url")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the first handshake")
-    p.add_argument("--timeout-mfa", type=float, default=300.0, help="seconds to wait for a phone's approval")
+    p.add_argument("--timeout-mfa", type=float, default=300.0,
+                   help="seconds to wait for a phone's approval or the browser login")
+    p.add_argument("--no-browser", dest="browser", action="store_false",
+                   help="only print the URL of the browser login (method oidc)")
     p.set_defaults(run=connect)
     p = client.add_parser("enroll", help="enroll this machine with an admin's token, as Defguard's apps do")
     p.add_argument("url", help="the URL the admin gave (the proxy)")

@@ -1,0 +1,41 @@
+"""TOTP (method 0): RFC 6238, each time step accepted once per user."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import col, update
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from core_service import totp
+from core_service.factors.base import Factor, FactorFailed, METHOD_NOT_AVAILABLE, bad_request
+from core_service.keys import Vault
+from core_service.models import Device, MfaLogin, User
+from schemas.common import MfaMethod
+
+
+class TotpFactor(Factor):
+    method = MfaMethod.TOTP
+    missing_code = "TOTP code not provided"
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+
+    async def check_available(self, session: AsyncSession, user: User, device: Device) -> None:
+        if user.totp_secret_enc is None:
+            raise bad_request(METHOD_NOT_AVAILABLE)
+
+    async def verify(self, session: AsyncSession, login: MfaLogin, user: User, code: str, now: datetime) -> None:
+        if user.totp_secret_enc is None:
+            raise FactorFailed("factor_unavailable")
+        step = totp.matching_step(self.vault.decrypt(user.totp_secret_enc), code, now)
+        if step is None:
+            raise FactorFailed("wrong_code")
+        # Each time step is accepted once per user, atomically: of two logins racing
+        # with one code, exactly one moves the step forward.
+        claimed = await session.exec(
+            update(User)
+            .where(col(User.id) == user.id, (col(User.totp_last_step).is_(None)) | (col(User.totp_last_step) < step))
+            .values(totp_last_step=step)
+        )
+        if claimed.rowcount != 1:
+            raise FactorFailed("replayed_code")
