@@ -19,6 +19,13 @@ class CoreSettings(LivenessSettings):
     """Upgrade the database schema at start."""
     login_ttl_s: int = 300
     max_failed_attempts: int = 5
+    """Codes checked per login at most; in a row from one client address, they lock that
+    address out for a growing while."""
+    mfa_hard_lock_failures: int = 100
+    """Failed factors in a row (from any address) that lock a user until an administrator
+    unlocks them (NIST SP 800-63B's limit)."""
+    max_live_logins: int = 3
+    """Live logins per device and location (one per client address; the oldest goes)."""
     totp_issuer: str = "wgmfa"
     default_threshold_s: int = 300
     default_lifetime_s: int = 43200

@@ -133,7 +133,9 @@ class MfaFailed(_DeviceAtLocation):
 
 
 class MfaLocked(_DeviceAtLocation):
-    """A login died after too many failed factors, and/or its user is locked out for a while."""
+    """A login died after too many failed factors, and/or its user is locked out from
+    `client_ip` for a while (`user_locked_until`), or everywhere until an administrator
+    unlocks them (`hard_locked`)."""
 
     type: Literal["mfa.locked"] = "mfa.locked"
     login_id: UUID
@@ -141,6 +143,7 @@ class MfaLocked(_DeviceAtLocation):
     failed_attempts: int
     login_dead: bool
     user_locked_until: AwareDatetime | None = None
+    hard_locked: bool = False
     client_ip: str | None = None
 
 
