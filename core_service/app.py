@@ -46,7 +46,7 @@ class Core:
         self.bus = await Bus.connect(
             self.settings.nats_url, "core", publish_timeout_s=self.settings.publish_timeout_s
         )
-        await self.bus.ensure_streams(self.settings.stream_replicas)
+        await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
         relay = self._relay = OutboxRelay(self.db, self.bus, self.clock)
         ctx = CoreContext(settings=self.settings, db=self.db, vault=self.vault, clock=self.clock, relay=relay)
         mailer = SmtpMailer(self.settings) if self.settings.smtp_host else None

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from events.streams import StreamLimits
+
 
 class BusSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WGMFA_", extra="ignore")
@@ -23,6 +25,23 @@ class BusSettings(BaseSettings):
     inbox_prefix: str = "_INBOX"
     """Subject prefix for replies and push consumers; operators' accounts may be limited
     to their own (e.g. _INBOX_operator)."""
+    events_max_age_s: int = 90 * 86400
+    events_max_bytes: int = 1 << 30
+    """The audit trail keeps at most this many bytes (the oldest go first)."""
+    dlq_max_age_s: int = 30 * 86400
+    dlq_max_bytes: int = 256 << 20
+    stats_max_age_s: int = 15 * 60
+    stats_max_bytes: int = 256 << 20
+    peers_max_bytes: int = 256 << 20
+    """Peer state is never dropped: beyond this a new authorization is refused."""
+
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(
+            events_max_age_s=self.events_max_age_s, events_max_bytes=self.events_max_bytes,
+            dlq_max_age_s=self.dlq_max_age_s, dlq_max_bytes=self.dlq_max_bytes,
+            stats_max_age_s=self.stats_max_age_s, stats_max_bytes=self.stats_max_bytes,
+            peers_max_bytes=self.peers_max_bytes,
+        )
 
 
 class LivenessSettings(BusSettings):

@@ -45,7 +45,7 @@ class Reaper:
     async def start(self) -> None:
         if self.bus is None:
             self.bus = await Bus.connect(self.settings.nats_url, "reaper", publish_timeout_s=self.settings.publish_timeout_s)
-        await self.bus.ensure_streams(self.settings.stream_replicas)
+        await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
         peers = await self._subscribe(subjects.PEER_ALL, streams.PEERS.name, DeliverPolicy.LAST_PER_SUBJECT)
         stats = await self._subscribe(subjects.STATS_ALL, streams.STATS.name, DeliverPolicy.ALL)
         await self._replay([(peers, streams.PEERS.name), (stats, streams.STATS.name)])

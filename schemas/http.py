@@ -2,7 +2,9 @@
 `method` an integer, errors as {"error": "..."})."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from schemas.common import StrictInt32
 
 
 class _Request(BaseModel):
@@ -11,9 +13,9 @@ class _Request(BaseModel):
 
 
 class ClientMfaStartRequest(_Request):
-    location_id: StrictInt
+    location_id: StrictInt32
     pubkey: StrictStr = Field(max_length=256)
-    method: StrictInt
+    method: StrictInt32
 
 
 class ClientMfaStartResponse(BaseModel):

@@ -532,3 +532,31 @@ async def test_mail_starts_from_elsewhere_never_end_a_login_already_started(
             assert len(base64.b64decode(psk)) == 32
     finally:
         sink.stop()
+
+
+async def test_every_stream_is_bounded_in_bytes_and_age_from_the_settings(
+    nats_url: str, database_url: str, tmp_path: Path
+) -> None:
+    limits = {"events_max_bytes": 64 * 1024, "dlq_max_bytes": 70_000, "stats_max_bytes": 80_000, "peers_max_bytes": 90_000,
+              "events_max_age_s": 86400, "dlq_max_age_s": 7200, "stats_max_age_s": 600}
+    async with running_core(nats_url, database_url, tmp_path, **limits) as h:
+        configs = {name: (await h.bus.js.stream_info(name)).config
+                   for name in ("WGMFA_EVENTS", "WGMFA_DLQ", "WGMFA_STATS", "WGMFA_PEERS")}
+        assert {name: c.max_bytes for name, c in configs.items()} == {
+            "WGMFA_EVENTS": 64 * 1024, "WGMFA_DLQ": 70_000, "WGMFA_STATS": 80_000, "WGMFA_PEERS": 90_000}
+        assert [configs[n].max_age for n in ("WGMFA_EVENTS", "WGMFA_DLQ", "WGMFA_STATS")] == [86400, 7200, 600]
+
+        # anyone who knows a device's public key can start logins; the audit trail they
+        # write stays within its bytes, the oldest events going first
+        location, _ = await h.location()
+        await h.user()
+        device = await h.device("alice", "laptop", "office")
+        for n in range(250):
+            await h.client.start(location.id, device.pubkey, 0, rpc.ClientInfo(ip=f"198.51.100.{n % 200}"))
+
+        async def trimmed() -> bool:
+            state = (await h.bus.js.stream_info("WGMFA_EVENTS")).state
+            return state.first_seq > 1 and state.messages >= 100
+
+        await eventually(trimmed, timeout=20)
+        assert (await h.bus.js.stream_info("WGMFA_EVENTS")).state.bytes <= 64 * 1024
