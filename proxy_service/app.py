@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from events.bus import Bus, BusUnavailable
 from proxy_service.core_client import BusHolder, CoreClient
-from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
+from proxy_service.edge import BodyGuard, ClientAddress, RateLimiter, retry_after_header
 from proxy_service.remote import deny, wait_for_approval
 from proxy_service.settings import ProxySettings
 from schemas.http import (
@@ -204,4 +204,4 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return BodyLimit(app, settings.max_body_bytes)  # type: ignore[return-value]
+    return BodyGuard(app, settings.max_body_bytes)  # type: ignore[return-value]

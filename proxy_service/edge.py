@@ -1,4 +1,4 @@
-"""HTTP edge concerns that are not routes: client address, rate limit, body limit."""
+"""HTTP edge concerns that are not routes: client address, rate limit, request bodies."""
 from __future__ import annotations
 
 import ipaddress
@@ -73,12 +73,11 @@ class RateLimiter:
         return (1 - bucket.tokens) / self.per_second
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """Refuses bodies over `limit` bytes with 413, by Content-Length or while streaming."""
+class BodyGuard:
+    """Reads every request body before any route sees it, so that the edge answers the
+    same way on every route, present and future: over `limit` bytes, by Content-Length or
+    while reading (chunked), 413; a JSON body (or one without a content type) that is not
+    UTF-8 or is nested too deeply to parse, 400 `invalid request: …`."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -88,41 +87,75 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_large = int(value) > self.limit
-                except ValueError:
-                    too_large = False
-                if too_large:
-                    await _json_error(send, 413, "request body too large")
-                    return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLarge()
-            return message
-
+        headers = dict(scope.get("headers", []))
         try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.limit:
             await _json_error(send, 413, "request body too large")
+            return
+        chunks: list[bytes] = []
+        received = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.limit:
+                await _json_error(send, 413, "request body too large", close=True)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem = _json_problem(body, headers.get(b"content-type"))
+        if problem is not None:
+            await _json_error(send, 400, f"invalid request: {problem}")
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
-async def _json_error(send: Send, status: int, message: str) -> None:
+def _json_problem(body: bytes, content_type: bytes | None) -> str | None:
+    """Why a JSON body cannot be parsed, for what the JSON parser would only call an
+    error parsing the body; None when it is fine or not JSON (syntax errors are reported
+    by the routes' validation, with their position)."""
+    if not body:
+        return None
+    if content_type is not None:
+        media = content_type.split(b";")[0].strip().lower()
+        if not (media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))):
+            return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the body is not UTF-8 (byte {exc.start})"
+    try:
+        json.loads(text)
+    except RecursionError:
+        return "JSON nested too deeply"
+    except ValueError:
+        return None
+    return None
+
+
+async def _json_error(send: Send, status: int, message: str, *, close: bool = False) -> None:
+    """`close`: the rest of the request is not read, so the connection cannot carry another."""
     body = json.dumps({"error": message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
