@@ -1,9 +1,11 @@
+import asyncio
 import warnings
 
 import uvicorn
 
 from events.logs import configure_logging
-from proxy_service.app import create_app
+from proxy_service.app import create_app, metrics_app
+from proxy_service.edge import ClientAddress, slow_client_protocol
 from proxy_service.settings import ProxySettings
 
 # The websockets implementation is the one that can answer an upgrade with an HTTP error
@@ -11,9 +13,10 @@ from proxy_service.settings import ProxySettings
 warnings.filterwarnings("ignore", message=".*websockets.*deprecated.*")
 settings = ProxySettings()
 configure_logging("proxy", settings.log_level)
-uvicorn.Server(
+app = create_app(settings)
+client_facing = uvicorn.Server(
     uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.proxy_host,
         port=settings.proxy_port,
         access_log=False,
@@ -21,5 +24,34 @@ uvicorn.Server(
         proxy_headers=False,
         server_header=False,
         ws="websockets",
+        http=slow_client_protocol(
+            settings.request_read_timeout_s, settings.max_connections_per_address, ClientAddress(settings.trusted_proxies)
+        ),
     )
-).run()
+)
+
+
+async def main() -> None:
+    metrics = None
+    if settings.metrics_port is not None:
+        metrics = uvicorn.Server(
+            uvicorn.Config(
+                metrics_app(app.app.state.metrics_registry),  # type: ignore[attr-defined]
+                host=settings.metrics_host,
+                port=settings.metrics_port,
+                access_log=False,
+                log_config=None,
+                server_header=False,
+                lifespan="off",
+            )
+        )
+    serving = asyncio.create_task(metrics.serve()) if metrics is not None else None
+    try:
+        await client_facing.serve()
+    finally:
+        if metrics is not None and serving is not None:
+            metrics.should_exit = True
+            await serving
+
+
+asyncio.run(main())

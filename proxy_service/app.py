@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from events.bus import Bus, BusUnavailable
 from proxy_service.core_client import BusHolder, CoreClient
@@ -24,6 +26,7 @@ from schemas.http import (
     ClientMfaFinishResponse,
     ClientMfaStartRequest,
     ClientMfaStartResponse,
+    ErrorResponse,
     RegisterMobileRequest,
 )
 from schemas.rpc import ClientInfo, ErrorStatus, RpcFailure
@@ -42,6 +45,29 @@ HTTP_STATUS = {
     ErrorStatus.UNAVAILABLE: 503,
     ErrorStatus.INTERNAL: 500,
 }
+ERROR_MEANINGS = {
+    400: "invalid request, or refused by the core (`{\"error\": reason}`)",
+    401: "wrong, reused or stale code; a bad signature",
+    403: "not allowed",
+    409: "conflict",
+    413: "request body too large",
+    428: "mobile approval not completed yet",
+    429: "too many requests or failed attempts (with Retry-After)",
+    503: "core or NATS unavailable",
+}
+# What every route under /api/v1 can answer, besides its own statuses: the edge's.
+EDGE_ERRORS = (400, 413, 429, 503)
+
+
+def errors(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI responses of a route: its own error statuses and the edge's, all
+    `{"error": reason}`."""
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}
+        for status in sorted({*statuses, *EDGE_ERRORS})
+    }
+
+
 INTERNAL_ERROR = "Internal server error"
 CORE_UNAVAILABLE = "core unavailable"
 
@@ -96,6 +122,20 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
             await holder.bus.close()
 
     app = FastAPI(title="wgmfa proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/api/v1/openapi.json")
+
+    def openapi() -> dict:
+        """FastAPI documents 422 for every body; this API answers 400 instead."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.core = core
     app.state.holder = holder
 
@@ -161,17 +201,17 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
         log.warning("core unavailable: %s", exc)
         return error(503, CORE_UNAVAILABLE)
 
-    @app.post("/api/v1/client-mfa/start", response_model=ClientMfaStartResponse)
+    @app.post("/api/v1/client-mfa/start", response_model=ClientMfaStartResponse, responses=errors(403))
     async def client_mfa_start(body: ClientMfaStartRequest, request: Request) -> ClientMfaStartResponse:
         token, challenge = await core.start(body.location_id, body.pubkey, body.method, client_info(request))
         return ClientMfaStartResponse(token=token, challenge=challenge)
 
-    @app.post("/api/v1/client-mfa/finish", response_model=ClientMfaFinishResponse)
+    @app.post("/api/v1/client-mfa/finish", response_model=ClientMfaFinishResponse, responses=errors(401, 428))
     async def client_mfa_finish(body: ClientMfaFinishRequest, request: Request) -> ClientMfaFinishResponse:
         psk, token = await core.finish(body.token, body.code, body.auth_pub_key, client_info(request))
         return ClientMfaFinishResponse(preshared_key=psk, token=token)
 
-    @app.post("/api/v1/client-mfa/finish-remote")
+    @app.post("/api/v1/client-mfa/finish-remote", responses=errors(401))
     async def client_mfa_finish_remote(body: ClientMfaFinishRemoteRequest, request: Request) -> JSONResponse:
         await core.finish_remote(body.token, body.code, body.auth_pub_key, client_info(request))
         return JSONResponse({})
@@ -187,21 +227,40 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
             return
         await wait_for_approval(websocket, core, token, client, lambda exc: HTTP_STATUS.get(exc.error.status, 500))
 
-    @app.post("/api/v1/enrollment/register_mobile")
+    @app.post("/api/v1/enrollment/register_mobile", responses=errors(403, 409))
     async def register_mobile(body: RegisterMobileRequest, request: Request) -> JSONResponse:
         await core.register_mobile(body.auth_pub_key, body.device_pub_key, client_info(request))
         return JSONResponse({})
 
-    @app.get("/api/v1/health")
-    @app.get("/health")
+    @app.get("/api/v1/health", responses={503: {"model": ErrorResponse, "description": ERROR_MEANINGS[503]}})
+    @app.get("/health", include_in_schema=False)
     async def health() -> JSONResponse:
         if holder.bus is None or not holder.bus.connected:
             return error(503, "not connected to NATS")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
-    @app.get("/api/v1/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    app.state.metrics_registry = registry
+    if settings.metrics_on_client_port:
+
+        @app.get("/metrics", include_in_schema=False)
+        @app.get("/api/v1/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return BodyGuard(app, settings.max_body_bytes)  # type: ignore[return-value]
+
+
+def metrics_app(registry: CollectorRegistry) -> ASGIApp:
+    """The Prometheus text at /metrics, for a port of its own (WGMFA_METRICS_PORT), away
+    from the clients."""
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            response: Response = error(404, "not found")
+        else:
+            response = Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        await response(scope, receive, send)
+
+    return serve

@@ -1,6 +1,7 @@
 """HTTP edge concerns that are not routes: client address, rate limit, request bodies."""
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import math
@@ -18,7 +19,7 @@ class ClientAddress:
     def __init__(self, trusted: list[str]) -> None:
         self.trusted = [ipaddress.ip_network(t, strict=False) for t in trusted]
 
-    def _is_trusted(self, address: str) -> bool:
+    def is_trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -26,11 +27,11 @@ class ClientAddress:
         return any(ip in net for net in self.trusted)
 
     def of(self, peer: str | None, forwarded_for: str | None) -> str | None:
-        if peer is None or not forwarded_for or not self._is_trusted(peer):
+        if peer is None or not forwarded_for or not self.is_trusted(peer):
             return peer
         hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
         for hop in reversed(hops):
-            if not self._is_trusted(hop):
+            if not self.is_trusted(hop):
                 try:
                     return str(ipaddress.ip_address(hop))
                 except ValueError:
@@ -104,7 +105,7 @@ class BodyGuard:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.limit:
-                await _json_error(send, 413, "request body too large", close=True)
+                await self._refuse_too_large(receive, send, more=message.get("more_body", False))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -124,6 +125,23 @@ class BodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+    async def _refuse_too_large(self, receive: Receive, send: Send, *, more: bool) -> None:
+        """413 once the client stopped sending: a client still writing when the server
+        closes gets a reset, not the answer. Beyond a bound the rest is not read, and the
+        connection closes after the answer."""
+        drained = 0
+        while more and drained <= DRAIN_LIMIT_FACTOR * self.limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await _json_error(send, 413, "request body too large", close=more)
+
+
+DRAIN_LIMIT_FACTOR = 16
 
 
 def _json_problem(body: bytes, content_type: bytes | None) -> str | None:
@@ -161,3 +179,76 @@ async def _json_error(send: Send, status: int, message: str, *, close: bool = Fa
 
 def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
+
+
+def slow_client_protocol(read_timeout_s: float, max_per_address: int, trusted: ClientAddress) -> type:
+    """uvicorn's HTTP/1.1 protocol, with two limits on what a client can hold: a request's
+    headers and body must arrive within `read_timeout_s` of its start (a new connection,
+    or the end of the previous response), and one address (not a trusted proxy) holds at
+    most `max_per_address` connections; past either, the connection is closed."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    open_by_address: dict[str, int] = {}
+
+    class EdgeProtocol(H11Protocol):  # type: ignore[misc]
+        _deadline: asyncio.TimerHandle | None = None
+        _counted: str | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            address = self.client[0] if self.client else None
+            if address is not None and max_per_address > 0 and not trusted.is_trusted(address):
+                if open_by_address.get(address, 0) >= max_per_address:
+                    transport.close()
+                    return
+                open_by_address[address] = open_by_address.get(address, 0) + 1
+                self._counted = address
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            if read_timeout_s > 0:
+                self._deadline = self.loop.call_later(read_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _uncount(self) -> None:
+            if self._counted is not None:
+                left = open_by_address.get(self._counted, 1) - 1
+                if left > 0:
+                    open_by_address[self._counted] = left
+                else:
+                    open_by_address.pop(self._counted, None)
+                self._counted = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # the whole request arrived (or became a WebSocket): the handler has it now
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+                self._arm()  # the next request on this connection has as long as the first
+
+        def handle_websocket_upgrade(self, event: h11.Request) -> None:
+            self._disarm()
+            self._uncount()  # the WebSocket protocol takes the connection over
+            super().handle_websocket_upgrade(event)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            self._uncount()
+            super().connection_lost(exc)
+
+    return EdgeProtocol

@@ -17,3 +17,12 @@ class ProxySettings(BusSettings):
     rate_limit_burst: int = 30
     trusted_proxies: list[str] = Field(default_factory=list)
     """Addresses or networks (JSON list) whose X-Forwarded-For header is believed."""
+    request_read_timeout_s: float = 5.0
+    """A request's headers and body must arrive within this; slower connections are cut."""
+    max_connections_per_address: int = 64
+    """Open connections per client address (0: no limit); trusted proxies are exempt."""
+    metrics_port: int | None = None
+    """Serve /metrics on this port (on metrics_host) for Prometheus; none by default."""
+    metrics_host: str = "127.0.0.1"
+    metrics_on_client_port: bool = False
+    """Also serve /metrics on the client-facing port (it tells anyone the traffic)."""
