@@ -19,6 +19,7 @@ from events import streams, subjects
 from events.bus import Bus
 from events.clock import Clock, SystemClock
 from events.service import cancel_all, every, run_until_signalled
+from events.settings import load_settings
 from schemas import rpc
 from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER
 
@@ -120,5 +121,5 @@ class Core:
 
 
 async def main() -> None:
-    settings = CoreSettings()
+    settings = load_settings(CoreSettings)
     await run_until_signalled("core", settings, Core(settings))

@@ -268,6 +268,7 @@ class Gateway:
                 part=part,
                 parts=len(chunks),
                 peers=chunk,
+                stats_interval_s=self.settings.stats_interval,
             )
             await self.bus.publish(subjects.stats(self.location_id, self.gateway_id), last)
         return last

@@ -4,6 +4,7 @@ import warnings
 import uvicorn
 
 from events.logs import configure_logging
+from events.settings import load_settings
 from proxy_service.app import create_app, metrics_app
 from proxy_service.edge import ClientAddress, slow_client_protocol
 from proxy_service.settings import ProxySettings
@@ -11,7 +12,7 @@ from proxy_service.settings import ProxySettings
 # The websockets implementation is the one that can answer an upgrade with an HTTP error
 # (Defguard's proxy answers a bad token on /client-mfa/remote with 400/401 JSON).
 warnings.filterwarnings("ignore", message=".*websockets.*deprecated.*")
-settings = ProxySettings()
+settings = load_settings(ProxySettings)
 configure_logging("proxy", settings.log_level)
 app = create_app(settings)
 client_facing = uvicorn.Server(

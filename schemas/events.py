@@ -92,6 +92,7 @@ class StatsSample(Event):
     part: Int32 = Field(1, ge=1)
     parts: Int32 = Field(1, ge=1)
     peers: list[PeerSample]
+    stats_interval_s: float | None = Field(None, description="the gateway's WGMFA_STATS_INTERVAL")
 
 
 # --- audit trail: stream WGMFA_EVENTS, subject wgmfa.events.<type> --------------------------
@@ -236,6 +237,19 @@ class ReaperStarted(Event):
     replayed: Int32 = Field(description="peer and stats messages read back")
 
 
+class StatsIntervalMismatch(Event):
+    """A gateway samples at another interval than the reaper assumes: its peers' ages are
+    judged against the wrong threshold floor (too rare a gateway gets healthy peers
+    revoked). Reported once per gateway and reaper start."""
+
+    type: Literal["reaper.stats_interval_mismatch"] = "reaper.stats_interval_mismatch"
+    reaper_id: str
+    location_id: Int32
+    gateway_id: str
+    gateway_interval_s: float
+    reaper_interval_s: float
+
+
 class LoginApproved(Event):
     """A phone approved a waiting login (method 4): wakes the proxy holding the desktop's
     socket, on the core-NATS subject wgmfa.notify.login.<login_id>. Carries no secret."""
@@ -288,6 +302,7 @@ AuditEvent = Annotated[
         GatewaySynced,
         GatewayApplyFailed,
         ReaperStarted,
+        StatsIntervalMismatch,
         MfaEmailSent,
         MobileKeyRegistered,
     ],
@@ -312,6 +327,7 @@ AnyEvent = Annotated[
         GatewaySynced,
         GatewayApplyFailed,
         ReaperStarted,
+        StatsIntervalMismatch,
         MfaEmailSent,
         MobileKeyRegistered,
         LoginApproved,

@@ -32,7 +32,7 @@ from events import subjects
 from events.bus import Bus, BusUnavailable
 from events.sealing import ReplyKey
 from events.server import NatsServer, NatsServerError, tie_to_parent
-from events.settings import BusSettings
+from events.settings import BusSettings, load_settings
 from schemas import rpc
 from wgmfa.output import fail
 
@@ -422,12 +422,12 @@ class Supervisor:
 
 
 def up(_args: argparse.Namespace) -> int:
-    return Supervisor(UpSettings()).run()
+    return Supervisor(load_settings(UpSettings)).run()
 
 
 def down(args: argparse.Namespace) -> int:
     """Stop the `up` running on the state directory, and wait until it has stopped."""
-    state_dir = UpSettings().state_dir.resolve()
+    state_dir = load_settings(UpSettings).state_dir.resolve()
     lock = StateLock(state_dir)
     pid = lock.held_by()
     if pid is None:
