@@ -16,7 +16,7 @@ import pytest_asyncio
 from events.bus import Bus
 from schemas.common import utcnow
 from tests.conftest import running_nats
-from tests.support.stack import REPO, Stack
+from tests.support.stack import REPO, Stack, read_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -163,3 +163,24 @@ async def test_events_tail_says_when_the_bus_goes_away(tmp_path: Path) -> None:
             if tail.returncode is None:
                 tail.terminate()
             await tail.wait()
+
+
+async def test_client_connect_checks_the_endpoint_before_it_spends_a_code(stack: Stack, tmp_path: Path) -> None:
+    created = await wgmfa(stack, "admin", "location", "add", "nowhere", "--endpoint", "no-such-host.invalid:51820",
+                          "--network", "10.31.0.0/24", "--mfa", "internal")
+    assert created.returncode == 0, created.stderr
+    await wgmfa(stack, "admin", "user", "add", "ivan", "--email", "ivan@example.com")
+    config = tmp_path / "ivan.json"
+    added = await wgmfa(stack, "admin", "device", "add", "ivan", "laptop", "--location", "nowhere", "-o", str(config))
+    assert added.returncode == 0, added.stderr
+    connect = await wgmfa(stack, "client", "connect", "--config", str(config), "--code", "123456",
+                          "--interface", "wgmfa-tcli0")
+    assert connect.returncode == 3, connect.stdout + connect.stderr
+    assert "cannot connect: cannot resolve endpoint host 'no-such-host.invalid'" in connect.stderr
+    # no login was started, so no code was spent
+    bus = await Bus.connect(stack.nats_url, "test", wait_s=5)
+    try:
+        started = [e for e in await read_stream(bus, "wgmfa.events.mfa.>") if e.get("username") == "ivan"]
+    finally:
+        await bus.close()
+    assert started == []
