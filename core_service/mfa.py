@@ -52,6 +52,7 @@ CHALLENGE_LENGTH = 44  # alphanumeric, as Defguard's: about 262 bits
 MAX_USER_LOCK_S = 3600
 FIRST_USER_LOCK_S = 60
 LOGIN_RETENTION = timedelta(days=7)
+UNFINISHED_LOGIN_RETENTION = timedelta(hours=1)
 
 METHODS_BY_MODE = {
     MfaMode.INTERNAL: {MfaMethod.TOTP, MfaMethod.EMAIL, MfaMethod.BIOMETRIC, MfaMethod.MOBILE_APPROVE},
@@ -628,7 +629,10 @@ class Mfa:
         log.info("MFA login %s failed (%s), attempt %s", login_id, reason, login.failed_attempts)
 
     async def expire_logins(self) -> int:
-        """Close logins past their expiry and drop old finished ones."""
+        """Close logins past their expiry and drop old ones: finished ones after a week,
+        the others (expired, replaced, failed: what anyone who knows a device's public key
+        can make) after an hour, so that starts cannot grow the database without bound.
+        Their story stays in the audit trail."""
         now = self.ctx.clock.now()
         async with self.ctx.transaction() as session:
             result = await session.exec(
@@ -636,9 +640,19 @@ class Mfa:
                 .where(col(MfaLogin.state).in_(LIVE_LOGIN_STATES), col(MfaLogin.expires_at) <= now)
                 .values(state=LoginState.EXPIRED, challenge=None, email_code_hash=None)
             )
+            unfinished_retention = max(
+                UNFINISHED_LOGIN_RETENTION, timedelta(seconds=self.ctx.settings.email_limit_window_s)  # the mail budget counts them
+            )
             await session.exec(
                 delete(MfaLogin).where(
-                    col(MfaLogin.state).not_in(LIVE_LOGIN_STATES), col(MfaLogin.created_at) < now - LOGIN_RETENTION
+                    col(MfaLogin.state).not_in(LIVE_LOGIN_STATES),
+                    col(MfaLogin.created_at) < now - LOGIN_RETENTION,
+                )
+            )
+            await session.exec(
+                delete(MfaLogin).where(
+                    col(MfaLogin.state).not_in((*LIVE_LOGIN_STATES, LoginState.FINISHED)),
+                    col(MfaLogin.created_at) < now - unfinished_retention,
                 )
             )
         return result.rowcount or 0

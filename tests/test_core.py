@@ -560,3 +560,15 @@ async def test_every_stream_is_bounded_in_bytes_and_age_from_the_settings(
 
         await eventually(trimmed, timeout=20)
         assert (await h.bus.js.stream_info("WGMFA_EVENTS")).state.bytes <= 64 * 1024
+
+
+async def test_unfinished_logins_are_dropped_after_an_hour_finished_ones_kept(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    for n in range(30):  # what anyone who knows the public key can do
+        await h.client.start(location.id, device.pubkey, 0, rpc.ClientInfo(ip=f"198.51.100.{n}"))
+    await h.login(location.id, device.pubkey, h.code(secret), OWNER)
+    h.clock.advance(3601)
+    await h.core.mfa.expire_logins()
+    assert await h.sql("SELECT state FROM mfa_login") == [("finished",)]
