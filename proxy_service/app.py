@@ -55,17 +55,39 @@ ERROR_MEANINGS = {
     429: "too many requests or failed attempts (with Retry-After)",
     503: "core or NATS unavailable",
 }
-# What every route under /api/v1 can answer, besides its own statuses: the edge's.
-EDGE_ERRORS = (400, 413, 429, 503)
+# What the edge adds to every route under /api/v1 but health (the rate limit, the core
+# behind it) and to every one that takes a body (its validation and size limit).
+EDGE_ERRORS = (429, 503)
+BODY_ERRORS = (400, 413)
+UNLIMITED_PATHS = ("/api/v1/health",)
 
 
 def errors(*statuses: int) -> dict[int | str, dict]:
-    """OpenAPI responses of a route: its own error statuses and the edge's, all
-    `{"error": reason}`."""
-    return {
-        status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}
-        for status in sorted({*statuses, *EDGE_ERRORS})
-    }
+    """OpenAPI responses of a route's own error statuses, all `{"error": reason}` (the
+    edge's are added to every route by the document itself)."""
+    return {status: _error_response(status) for status in statuses}
+
+
+def _error_response(status: int) -> dict:
+    return {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}
+
+
+def _document_edge_errors(schema: dict) -> None:
+    """FastAPI documents 422 for every body; this API answers 400. And every route answers
+    the edge's statuses, whoever wrote it."""
+    error_schema = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            added = (*(EDGE_ERRORS if path.startswith("/api/v1/") and path not in UNLIMITED_PATHS else ()),
+                     *(BODY_ERRORS if "requestBody" in operation else ()))
+            for status in added:
+                responses.setdefault(str(status), {"description": ERROR_MEANINGS[status], "content": error_schema})
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    components.setdefault("ErrorResponse", ErrorResponse.model_json_schema())
 
 
 INTERNAL_ERROR = "Internal server error"
@@ -124,14 +146,9 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
     app = FastAPI(title="wgmfa proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/api/v1/openapi.json")
 
     def openapi() -> dict:
-        """FastAPI documents 422 for every body; this API answers 400 instead."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
-                    operation.get("responses", {}).pop("422", None)
-            for unused in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            _document_edge_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -232,7 +249,7 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
         await core.register_mobile(body.auth_pub_key, body.device_pub_key, client_info(request))
         return JSONResponse({})
 
-    @app.get("/api/v1/health", responses={503: {"model": ErrorResponse, "description": ERROR_MEANINGS[503]}})
+    @app.get("/api/v1/health", responses=errors(503))
     @app.get("/health", include_in_schema=False)
     async def health() -> JSONResponse:
         if holder.bus is None or not holder.bus.connected:
