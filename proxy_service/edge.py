@@ -9,7 +9,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 class ClientAddress:
@@ -186,9 +188,6 @@ def slow_client_protocol(read_timeout_s: float, max_per_address: int, trusted: C
     headers and body must arrive within `read_timeout_s` of its start (a new connection,
     or the end of the previous response), and one address (not a trusted proxy) holds at
     most `max_per_address` connections; past either, the connection is closed."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     open_by_address: dict[str, int] = {}
 
     class EdgeProtocol(H11Protocol):  # type: ignore[misc]

@@ -434,7 +434,12 @@ def down(args: argparse.Namespace) -> int:
         return fail(f"wgmfa is not up on {state_dir}")
     if not pid:
         return fail(f"wgmfa is up on {state_dir}, but {lock.path} does not say which process it is")
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return fail(f"wgmfa (process {pid}) is gone already")
+    except PermissionError:
+        return fail(f"not allowed to stop wgmfa (process {pid}): run `wgmfa down` as the user that ran `wgmfa up`")
     deadline = time.monotonic() + args.timeout
     while lock.held_by() is not None:
         if time.monotonic() > deadline:
