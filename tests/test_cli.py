@@ -169,7 +169,7 @@ async def test_client_connect_checks_the_endpoint_before_it_spends_a_code(stack:
     created = await wgmfa(stack, "admin", "location", "add", "nowhere", "--endpoint", "no-such-host.invalid:51820",
                           "--network", "10.31.0.0/24", "--mfa", "internal")
     assert created.returncode == 0, created.stderr
-    await wgmfa(stack, "admin", "user", "add", "ivan", "--email", "ivan@example.com")
+    await stack.add_user_with_totp("ivan")  # so that a start would be a login, with a code to spend
     config = tmp_path / "ivan.json"
     added = await wgmfa(stack, "admin", "device", "add", "ivan", "laptop", "--location", "nowhere", "-o", str(config))
     assert added.returncode == 0, added.stderr
