@@ -21,6 +21,7 @@ from events import streams, subjects
 from events.bus import Bus
 from events.clock import Clock, SystemClock
 from events.service import cancel_all, every, run_until_signalled
+from events.settings import load_settings
 from schemas import rpc
 from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER
 
@@ -48,7 +49,7 @@ class Core:
         self.bus = await Bus.connect(
             self.settings.nats_url, "core", publish_timeout_s=self.settings.publish_timeout_s
         )
-        await self.bus.ensure_streams(self.settings.stream_replicas)
+        await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
         relay = self._relay = OutboxRelay(self.db, self.bus, self.clock)
         ctx = CoreContext(settings=self.settings, db=self.db, vault=self.vault, clock=self.clock, relay=relay)
         mailer = SmtpMailer(self.settings) if self.settings.smtp_host else None
@@ -142,5 +143,5 @@ class Core:
 
 
 async def main() -> None:
-    settings = CoreSettings()
+    settings = load_settings(CoreSettings)
     await run_until_signalled("core", settings, Core(settings))

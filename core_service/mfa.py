@@ -23,7 +23,7 @@ from core_service.factors.base import FactorFailed, token_hash
 from core_service.factors.challenge import signature_valid
 from core_service.factors.oidc import OidcFactor
 from core_service.mailer import Mailer
-from core_service.models import Device, Location, LocationDevice, MfaLogin, MobileKey, User
+from core_service.models import Device, Location, LocationDevice, MfaAddressFailures, MfaLogin, MobileKey, User
 from core_service.outbox import enqueue_event, enqueue_notify
 from core_service.sessions import authorize, names
 from events.sealing import SealError, is_key, seal
@@ -48,6 +48,16 @@ TOKEN_BYTES = 24  # 192 bits
 MAX_USER_LOCK_S = 3600
 FIRST_USER_LOCK_S = 60
 LOGIN_RETENTION = timedelta(days=7)
+UNFINISHED_LOGIN_RETENTION = timedelta(hours=1)
+# what a login that ends unfinished forgets: every secret of a factor in flight
+FORGOTTEN_WHEN_ENDED = {
+    "challenge": None,
+    "email_code_hash": None,
+    "oidc_state_hash": None,
+    "oidc_browser_hash": None,
+    "oidc_nonce": None,
+    "oidc_verifier_enc": None,
+}
 
 METHODS_BY_MODE = {
     MfaMode.INTERNAL: {MfaMethod.TOTP, MfaMethod.EMAIL, MfaMethod.BIOMETRIC, MfaMethod.MOBILE_APPROVE},
@@ -67,10 +77,23 @@ SIGNATURE_MISSING = "Signature not found in request"
 AUTH_KEY_MISSING = "Authorization device key missing in request"
 AUTH_KEY_NOT_OURS = "Arguments invalid"
 WRONG_METHOD = "invalid MFA method"
+TEMPORARILY_LOCKED = "too many failed MFA attempts; try again later"
+HARD_LOCKED = "too many failed MFA attempts; an administrator must unlock this user"
 
 
 def _bad(message: str) -> RpcFailure:
     return RpcFailure(ErrorStatus.INVALID_ARGUMENT, message)
+
+
+def _address_key(client_ip: str | None) -> str:
+    return client_ip or ""
+
+
+async def reset_failures(session: AsyncSession, user_id: int) -> None:
+    """Unlock a user: forget their consecutive failures (which ends a hard lock) and every
+    per-address lock. The administrator's unlock."""
+    await session.exec(update(User).where(col(User.id) == user_id).values(mfa_failures=0, mfa_locked_until=None))
+    await session.exec(delete(MfaAddressFailures).where(col(MfaAddressFailures.user_id) == user_id))
 
 
 _FactorFailed = FactorFailed
@@ -115,21 +138,11 @@ class Mfa:
             if method not in METHODS_BY_MODE[mode]:
                 raise _bad(METHOD_NOT_SUPPORTED)
             await self._check_configured(session, user, device, method)
-            if user.mfa_locked_until is not None and user.mfa_locked_until > now:
-                wait = int((user.mfa_locked_until - now).total_seconds()) + 1
-                raise RpcFailure(ErrorStatus.RATE_LIMITED, "too many failed MFA attempts; try again later", wait)
+            lockout = await self._lockout(session, user, req.client.ip, now)
+            if lockout is not None:
+                raise lockout
             await self.factors[method].before_start(session, user, now)
-            # One live login per device and location: a new start replaces the previous one
-            # (and with it a mailed code or a challenge).
-            await session.exec(
-                update(MfaLogin)
-                .where(
-                    col(MfaLogin.location_id) == location.id,
-                    col(MfaLogin.device_id) == device.id,
-                    col(MfaLogin.state).in_(LIVE_LOGIN_STATES),
-                )
-                .values(state=LoginState.EXPIRED)
-            )
+            await self._make_room_for_login(session, location.id, device.id, req.client.ip)  # type: ignore[arg-type]
             login = MfaLogin(
                 id=uuid7(),
                 token_hash=token_hash(token),
@@ -153,6 +166,36 @@ class Mfa:
         if code is not None:
             await self.factors[method].deliver(login, location, device, user, code, req.client.ip)
         return MfaStartResult(token_sealed=seal(req.reply_key, token), challenge=login.challenge)
+
+    async def _lockout(self, session: AsyncSession, user: User, client_ip: str | None, now: datetime) -> RpcFailure | None:
+        """Why the user may not try a factor now from `client_ip`, if they may not: locked
+        for good (until an administrator unlocks), or this address for a while."""
+        if user.mfa_failures >= self.ctx.settings.mfa_hard_lock_failures:
+            return RpcFailure(ErrorStatus.PERMISSION_DENIED, HARD_LOCKED)
+        counter = await session.get(MfaAddressFailures, (user.id, _address_key(client_ip)))
+        if counter is not None and counter.locked_until is not None and counter.locked_until > now:
+            wait = int((counter.locked_until - now).total_seconds()) + 1
+            return RpcFailure(ErrorStatus.RATE_LIMITED, TEMPORARILY_LOCKED, wait)
+        return None
+
+    async def _make_room_for_login(self, session: AsyncSession, location_id: int, device_id: int, client_ip: str | None) -> None:
+        """A new start replaces the live login of the same device, location and client
+        address (and with it a mailed code or a challenge), and leaves those started from
+        elsewhere alone, so that someone who knows only the device's public key cannot end
+        its owner's login. Beyond max_live_logins the oldest goes."""
+        live = (
+            col(MfaLogin.location_id) == location_id,
+            col(MfaLogin.device_id) == device_id,
+            col(MfaLogin.state).in_(LIVE_LOGIN_STATES),
+        )
+        ended = {"state": LoginState.EXPIRED, **FORGOTTEN_WHEN_ENDED}
+        await session.exec(
+            update(MfaLogin).where(*live, col(MfaLogin.client_ip).is_not_distinct_from(client_ip)).values(**ended)
+        )
+        others = (await session.exec(select(MfaLogin.id).where(*live).order_by(col(MfaLogin.created_at).desc()))).all()
+        surplus = list(others[max(self.ctx.settings.max_live_logins - 1, 0):])
+        if surplus:
+            await session.exec(update(MfaLogin).where(col(MfaLogin.id).in_(surplus)).values(**ended))
 
     async def _check_configured(self, session: AsyncSession, user: User, device: Device, method: MfaMethod) -> None:
         await self.factors[method].check_available(session, user, device)
@@ -190,6 +233,8 @@ class Mfa:
         login_id: UUID | None = None
         expired = False
         try:
+            if code is not None:
+                await self._spend_attempt(token, req.client.ip, remote=False)
             async with self.ctx.transaction() as session:
                 login, expired = await self._live_login(session, token, states=(LoginState.PENDING, LoginState.APPROVED))
                 if not expired:
@@ -216,11 +261,12 @@ class Mfa:
                 raise _bad(LOGIN_NOT_FOUND)
             if code is None:
                 raise _bad(factor.missing_code)
-            if user.mfa_locked_until is not None and user.mfa_locked_until > now:
+            if await self._lockout(session, user, req.client.ip, now) is not None:
                 raise _FactorFailed("locked_out")
             if not user.is_active:
                 raise _FactorFailed("factor_unavailable")
-            await self._verify_factor(session, login, user, method, code, now)
+            await factor.verify(session, login, user, code, now)
+            await self._clear_failures(session, user, req.client.ip)
         location = await session.get(Location, login.location_id)
         device = await session.get(Device, login.device_id)
         assert location is not None and device is not None
@@ -245,14 +291,6 @@ class Mfa:
         )
         return psk
 
-    async def _verify_factor(
-        self, session: AsyncSession, login: MfaLogin, user: User, method: MfaMethod, code: str, now: datetime
-    ) -> None:
-        """Raise _FactorFailed unless `code` proves the factor; a success resets the user's
-        failure count."""
-        await self.factors[method].verify(session, login, user, code, now)
-        await session.exec(update(User).where(col(User.id) == user.id).values(mfa_failures=0, mfa_locked_until=None))
-
     async def finish_remote(self, req: MfaFinishRemoteRequest) -> Empty:
         """The phone approves a desktop's login (method 4). The PSK goes to the desktop's
         socket, not to the phone: the approval only wakes the proxy holding that socket."""
@@ -266,6 +304,7 @@ class Mfa:
         login_id: UUID | None = None
         expired = False
         try:
+            await self._spend_attempt(token, req.client.ip, remote=True)
             async with self.ctx.transaction() as session:
                 login, expired = await self._live_login(session, token, states=(LoginState.PENDING,))
                 if not expired:
@@ -283,14 +322,14 @@ class Mfa:
                         raise _bad(AUTH_KEY_NOT_OURS)  # not a key of this login's user
                     user = await session.get(User, login.user_id)
                     now = self.ctx.clock.now()
-                    if user is None or (user.mfa_locked_until is not None and user.mfa_locked_until > now):
+                    if user is None or await self._lockout(session, user, req.client.ip, now) is not None:
                         raise _FactorFailed("locked_out")
                     if login.challenge is None or not signature_valid(key.public_key, login.challenge, signature):
                         raise _FactorFailed("bad_signature")
                     login.state = LoginState.APPROVED
                     login.challenge = None  # single use
                     session.add(login)
-                    await session.exec(update(User).where(col(User.id) == user.id).values(mfa_failures=0, mfa_locked_until=None))
+                    await self._clear_failures(session, user, req.client.ip)
                     enqueue_notify(session, LoginApproved(login_id=login.id))
         except _FactorFailed as failure:
             raise await self._failed(login_id, failure, req.client.ip) from None
@@ -316,60 +355,141 @@ class Mfa:
         await self._record_failure(login_id, failure.reason, client_ip)
         return RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED)
 
+    async def _spend_attempt(self, token: str, client_ip: str | None, *, remote: bool) -> None:
+        """Take one of the login's max_failed_attempts before its code or signature is
+        checked, in a committed conditional UPDATE: however many requests race on one
+        login, at most max_failed_attempts codes are ever checked. A login whose attempts
+        are all taken answers 401 without a check (audited as attempts_exhausted). Logins
+        that take no code here (another method, expired, unknown) are left to the caller,
+        which answers for them."""
+        limit = self.ctx.settings.max_failed_attempts
+        now = self.ctx.clock.now()
+        approve = method_name(MfaMethod.MOBILE_APPROVE)
+        takes_a_code = (col(MfaLogin.method) == approve) if remote else (col(MfaLogin.method) != approve)
+        async with self.ctx.transaction() as session:
+            spent = (
+                await session.exec(
+                    update(MfaLogin)
+                    .where(
+                        col(MfaLogin.token_hash) == token_hash(token),
+                        col(MfaLogin.state) == LoginState.PENDING,
+                        col(MfaLogin.expires_at) > now,
+                        col(MfaLogin.attempts) < limit,
+                        takes_a_code,
+                    )
+                    .values(attempts=col(MfaLogin.attempts) + 1)
+                    .returning(col(MfaLogin.id))
+                )
+            ).first()
+            if spent is not None:
+                return
+            login = (await session.exec(select(MfaLogin).where(MfaLogin.token_hash == token_hash(token)))).first()
+            if (
+                login is None
+                or login.state != LoginState.PENDING
+                or login.expires_at <= now
+                or (login.method == approve) != remote
+            ):
+                return
+            await self._audit_failure(session, login, "attempts_exhausted", client_ip)
+        log.info("MFA login %s refused: its attempts are all taken", login.id)
+        raise RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED)
+
+    async def _audit_failure(
+        self, session: AsyncSession, login: MfaLogin, reason: str, client_ip: str | None, user: User | None = None
+    ) -> dict:
+        location = await session.get(Location, login.location_id)
+        device = await session.get(Device, login.device_id)
+        user = user or await session.get(User, login.user_id)
+        assert location is not None and device is not None and user is not None
+        ids = names(location, device, user)
+        enqueue_event(
+            session,
+            MfaFailed(**ids, login_id=login.id, method=login.method, reason=reason,  # type: ignore[arg-type]
+                      failed_attempts=login.failed_attempts, client_ip=client_ip),
+        )
+        return ids
+
+    async def _clear_failures(self, session: AsyncSession, user: User, client_ip: str | None) -> None:
+        """A proven factor: the user's run of failures ends, and so does that address's."""
+        await session.exec(update(User).where(col(User.id) == user.id).values(mfa_failures=0, mfa_locked_until=None))
+        await session.exec(
+            delete(MfaAddressFailures).where(
+                col(MfaAddressFailures.user_id) == user.id, col(MfaAddressFailures.client_ip) == _address_key(client_ip)
+            )
+        )
+
     async def _record_failure(self, login_id: UUID, reason: str, client_ip: str | None) -> None:
-        """Count a failed factor against the login (dead after max_failed_attempts) and the
-        user (locked out for a growing while after every max_failed_attempts in a row)."""
+        """Count a failed factor against the login (dead once all its attempts failed), the
+        user's client address (locked out for a growing while after every
+        max_failed_attempts in a row from it) and the user (locked until an administrator
+        unlocks after mfa_hard_lock_failures in a row from anywhere). Always audited, also
+        when a racing request already finished the login."""
         limit = self.ctx.settings.max_failed_attempts
         now = self.ctx.clock.now()
         async with self.ctx.transaction() as session:
             login = (await session.exec(select(MfaLogin).where(MfaLogin.id == login_id).with_for_update())).one()
-            if login.state != LoginState.PENDING:
-                return
             user = (await session.exec(select(User).where(User.id == login.user_id).with_for_update())).one()
-            location = await session.get(Location, login.location_id)
-            device = await session.get(Device, login.device_id)
-            assert location is not None and device is not None
             login.failed_attempts += 1
-            login_dead = login.failed_attempts >= limit
+            login_dead = login.state == LoginState.PENDING and login.failed_attempts >= limit
             if login_dead:
                 login.state = LoginState.FAILED
+                for field, value in FORGOTTEN_WHEN_ENDED.items():
+                    setattr(login, field, value)
             session.add(login)
             locked_until = None
+            hard_locked = False
             if reason != "locked_out":
-                user.mfa_failures += 1
-                if user.mfa_failures % limit == 0:
-                    lock_s = min(FIRST_USER_LOCK_S * 2 ** (user.mfa_failures // limit - 1), MAX_USER_LOCK_S)
+                # the user row is locked above, so this read-modify-write of the user's
+                # counters is serialised on PostgreSQL too
+                key = _address_key(client_ip)
+                counter = await session.get(MfaAddressFailures, (user.id, key)) or MfaAddressFailures(
+                    user_id=user.id, client_ip=key  # type: ignore[arg-type]
+                )
+                counter.failures += 1
+                if counter.failures % limit == 0:
+                    lock_s = min(FIRST_USER_LOCK_S * 2 ** (counter.failures // limit - 1), MAX_USER_LOCK_S)
                     locked_until = now + timedelta(seconds=lock_s)
-                    user.mfa_locked_until = locked_until
+                    counter.locked_until = locked_until
+                session.add(counter)
+                user.mfa_failures += 1
+                hard_locked = user.mfa_failures == self.ctx.settings.mfa_hard_lock_failures
                 session.add(user)
-            ids = names(location, device, user)
-            enqueue_event(
-                session,
-                MfaFailed(**ids, login_id=login.id, method=login.method, reason=reason,  # type: ignore[arg-type]
-                          failed_attempts=login.failed_attempts, client_ip=client_ip),
-            )
-            if login_dead or locked_until is not None:
+            ids = await self._audit_failure(session, login, reason, client_ip, user)
+            if login_dead or locked_until is not None or hard_locked:
                 enqueue_event(
                     session,
                     MfaLocked(**ids, login_id=login.id, method=login.method,  # type: ignore[arg-type]
                               failed_attempts=login.failed_attempts, login_dead=login_dead,
-                              user_locked_until=locked_until, client_ip=client_ip),
+                              user_locked_until=locked_until, hard_locked=hard_locked, client_ip=client_ip),
                 )
         log.info("MFA login %s failed (%s), attempt %s", login_id, reason, login.failed_attempts)
 
     async def expire_logins(self) -> int:
-        """Close logins past their expiry and drop old finished ones."""
+        """Close logins past their expiry and drop old ones: finished ones after a week,
+        the others (expired, replaced, failed: what anyone who knows a device's public key
+        can make) after an hour, so that starts cannot grow the database without bound.
+        Their story stays in the audit trail."""
         now = self.ctx.clock.now()
         async with self.ctx.transaction() as session:
             result = await session.exec(
                 update(MfaLogin)
                 .where(col(MfaLogin.state).in_(LIVE_LOGIN_STATES), col(MfaLogin.expires_at) <= now)
-                .values(state=LoginState.EXPIRED, challenge=None, email_code_hash=None, oidc_state_hash=None,
-                        oidc_browser_hash=None, oidc_nonce=None, oidc_verifier_enc=None)
+                .values(state=LoginState.EXPIRED, **FORGOTTEN_WHEN_ENDED)
+            )
+            unfinished_retention = max(
+                UNFINISHED_LOGIN_RETENTION, timedelta(seconds=self.ctx.settings.email_limit_window_s)  # the mail budget counts them
             )
             await session.exec(
                 delete(MfaLogin).where(
-                    col(MfaLogin.state).not_in(LIVE_LOGIN_STATES), col(MfaLogin.created_at) < now - LOGIN_RETENTION
+                    col(MfaLogin.state).not_in(LIVE_LOGIN_STATES),
+                    col(MfaLogin.created_at) < now - LOGIN_RETENTION,
+                )
+            )
+            await session.exec(
+                delete(MfaLogin).where(
+                    col(MfaLogin.state).not_in((*LIVE_LOGIN_STATES, LoginState.FINISHED)),
+                    col(MfaLogin.created_at) < now - unfinished_retention,
                 )
             )
         return result.rowcount or 0

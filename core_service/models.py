@@ -95,16 +95,12 @@ class LocationDevice(SQLModel, table=True):
 
 
 class MfaLogin(SQLModel, table=True):
+    """A device may have a few live logins at a location (one per client address), so
+    that a start from elsewhere does not end the owner's."""
+
     __tablename__ = "mfa_login"
     __table_args__ = (
-        Index(
-            "uq_mfa_login_live",
-            "location_id",
-            "device_id",
-            unique=True,
-            sqlite_where=_LIVE_LOGIN,
-            postgresql_where=_LIVE_LOGIN,
-        ),
+        Index("ix_mfa_login_live", "location_id", "device_id", sqlite_where=_LIVE_LOGIN, postgresql_where=_LIVE_LOGIN),
         Index("uq_mfa_login_oidc_state", "oidc_state_hash", unique=True),
     )
 
@@ -117,6 +113,7 @@ class MfaLogin(SQLModel, table=True):
     state: str = Field(max_length=16)
     challenge: str | None = Field(default=None, max_length=128)
     email_code_hash: str | None = Field(default=None, max_length=64)
+    attempts: int = Field(default=0, description="codes taken for checking, spent before each check")
     failed_attempts: int = 0
     client_ip: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
@@ -128,6 +125,18 @@ class MfaLogin(SQLModel, table=True):
     oidc_browser_hash: str | None = Field(default=None, max_length=64)
     oidc_nonce: str | None = Field(default=None, max_length=128)
     oidc_verifier_enc: str | None = None
+
+
+class MfaAddressFailures(SQLModel, table=True):
+    """Consecutive failed factors of a user from one client address: they throttle that
+    address before the user's own count (in `user`) locks the user for good."""
+
+    __tablename__ = "mfa_address_failures"
+
+    user_id: int = Field(foreign_key="user.id", primary_key=True)
+    client_ip: str = Field(max_length=64, primary_key=True, description="'' when the address is unknown")
+    failures: int = 0
+    locked_until: datetime | None = None
 
 
 class VpnSession(SQLModel, table=True):

@@ -163,13 +163,15 @@ class Bus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def ensure_streams(self, replicas: int = 1, *, wait_s: float = 60.0) -> None:
+    async def ensure_streams(
+        self, replicas: int = 1, *, limits: streams.StreamLimits | None = None, wait_s: float = 60.0
+    ) -> None:
         """Declare the streams, waiting while a starting cluster elects its JetStream leader."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while True:
             try:
-                await streams.ensure_streams(self.js, replicas)
+                await streams.ensure_streams(self.js, replicas, limits)
                 return
             except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, asyncio.TimeoutError,
                     nats.js.errors.NoStreamResponseError) as exc:

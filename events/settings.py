@@ -1,9 +1,14 @@
 """Settings every process shares; each service extends this with its own model."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TypeVar
 
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from events.streams import StreamLimits
 
 
 class BusSettings(BaseSettings):
@@ -14,26 +19,62 @@ class BusSettings(BaseSettings):
     state_dir: Path = Path(".wgmfa")
     """Where embedded state lives: database, JetStream store, keys."""
     log_level: str = "INFO"
-    rpc_timeout_s: float = 5.0
+    rpc_timeout_s: float = Field(5.0, gt=0)
     """How long a caller waits for the core's reply."""
-    publish_timeout_s: float = 5.0
+    publish_timeout_s: float = Field(5.0, gt=0)
     """How long a JetStream publish waits for its acknowledgement."""
-    stream_replicas: int = 1
+    stream_replicas: int = Field(1, ge=1, le=5)
     """Replicas of each JetStream stream (3 on a three-node cluster)."""
     inbox_prefix: str = "_INBOX"
     """Subject prefix for replies and push consumers; operators' accounts may be limited
     to their own (e.g. _INBOX_operator)."""
+    events_max_age_s: int = Field(90 * 86400, gt=0)
+    events_max_bytes: int = Field(1 << 30, ge=1 << 16)
+    """The audit trail keeps at most this many bytes (the oldest go first)."""
+    dlq_max_age_s: int = Field(30 * 86400, gt=0)
+    dlq_max_bytes: int = Field(256 << 20, ge=1 << 16)
+    stats_max_age_s: int = Field(15 * 60, gt=0)
+    stats_max_bytes: int = Field(256 << 20, ge=1 << 16)
+    peers_max_bytes: int = Field(256 << 20, ge=1 << 16)
+    """Peer state is never dropped: beyond this a new authorization is refused."""
+
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(
+            events_max_age_s=self.events_max_age_s, events_max_bytes=self.events_max_bytes,
+            dlq_max_age_s=self.dlq_max_age_s, dlq_max_bytes=self.dlq_max_bytes,
+            stats_max_age_s=self.stats_max_age_s, stats_max_bytes=self.stats_max_bytes,
+            peers_max_bytes=self.peers_max_bytes,
+        )
 
 
 class LivenessSettings(BusSettings):
     """The rules of DESIGN §6 that the core, the gateways and the reaper must agree on."""
 
-    stats_interval: float = 30.0
+    stats_interval: float = Field(30.0, gt=0)
     """Seconds between a gateway's handshake samples (WGMFA_STATS_INTERVAL)."""
-    min_threshold_s: int = 180
+    min_threshold_s: int = Field(180, gt=0)
     """The rekey allowance in the threshold floor: an MFA location's peer disconnect
     threshold must be at least this plus two stats intervals."""
 
     @property
     def threshold_floor_s(self) -> int:
         return int(self.min_threshold_s + 2 * self.stats_interval)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
+    """A process's settings, or its exit (status 2) with every reason they make no sense,
+    named as the environment variables the operator sets."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        print("wgmfa: settings refused:", file=sys.stderr)
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error.get("loc", ()))
+            if field:
+                print(f"  WGMFA_{field.upper()}: {error.get('msg')}", file=sys.stderr)
+            else:  # a rule between settings; its message names them
+                print(f"  {str(error.get('msg')).removeprefix('Value error, ')}", file=sys.stderr)
+        sys.exit(2)

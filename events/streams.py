@@ -57,13 +57,40 @@ DLQ = StreamConfig(
 
 ALL_STREAMS = (PEERS, STATS, EVENTS, DLQ)
 
+
+@dataclasses.dataclass(frozen=True)
+class StreamLimits:
+    """Age and byte limits of the streams (WGMFA_*_MAX_AGE_S, WGMFA_*_MAX_BYTES). Every
+    stream is bounded in bytes, so that nothing a client can cause (an anonymous `start`
+    writes an audit event) grows the disk without bound: the audit trail, the DLQ and the
+    stats drop their oldest messages; the peer state refuses new ones instead, since
+    dropping one would take a live peer off its gateways."""
+
+    events_max_age_s: int = 90 * DAY
+    events_max_bytes: int = 1 << 30
+    dlq_max_age_s: int = 30 * DAY
+    dlq_max_bytes: int = 256 << 20
+    stats_max_age_s: int = 15 * 60
+    stats_max_bytes: int = 256 << 20
+    peers_max_bytes: int = 256 << 20
+
+    def apply(self, config: StreamConfig) -> StreamConfig:
+        if config.name == PEERS.name:
+            return dataclasses.replace(config, max_bytes=self.peers_max_bytes, discard=DiscardPolicy.NEW)
+        age, size = {
+            EVENTS.name: (self.events_max_age_s, self.events_max_bytes),
+            DLQ.name: (self.dlq_max_age_s, self.dlq_max_bytes),
+            STATS.name: (self.stats_max_age_s, self.stats_max_bytes),
+        }[config.name]  # type: ignore[index]
+        return dataclasses.replace(config, max_age=age, max_bytes=size, discard=DiscardPolicy.OLD)
+
 STREAM_ALREADY_IN_USE = 10058
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int = 1, limits: StreamLimits | None = None) -> None:
     """Create the streams, or bring an existing one to this configuration."""
     for base in ALL_STREAMS:
-        config = dataclasses.replace(base, num_replicas=replicas)
+        config = (limits or StreamLimits()).apply(dataclasses.replace(base, num_replicas=replicas))
         try:
             await js.add_stream(config)
         except BadRequestError as exc:

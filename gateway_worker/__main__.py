@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from events.logs import configure_logging
 from events.service import run_until_signalled
+from events.settings import load_settings
 from gateway_worker.app import Gateway
 from gateway_worker.backend import BackendUnavailable
 from gateway_worker.backends import create_backend
@@ -33,7 +34,7 @@ def parse_args() -> argparse.Namespace:
 async def main() -> int:
     args = parse_args()
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    settings = GatewaySettings(**overrides)
+    settings = load_settings(GatewaySettings, **overrides)
     configure_logging("gateway", settings.log_level)
     if settings.credentials is None:
         log.error("no credentials: pass --credentials FILE (wgmfa admin gateway add LOCATION writes one)")

@@ -88,7 +88,7 @@ class Gateway:
             self.bus = await Bus.connect(
                 self.settings.nats_url, f"gateway {self.gateway_id}", publish_timeout_s=self.settings.publish_timeout_s
             )
-        await self.bus.ensure_streams(self.settings.stream_replicas)
+        await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
         await self.backend.ensure_interface(self.interface)
         await self.resync()
         self._tasks.append(
@@ -268,6 +268,7 @@ class Gateway:
                 part=part,
                 parts=len(chunks),
                 peers=chunk,
+                stats_interval_s=self.settings.stats_interval,
             )
             await self.bus.publish(subjects.stats(self.location_id, self.gateway_id), last)
         return last

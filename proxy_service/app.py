@@ -10,14 +10,17 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from events.bus import Bus, BusUnavailable
 from proxy_service import enrollment
 from proxy_service.core_client import BusHolder, CoreClient
-from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
+from proxy_service.edge import BodyGuard, ClientAddress, RateLimiter, retry_after_header
+from proxy_service.openapi import document_edge_errors, errors
 from proxy_service.openid import add_openid_routes
 from proxy_service.remote import deny, wait_for_approval
 from proxy_service.settings import ProxySettings
@@ -66,13 +69,15 @@ def describe_request_error(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
+def create_app(
+    settings: ProxySettings, *, bus: Bus | None = None, registry: CollectorRegistry | None = None
+) -> FastAPI:
     holder = BusHolder()
     holder.bus = bus
     core = CoreClient(holder, settings.rpc_timeout_s)
     client_address = ClientAddress(settings.trusted_proxies)
     limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
-    registry = CollectorRegistry()
+    registry = registry or CollectorRegistry()
     requests_total = Counter(
         "wgmfa_proxy_requests", "HTTP requests by route and status", ["route", "status"], registry=registry
     )
@@ -98,6 +103,15 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
             await holder.bus.close()
 
     app = FastAPI(title="wgmfa proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/api/v1/openapi.json")
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            document_edge_errors(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.core = core
     app.state.holder = holder
 
@@ -163,17 +177,17 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
         log.warning("core unavailable: %s", exc)
         return error(503, CORE_UNAVAILABLE)
 
-    @app.post("/api/v1/client-mfa/start", response_model=ClientMfaStartResponse)
+    @app.post("/api/v1/client-mfa/start", response_model=ClientMfaStartResponse, responses=errors(403))
     async def client_mfa_start(body: ClientMfaStartRequest, request: Request) -> ClientMfaStartResponse:
         token, challenge = await core.start(body.location_id, body.pubkey, body.method, client_info(request))
         return ClientMfaStartResponse(token=token, challenge=challenge)
 
-    @app.post("/api/v1/client-mfa/finish", response_model=ClientMfaFinishResponse)
+    @app.post("/api/v1/client-mfa/finish", response_model=ClientMfaFinishResponse, responses=errors(401, 428))
     async def client_mfa_finish(body: ClientMfaFinishRequest, request: Request) -> ClientMfaFinishResponse:
         psk, token = await core.finish(body.token, body.code, body.auth_pub_key, client_info(request))
         return ClientMfaFinishResponse(preshared_key=psk, token=token)
 
-    @app.post("/api/v1/client-mfa/finish-remote")
+    @app.post("/api/v1/client-mfa/finish-remote", responses=errors(401))
     async def client_mfa_finish_remote(body: ClientMfaFinishRemoteRequest, request: Request) -> JSONResponse:
         await core.finish_remote(body.token, body.code, body.auth_pub_key, client_info(request))
         return JSONResponse({})
@@ -193,16 +207,34 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
 
     add_openid_routes(app, core, settings, client_info, on_core_error)
 
-    @app.get("/api/v1/health")
-    @app.get("/health")
+    @app.get("/api/v1/health", responses=errors(503))
+    @app.get("/health", include_in_schema=False)
     async def health() -> JSONResponse:
         if holder.bus is None or not holder.bus.connected:
             return error(503, "not connected to NATS")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
-    @app.get("/api/v1/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    if settings.metrics_on_client_port:
 
-    return enrollment.DefguardHeaders(BodyLimit(app, settings.max_body_bytes), holder)  # type: ignore[return-value]
+        @app.get("/metrics", include_in_schema=False)
+        @app.get("/api/v1/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return enrollment.DefguardHeaders(BodyGuard(app, settings.max_body_bytes), holder)  # type: ignore[return-value]
+
+
+def metrics_app(registry: CollectorRegistry) -> ASGIApp:
+    """The Prometheus text at /metrics, for a port of its own (WGMFA_METRICS_PORT), away
+    from the clients."""
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            response: Response = error(404, "not found")
+        else:
+            response = Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        await response(scope, receive, send)
+
+    return serve

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from events import subjects
 from events.sealing import seal
 from proxy_service.core_client import BusHolder, CoreClient
+from proxy_service.openapi import errors
 from proxy_service.settings import ProxySettings
 from schemas import rpc
 from schemas.http import (
@@ -103,7 +104,7 @@ def create_router(
             "token": core.reply_key.open(result.token_sealed),
         }
 
-    @router.post("/enrollment/start")
+    @router.post("/enrollment/start", responses=errors(401))
     async def enrollment_start(body: EnrollmentStartRequest, request: Request) -> JSONResponse:
         sealed = seal(await core.core_key(), body.token)
         result: rpc.EnrollStartResult = await call(
@@ -149,7 +150,7 @@ def create_router(
         response.headers.append("set-cookie", "; ".join(attributes))
         return response
 
-    @router.post("/enrollment/register-mfa/code/start")
+    @router.post("/enrollment/register-mfa/code/start", responses=errors(401, 403))
     async def register_mfa_start(body: CodeMfaSetupStartRequest, request: Request) -> JSONResponse:
         result: rpc.EnrollFactorStartResult = await call(
             subjects.RPC_ENROLL_FACTOR_START,
@@ -160,7 +161,7 @@ def create_router(
         secret = core.reply_key.open(result.totp_secret_sealed) if result.totp_secret_sealed else None
         return JSONResponse({"totp_secret": secret})
 
-    @router.post("/enrollment/register-mfa/code/finish")
+    @router.post("/enrollment/register-mfa/code/finish", responses=errors(401, 403))
     async def register_mfa_finish(body: CodeMfaSetupFinishRequest, request: Request) -> JSONResponse:
         await call(
             subjects.RPC_ENROLL_FACTOR_FINISH,
@@ -169,14 +170,14 @@ def create_router(
         )
         return JSONResponse({"recovery_codes": []})  # wgmfa has no recovery codes
 
-    @router.post("/enrollment/activate_user")
+    @router.post("/enrollment/activate_user", responses=errors(401, 403))
     async def activate_user(_body: ActivateUserRequest, request: Request) -> Response:
         await call(subjects.RPC_ENROLL_ACTIVATE, rpc.EnrollSession(**await session_fields(request)), rpc.Empty)
         response = Response(status_code=200)
         response.delete_cookie(COOKIE_NAME, path="/", secure=secure_cookie, httponly=True, samesite="strict")
         return response
 
-    @router.post("/enrollment/create_device")
+    @router.post("/enrollment/create_device", responses=errors(401, 403))
     async def create_device(body: NewDeviceRequest, request: Request) -> JSONResponse:
         result = await call(
             subjects.RPC_ENROLL_CREATE_DEVICE,
@@ -186,7 +187,7 @@ def create_router(
         )
         return JSONResponse(device_config(result))
 
-    @router.post("/enrollment/network_info")
+    @router.post("/enrollment/network_info", responses=errors(401, 403))
     async def network_info(body: ExistingDeviceRequest, request: Request) -> JSONResponse:
         result = await call(
             subjects.RPC_ENROLL_NETWORK_INFO,
@@ -196,7 +197,7 @@ def create_router(
         )
         return JSONResponse(device_config(result))
 
-    @router.post("/enrollment/register_mobile")
+    @router.post("/enrollment/register_mobile", responses=errors(401, 403, 409))
     async def register_mobile(body: RegisterMobileRequest, request: Request) -> Response:
         fields = await session_fields(request)
         code = seal(await core.core_key(), body.code) if body.code else None
@@ -208,7 +209,7 @@ def create_router(
         )
         return Response(status_code=200)
 
-    @router.post("/poll")
+    @router.post("/poll", responses=errors(403))
     async def poll(body: InstanceInfoRequest, request: Request) -> JSONResponse:
         result = await call(
             subjects.RPC_ENROLL_POLL,

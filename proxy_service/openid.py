@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from proxy_service.core_client import CoreClient
+from proxy_service.openapi import errors
 from proxy_service.settings import ProxySettings
 from schemas.http import OpenIdAuthInfoRequest, OpenIdAuthInfoResponse, OpenIdCallbackRequest
 from schemas.rpc import ClientInfo, RpcFailure
@@ -155,7 +156,7 @@ def add_openid_routes(
     async def callback_page() -> HTMLResponse:
         return HTMLResponse(CALLBACK_PAGE[0], headers=CALLBACK_PAGE[1])
 
-    @app.post("/api/v1/openid/auth_info", response_model=OpenIdAuthInfoResponse)
+    @app.post("/api/v1/openid/auth_info", response_model=OpenIdAuthInfoResponse, responses=errors(401))
     async def auth_info(body: OpenIdAuthInfoRequest, request: Request) -> JSONResponse:
         if body.type != FLOW_MFA:
             return JSONResponse({"error": "only the mfa flow is supported"}, status_code=400)
@@ -167,7 +168,7 @@ def add_openid_routes(
                             httponly=True, samesite="strict")
         return response
 
-    @app.post("/api/v1/openid/callback/mfa")
+    @app.post("/api/v1/openid/callback/mfa", responses=errors(401))
     async def callback(body: OpenIdCallbackRequest, request: Request) -> JSONResponse:
         if body.type != FLOW_MFA:
             return JSONResponse({"error": "Invalid flow type for MFA callback"}, status_code=400)

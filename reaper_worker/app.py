@@ -4,28 +4,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from datetime import datetime
 from typing import Any
 
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from events import streams, subjects
 from events.bus import WRONG_LAST_SEQUENCE, Bus, describe_validation_error
 from events.clock import Clock, SystemClock
 from events.service import cancel_all, every, run_until_signalled
-from events.settings import LivenessSettings
+from events.settings import LivenessSettings, load_settings
 from reaper_worker.liveness import Decision, Liveness, revoke_for
 from schemas.common import uuid7
-from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER, PeerAuthorized, PeerRevoked, ReaperStarted, StatsSample
+from schemas.events import (
+    PEER_STATE_ADAPTER,
+    STATS_ADAPTER,
+    PeerAuthorized,
+    PeerRevoked,
+    ReaperStarted,
+    StatsIntervalMismatch,
+    StatsSample,
+)
 
 log = logging.getLogger("reaper_worker")
 
 
 class ReaperSettings(LivenessSettings):
-    sweep_interval_s: float = 10.0
+    sweep_interval_s: float = Field(10.0, gt=0)
     """How often the reaper looks for sessions to revoke."""
 
 
@@ -37,6 +46,8 @@ class Reaper:
         self.bus = bus
         self._own_bus = bus is None
         self._tasks: list[asyncio.Task[None]] = []
+        self._mismatched: set[tuple[int, str]] = set()
+        self._reports: set[asyncio.Task[Any]] = set()
         self._subscriptions: list[Any] = []
         self.ready = asyncio.Event()
         self.revoked: list[PeerRevoked] = []  # what this reaper published, newest last
@@ -45,7 +56,7 @@ class Reaper:
     async def start(self) -> None:
         if self.bus is None:
             self.bus = await Bus.connect(self.settings.nats_url, "reaper", publish_timeout_s=self.settings.publish_timeout_s)
-        await self.bus.ensure_streams(self.settings.stream_replicas)
+        await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
         peers = await self._subscribe(subjects.PEER_ALL, streams.PEERS.name, DeliverPolicy.LAST_PER_SUBJECT)
         stats = await self._subscribe(subjects.STATS_ALL, streams.STATS.name, DeliverPolicy.ALL)
         await self._replay([(peers, streams.PEERS.name), (stats, streams.STATS.name)])
@@ -121,9 +132,37 @@ class Reaper:
 
     def _apply(self, item: PeerAuthorized | PeerRevoked | StatsSample, msg: Msg, arrived_at: float) -> None:
         if isinstance(item, StatsSample):
+            self._check_interval(item)
             self.liveness.on_sample(item, arrived_at)
         else:
             self.liveness.on_peer_state(item, msg.metadata.sequence.stream, arrived_at)
+
+    def _check_interval(self, sample: StatsSample) -> None:
+        gateway = (sample.location_id, sample.gateway_id)
+        interval = sample.stats_interval_s
+        if interval is None or math.isclose(interval, self.settings.stats_interval) or gateway in self._mismatched:
+            return
+        self._mismatched.add(gateway)
+        log.warning(
+            "gateway %s of location %s samples every %g s, this reaper assumes WGMFA_STATS_INTERVAL=%g s: "
+            "give every gateway and reaper the same interval", sample.gateway_id, sample.location_id, interval,
+            self.settings.stats_interval,
+        )
+        if self.bus is not None:
+            event = StatsIntervalMismatch(
+                reaper_id=self.reaper_id, location_id=sample.location_id, gateway_id=sample.gateway_id,
+                gateway_interval_s=interval, reaper_interval_s=self.settings.stats_interval,
+            )
+            task = asyncio.create_task(self._report(event))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+    async def _report(self, event: StatsIntervalMismatch) -> None:
+        assert self.bus is not None
+        try:
+            await self.bus.publish_event(event)
+        except Exception as exc:  # the warning above is logged; the event is a courtesy
+            log.warning("could not publish %s: %s", event.type, exc)
 
     async def _follow(self, sub: Any) -> None:
         while True:
@@ -183,5 +222,5 @@ class Reaper:
 
 
 async def main() -> None:
-    settings = ReaperSettings()
+    settings = load_settings(ReaperSettings)
     await run_until_signalled("reaper", settings, Reaper(settings))

@@ -6,6 +6,19 @@ import time
 import uuid
 from datetime import datetime, timezone
 from enum import IntEnum, StrEnum
+from typing import Annotated
+
+from pydantic import Field, StrictInt
+
+# Every integer in the contract is bounded, so that an absurd number is a validation error
+# (400 at the edge, a dead letter on the bus) and never reaches SQL or arithmetic.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
+"""Ids, counts and durations: what the database's INTEGER columns hold."""
+StrictInt32 = Annotated[StrictInt, Field(ge=INT32_MIN, le=INT32_MAX)]
+"""An Int32 that must arrive as a JSON integer (the HTTP API)."""
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+"""Byte counters."""
 
 
 class MfaMethod(IntEnum):

@@ -10,7 +10,7 @@ from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas.common import RevokeReason, SessionState, utcnow, uuid7
+from schemas.common import Int32, Int64, RevokeReason, SessionState, utcnow, uuid7
 
 MethodName = Literal["totp", "email", "oidc", "biometric", "mobile_approve"]
 
@@ -31,29 +31,29 @@ class PeerAuthorized(Event):
     """The desired state of one device at one location: present on every gateway."""
 
     type: Literal["peer.authorized"] = "peer.authorized"
-    location_id: int
-    device_id: int
-    generation: int = Field(ge=1)
-    session_id: int | None = Field(None, description="None for a location without MFA")
+    location_id: Int32
+    device_id: Int32
+    generation: Int32 = Field(ge=1)
+    session_id: Int32 | None = Field(None, description="None for a location without MFA")
     pubkey: str
     allowed_ips: list[str]
-    keepalive_s: int
+    keepalive_s: Int32
     psk_sealed: str | None = Field(
         None, description="the PSK sealed (X25519 sealed box) to the location's sealing key"
     )
     authorized_at: AwareDatetime
     expires_at: AwareDatetime | None = None
-    threshold_s: int | None = Field(None, description="peer disconnect threshold; None: never reaped")
+    threshold_s: Int32 | None = Field(None, description="peer disconnect threshold; None: never reaped")
 
 
 class PeerRevoked(Event):
     """The device must be absent from every gateway of the location."""
 
     type: Literal["peer.revoked"] = "peer.revoked"
-    location_id: int
-    device_id: int
-    generation: int = Field(ge=1)
-    session_id: int | None = None
+    location_id: Int32
+    device_id: Int32
+    generation: Int32 = Field(ge=1)
+    session_id: Int32 | None = None
     pubkey: str
     reason: RevokeReason
 
@@ -75,8 +75,8 @@ class PeerSample(BaseModel):
 
     pubkey: str
     latest_handshake: AwareDatetime | None = Field(description="on the gateway's clock; None: never")
-    rx_bytes: int = Field(ge=0)
-    tx_bytes: int = Field(ge=0)
+    rx_bytes: Int64 = Field(ge=0)
+    tx_bytes: Int64 = Field(ge=0)
     endpoint: str | None = None
 
 
@@ -85,24 +85,25 @@ class StatsSample(Event):
     share `sample_id` and `sampled_at`."""
 
     type: Literal["stats.sample"] = "stats.sample"
-    location_id: int
+    location_id: Int32
     gateway_id: str
     sample_id: UUID
     sampled_at: AwareDatetime = Field(description="the gateway's clock when it read the interface")
-    part: int = Field(1, ge=1)
-    parts: int = Field(1, ge=1)
+    part: Int32 = Field(1, ge=1)
+    parts: Int32 = Field(1, ge=1)
     peers: list[PeerSample]
+    stats_interval_s: float | None = Field(None, description="the gateway's WGMFA_STATS_INTERVAL")
 
 
 # --- audit trail: stream WGMFA_EVENTS, subject wgmfa.events.<type> --------------------------
 
 
 class _DeviceAtLocation(Event):
-    location_id: int
+    location_id: Int32
     location_name: str | None = None
-    device_id: int
+    device_id: Int32
     device_name: str | None = None
-    user_id: int
+    user_id: Int32
     username: str | None = None
 
 
@@ -118,8 +119,8 @@ class MfaSucceeded(_DeviceAtLocation):
     type: Literal["mfa.succeeded"] = "mfa.succeeded"
     login_id: UUID
     method: MethodName
-    session_id: int
-    generation: int
+    session_id: Int32
+    generation: Int32
     client_ip: str | None = None
 
 
@@ -128,59 +129,62 @@ class MfaFailed(_DeviceAtLocation):
     login_id: UUID
     method: MethodName
     reason: str = Field(description="wrong_code, replayed_code, missing_code, …")
-    failed_attempts: int
+    failed_attempts: Int32
     client_ip: str | None = None
 
 
 class MfaLocked(_DeviceAtLocation):
-    """A login died after too many failed factors, and/or its user is locked out for a while."""
+    """A login died after too many failed factors, and/or its user is locked out from
+    `client_ip` for a while (`user_locked_until`), or everywhere until an administrator
+    unlocks them (`hard_locked`)."""
 
     type: Literal["mfa.locked"] = "mfa.locked"
     login_id: UUID
     method: MethodName
-    failed_attempts: int
+    failed_attempts: Int32
     login_dead: bool
     user_locked_until: AwareDatetime | None = None
+    hard_locked: bool = False
     client_ip: str | None = None
 
 
 class SessionAuthorized(_DeviceAtLocation):
     type: Literal["session.authorized"] = "session.authorized"
-    session_id: int
-    generation: int
+    session_id: Int32
+    generation: Int32
     method: MethodName
     expires_at: AwareDatetime
 
 
 class SessionConnected(_DeviceAtLocation):
     type: Literal["session.connected"] = "session.connected"
-    session_id: int
-    generation: int
+    session_id: Int32
+    generation: Int32
     connected_at: AwareDatetime
     gateway_id: str
 
 
 class SessionRevoked(_DeviceAtLocation):
     type: Literal["session.revoked"] = "session.revoked"
-    session_id: int
-    generation: int
+    session_id: Int32
+    generation: Int32
     reason: RevokeReason
     previous_state: SessionState
 
 
 class LocationCreated(Event):
     type: Literal["admin.location_created"] = "admin.location_created"
-    location_id: int
+    location_id: Int32
     location_name: str
     mfa_mode: str
     network: str
-    threshold_s: int
-    lifetime_s: int
+    threshold_s: Int32
+    lifetime_s: Int32
 
 
 class UserCreated(Event):
     type: Literal["admin.user_created"] = "admin.user_created"
-    user_id: int
+    user_id: Int32
     username: str
 
 
@@ -191,7 +195,7 @@ class DeviceAdded(_DeviceAtLocation):
 
 class TotpEnrolled(Event):
     type: Literal["admin.totp_enrolled"] = "admin.totp_enrolled"
-    user_id: int
+    user_id: Int32
     username: str
     confirmed: bool
 
@@ -200,14 +204,14 @@ class GatewaySynced(Event):
     """A gateway made its interface match the peer stream (at start, or after losing it)."""
 
     type: Literal["gateway.synced"] = "gateway.synced"
-    location_id: int
+    location_id: Int32
     gateway_id: str
     interface: str
-    peers: int
-    added: int
-    removed: int
-    updated: int
-    unchanged: int
+    peers: Int32
+    added: Int32
+    removed: Int32
+    updated: Int32
+    unchanged: Int32
     duration_ms: float
 
 
@@ -215,13 +219,13 @@ class GatewayApplyFailed(Event):
     """A gateway could not apply a peer state; it retries until it can."""
 
     type: Literal["gateway.apply_failed"] = "gateway.apply_failed"
-    location_id: int
+    location_id: Int32
     gateway_id: str
-    device_id: int | None = None
-    generation: int | None = None
+    device_id: Int32 | None = None
+    generation: Int32 | None = None
     action: Literal["authorize", "revoke", "sync"]
     reason: str
-    attempt: int
+    attempt: Int32
 
 
 class ReaperStarted(Event):
@@ -229,8 +233,21 @@ class ReaperStarted(Event):
 
     type: Literal["reaper.started"] = "reaper.started"
     reaper_id: str
-    watching: int = Field(description="MFA authorizations found on the peer stream")
-    replayed: int = Field(description="peer and stats messages read back")
+    watching: Int32 = Field(description="MFA authorizations found on the peer stream")
+    replayed: Int32 = Field(description="peer and stats messages read back")
+
+
+class StatsIntervalMismatch(Event):
+    """A gateway samples at another interval than the reaper assumes: its peers' ages are
+    judged against the wrong threshold floor (too rare a gateway gets healthy peers
+    revoked). Reported once per gateway and reaper start."""
+
+    type: Literal["reaper.stats_interval_mismatch"] = "reaper.stats_interval_mismatch"
+    reaper_id: str
+    location_id: Int32
+    gateway_id: str
+    gateway_interval_s: float
+    reaper_interval_s: float
 
 
 class LoginApproved(Event):
@@ -250,9 +267,9 @@ class MfaEmailSent(_DeviceAtLocation):
 
 class MobileKeyRegistered(Event):
     type: Literal["admin.mobile_key_registered"] = "admin.mobile_key_registered"
-    user_id: int
+    user_id: Int32
     username: str
-    device_id: int
+    device_id: Int32
     device_name: str
     client_ip: str | None = None
 
@@ -338,6 +355,7 @@ AuditEvent = Annotated[
         GatewaySynced,
         GatewayApplyFailed,
         ReaperStarted,
+        StatsIntervalMismatch,
         MfaEmailSent,
         MobileKeyRegistered,
         EnrollmentIssued,
@@ -367,6 +385,7 @@ AnyEvent = Annotated[
         GatewaySynced,
         GatewayApplyFailed,
         ReaperStarted,
+        StatsIntervalMismatch,
         MfaEmailSent,
         MobileKeyRegistered,
         EnrollmentIssued,

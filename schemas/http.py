@@ -2,7 +2,9 @@
 `method` an integer, errors as {"error": "..."})."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from schemas.common import StrictInt32
 
 
 class _Request(BaseModel):
@@ -11,9 +13,9 @@ class _Request(BaseModel):
 
 
 class ClientMfaStartRequest(_Request):
-    location_id: StrictInt
+    location_id: StrictInt32
     pubkey: StrictStr = Field(max_length=256)
-    method: StrictInt
+    method: StrictInt32
 
 
 class ClientMfaStartResponse(BaseModel):
@@ -71,12 +73,12 @@ class ExistingDeviceRequest(_Request):
 
 
 class CodeMfaSetupStartRequest(_Request):
-    method: StrictInt = Field(ge=0, le=4)
+    method: StrictInt32 = Field(ge=0, le=4)
 
 
 class CodeMfaSetupFinishRequest(_Request):
     code: StrictStr = Field(max_length=64)
-    method: StrictInt | None = Field(None, ge=0, le=4, description="ignored: the method started decides")
+    method: StrictInt32 | None = Field(None, ge=0, le=4, description="ignored: the method started decides")
 
 
 class ActivateUserRequest(_Request):

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas.common import MfaMode, RevokeReason, SessionState
+from schemas.common import Int32, MfaMode, RevokeReason, SessionState
 from schemas.events import MethodName
 
 
@@ -36,7 +36,7 @@ class ErrorStatus(StrEnum):
 class RpcError(_Model):
     status: ErrorStatus
     message: str
-    retry_after_s: int | None = None
+    retry_after_s: Int32 | None = None
 
 
 class RpcFailure(Exception):
@@ -79,9 +79,9 @@ class CoreHelloResult(_Model):
 
 
 class MfaStartRequest(_Model):
-    location_id: int
+    location_id: Int32
     pubkey: str = Field(max_length=256)
-    method: int
+    method: Int32
     client: ClientInfo = Field(default_factory=ClientInfo)
     reply_key: str
 
@@ -200,35 +200,35 @@ class LocationAddRequest(_Model):
     endpoint: str = Field(description="HOST:PORT clients connect to")
     network: str = Field(description="the VPN network, e.g. 10.10.0.0/24")
     mfa_mode: MfaMode = MfaMode.INTERNAL
-    threshold_s: int | None = None
-    lifetime_s: int | None = None
-    keepalive_s: int | None = None
+    threshold_s: Int32 | None = None
+    lifetime_s: Int32 | None = None
+    keepalive_s: Int32 | None = None
     reply_key: str
 
 
 class LocationInfo(_Model):
-    id: int
+    id: Int32
     name: str
     endpoint: str
-    listen_port: int
+    listen_port: Int32
     network: str
     gateway_address: str = Field(description="the gateway's interface address, CIDR")
     server_pubkey: str
     sealing_pubkey: str
     mfa_mode: MfaMode
-    threshold_s: int
-    lifetime_s: int
-    keepalive_s: int
+    threshold_s: Int32
+    lifetime_s: Int32
+    keepalive_s: Int32
 
 
 class GatewayCredentials(_Model):
     """What a gateway of the location needs; shown once by `location add`."""
 
-    location_id: int
+    location_id: Int32
     location_name: str
     private_key: str = Field(description="the location's WireGuard private key")
     sealing_private_key: str = Field(description="opens the PSKs sealed in peer.authorized")
-    listen_port: int
+    listen_port: Int32
     address: str
 
 
@@ -267,7 +267,7 @@ class EmailMfaRequest(UserRef):
 
 
 class UserInfo(_Model):
-    id: int
+    id: Int32
     username: str
     email: str
     is_active: bool
@@ -303,17 +303,17 @@ class DeviceAddRequest(_Model):
 class DeviceConfig(_Model):
     """Everything a client needs for one location, except its private key."""
 
-    device_id: int
+    device_id: Int32
     device_name: str
     username: str
     pubkey: str
-    location_id: int
+    location_id: Int32
     location_name: str
     endpoint: str
     server_pubkey: str
     address: str = Field(description="the device's VPN address, CIDR")
     allowed_ips: list[str]
-    keepalive_s: int
+    keepalive_s: Int32
     mfa_mode: MfaMode
     instance_id: str
 
@@ -329,7 +329,7 @@ class DeviceListResult(_Model):
 class MobileAllowRequest(_Model):
     username: str
     device_name: str
-    valid_s: int = Field(3600, ge=60, le=7 * 86400)
+    valid_s: Int32 = Field(3600, ge=60, le=7 * 86400)
     reply_key: str
 
 
@@ -344,15 +344,15 @@ class MobileAllowResult(_Model):
 class SessionsRequest(_Model):
     location: str | None = None
     include_revoked: bool = True
-    limit: int = Field(100, ge=1, le=10_000)
+    limit: Int32 = Field(100, ge=1, le=10_000)
 
 
 class SessionInfo(_Model):
-    id: int
-    generation: int
-    location_id: int
+    id: Int32
+    generation: Int32
+    location_id: Int32
     location_name: str
-    device_id: int
+    device_id: Int32
     device_name: str
     username: str
     method: MethodName
@@ -369,7 +369,7 @@ class SessionsResult(_Model):
 
 
 class RevokeRequest(_Model):
-    session_id: int
+    session_id: Int32
 
 
 # --- enrollment (Defguard's apps enroll themselves) -------------------------------------------

@@ -13,9 +13,10 @@ import pyotp
 import pytest
 import pytest_asyncio
 
+from events.bus import Bus
 from schemas.common import utcnow
 from tests.conftest import running_nats
-from tests.support.stack import REPO, Stack
+from tests.support.stack import REPO, Stack, read_stream
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -126,3 +127,60 @@ async def test_commands_explain_when_nothing_is_running(tmp_path: Path) -> None:
     _, err = await process.communicate()
     assert process.returncode == 3
     assert b"is `wgmfa up` running?" in err
+
+
+async def test_events_tail_into_head_exits_quietly(stack: Stack) -> None:
+    for name in ("erin", "frank", "grace"):
+        await wgmfa(stack, "admin", "user", "add", name, "--email", f"{name}@example.com")
+    tail = subprocess.Popen([sys.executable, "-m", "wgmfa", "events", "tail", "--all"], env=stack.env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.run(["head", "-1"], stdin=tail.stdout, capture_output=True, timeout=30)
+    assert tail.stdout is not None
+    tail.stdout.close()  # head has gone: nobody reads the pipe any more
+    await wgmfa(stack, "admin", "user", "add", "heidi", "--email", "heidi@example.com")  # the next line tail writes
+    _, err = tail.communicate(timeout=30)
+    assert b"following wgmfa.events.>" in head.stdout
+    assert (tail.returncode, err.decode()) == (0, "")
+
+
+async def test_events_tail_says_when_the_bus_goes_away(tmp_path: Path) -> None:
+    with running_nats() as server:
+        bus = await Bus.connect(server.url, "test", wait_s=5)
+        await bus.ensure_streams()
+        await bus.close()
+        env = {"WGMFA_NATS_URL": server.url, "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+        tail = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wgmfa", "events", "tail", env=env, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        try:
+            assert tail.stdout is not None and tail.stderr is not None
+            assert b"following" in await asyncio.wait_for(tail.stdout.readline(), 30)
+            server.stop()
+            said = await asyncio.wait_for(tail.stderr.readline(), 30)
+            assert said.decode().startswith(f"wgmfa: lost the connection to NATS at {server.url}")
+        finally:
+            if tail.returncode is None:
+                tail.terminate()
+            await tail.wait()
+
+
+async def test_client_connect_checks_the_endpoint_before_it_spends_a_code(stack: Stack, tmp_path: Path) -> None:
+    created = await wgmfa(stack, "admin", "location", "add", "nowhere", "--endpoint", "no-such-host.invalid:51820",
+                          "--network", "10.31.0.0/24", "--mfa", "internal")
+    assert created.returncode == 0, created.stderr
+    await stack.add_user_with_totp("ivan")  # so that a start would be a login, with a code to spend
+    config = tmp_path / "ivan.json"
+    added = await wgmfa(stack, "admin", "device", "add", "ivan", "laptop", "--location", "nowhere", "-o", str(config))
+    assert added.returncode == 0, added.stderr
+    connect = await wgmfa(stack, "client", "connect", "--config", str(config), "--code", "123456",
+                          "--interface", "wgmfa-tcli0")
+    assert connect.returncode == 3, connect.stdout + connect.stderr
+    assert "cannot connect: cannot resolve endpoint host 'no-such-host.invalid'" in connect.stderr
+    # no login was started, so no code was spent
+    bus = await Bus.connect(stack.nats_url, "test", wait_s=5)
+    try:
+        started = [e for e in await read_stream(bus, "wgmfa.events.mfa.>") if e.get("username") == "ivan"]
+    finally:
+        await bus.close()
+    assert started == []

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -15,6 +17,7 @@ import pytest_asyncio
 from sqlalchemy import text
 
 from core_service.app import Core
+from core_service.mfa import reset_failures
 from core_service.settings import CoreSettings
 from events import subjects
 from events.bus import Bus
@@ -27,6 +30,7 @@ from schemas.events import PeerAuthorized, PeerRevoked, PeerSample, StatsSample
 from schemas.rpc import ErrorStatus, RpcFailure
 from tests.support.stack import eventually, read_stream
 from wgmfa.admin import AdminClient
+from wgmfa.smtp_sink import MailSink
 
 
 @dataclass
@@ -75,9 +79,10 @@ class Harness:
             rpc.DeviceConfig,
         )
 
-    async def login(self, location_id: int, pubkey: str, code: str) -> str:
-        token, _ = await self.client.start(location_id, pubkey, 0, rpc.ClientInfo(ip="192.0.2.10"))
-        psk, _ = await self.client.finish(token, code, None, rpc.ClientInfo(ip="192.0.2.10"))
+    async def login(self, location_id: int, pubkey: str, code: str, client: rpc.ClientInfo | None = None) -> str:
+        client = client or rpc.ClientInfo(ip="192.0.2.10")
+        token, _ = await self.client.start(location_id, pubkey, 0, client)
+        psk, _ = await self.client.finish(token, code, None, client)
         return psk
 
     async def events(self, event_type: str | None = None) -> list[dict]:
@@ -89,19 +94,25 @@ class Harness:
             return list((await session.exec(text(query))).all())  # type: ignore[call-overload]
 
 
-@pytest_asyncio.fixture
-async def h(nats_url: str, database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def running_core(nats_url: str, database_url: str, tmp_path: Path, **settings: object) -> AsyncIterator[Harness]:
     clock = FakeClock(datetime.now(timezone.utc).replace(microsecond=0))
-    settings = CoreSettings(nats_url=nats_url, database_url=database_url, state_dir=tmp_path)
-    core = Core(settings, clock=clock)
+    core = Core(CoreSettings(nats_url=nats_url, database_url=database_url, state_dir=tmp_path, **settings), clock=clock)
     await core.start()
     bus = await Bus.connect(nats_url, "test", wait_s=5)
     holder = BusHolder()
     holder.bus = bus
-    harness = Harness(core, clock, bus, AdminClient(bus, 10), CoreClient(holder, 10))
-    yield harness
-    await bus.close()
-    await core.stop()
+    try:
+        yield Harness(core, clock, bus, AdminClient(bus, 10), CoreClient(holder, 10))
+    finally:
+        await bus.close()
+        await core.stop()
+
+
+@pytest_asyncio.fixture
+async def h(nats_url: str, database_url: str, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_core(nats_url, database_url, tmp_path) as harness:
+        yield harness
 
 
 async def expect_failure(call, status: ErrorStatus, message: str | None = None) -> RpcFailure:  # type: ignore[no-untyped-def]
@@ -197,7 +208,7 @@ async def test_failed_codes_kill_the_login_and_lock_the_user_for_a_growing_while
     refused = await expect_failure(h.client.start(location.id, device.pubkey, 0, client), ErrorStatus.RATE_LIMITED)
     assert 50 <= refused.error.retry_after_s <= 61
     h.clock.advance(61)
-    await h.login(location.id, device.pubkey, h.code(secret))  # success resets the count
+    await h.login(location.id, device.pubkey, h.code(secret), client)  # success resets the count
 
     # five more failures lock again for 60 s, not longer: the count restarted
     h.clock.advance(30)
@@ -394,3 +405,170 @@ async def test_the_first_handshake_after_authorization_marks_the_session_connect
     await eventually(connected, what="session.connected")
     events = await h.events("session.connected")
     assert len(events) == 1 and events[0]["gateway_id"] == "gw1"
+
+
+# --- the login path under attack -------------------------------------------------------------
+
+OWNER = rpc.ClientInfo(ip="192.0.2.10")
+ATTACKER = rpc.ClientInfo(ip="198.51.100.7")
+
+
+def wrong_codes(h: Harness, secret: str, count: int) -> list[str]:
+    """Codes that are wrong for every step the core accepts now."""
+    valid = {h.code(secret, offset) for offset in (-30, 0)}
+    candidates = (str((int(h.code(secret)) + k) % 1_000_000).zfill(6) for k in range(1, 100))
+    return [c for c in candidates if c not in valid][:count]
+
+
+async def failed_events(h: Harness, count: int) -> list[dict]:
+    """The mfa.failed events, once `count` of them were published."""
+    async def published() -> bool:
+        return len(await h.events("mfa.failed")) >= count
+
+    await eventually(published, timeout=15)
+    return await h.events("mfa.failed")
+
+
+async def test_racing_codes_on_one_login_are_checked_at_most_max_failed_attempts_times(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    token, _ = await h.client.start(location.id, device.pubkey, 0, ATTACKER)
+    codes = [*wrong_codes(h, secret, 9), h.code(secret)]  # the right one last, all at once
+    results = await asyncio.gather(*(h.client.finish(token, c, None, ATTACKER) for c in codes), return_exceptions=True)
+
+    successes = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, RpcFailure) and r.error.status == ErrorStatus.UNAUTHENTICATED]
+    assert all(isinstance(r, RpcFailure) for r in results if r not in successes), results
+    # every refusal is audited, and at most max_failed_attempts (5) codes were checked
+    failed = await failed_events(h, len(refused))
+    assert len(failed) == len(refused), (failed, results)
+    checked = [e for e in failed if e["reason"] != "attempts_exhausted"]
+    assert len(checked) + len(successes) <= 5, failed
+    assert [e["reason"] for e in failed if e not in checked] == ["attempts_exhausted"] * (len(failed) - len(checked))
+    assert await h.sql("SELECT attempts FROM mfa_login") == [(min(5, len(codes)),)]
+    if successes:
+        assert len(checked) < 5  # the right code was among the first five checked
+
+
+async def test_failures_from_one_address_lock_that_address_before_the_owner(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    token, _ = await h.client.start(location.id, device.pubkey, 0, ATTACKER)
+    for code in wrong_codes(h, secret, 5):
+        await expect_failure(h.client.finish(token, code, None, ATTACKER), ErrorStatus.UNAUTHENTICATED)
+    refused = await expect_failure(h.client.start(location.id, device.pubkey, 0, ATTACKER), ErrorStatus.RATE_LIMITED)
+    assert 50 <= refused.error.retry_after_s <= 61
+    locked = await h.events("mfa.locked")
+    assert [(e["client_ip"], e["hard_locked"], bool(e["user_locked_until"])) for e in locked] == [(ATTACKER.ip, False, True)]
+    # the owner, elsewhere, logs in as usual
+    assert await h.login(location.id, device.pubkey, h.code(secret), OWNER)
+
+
+async def test_a_start_from_another_address_leaves_the_owners_login_alone(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    owners, _ = await h.client.start(location.id, device.pubkey, 0, OWNER)
+    await h.client.start(location.id, device.pubkey, 0, ATTACKER)
+    await h.client.start(location.id, device.pubkey, 0, ATTACKER)  # replaces the attacker's own
+    await h.client.finish(owners, h.code(secret), None, OWNER)
+    assert sorted(await h.sql("SELECT client_ip, state FROM mfa_login")) == [
+        ("192.0.2.10", "finished"), ("198.51.100.7", "expired"), ("198.51.100.7", "pending"),
+    ]
+    # from the same address a new start replaces the previous login
+    first, _ = await h.client.start(location.id, device.pubkey, 0, OWNER)
+    await h.client.start(location.id, device.pubkey, 0, OWNER)
+    h.clock.advance(30)
+    await expect_failure(h.client.finish(first, h.code(secret), None, OWNER), ErrorStatus.INVALID_ARGUMENT, "login session not found")
+    # beyond three live logins per device, the oldest goes
+    for n in range(3):
+        await h.client.start(location.id, device.pubkey, 0, rpc.ClientInfo(ip=f"203.0.113.{n + 1}"))
+    live = await h.sql("SELECT client_ip FROM mfa_login WHERE state = 'pending' ORDER BY client_ip")
+    assert live == [("203.0.113.1",), ("203.0.113.2",), ("203.0.113.3",)]
+
+
+async def test_a_hundred_failures_in_a_row_lock_the_user_until_an_admin_unlocks(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    for n in range(20):  # 20 addresses, 5 wrong codes each; an hour apart, past any lock of a while
+        client = rpc.ClientInfo(ip=f"203.0.113.{n + 1}")
+        token, _ = await h.client.start(location.id, device.pubkey, 0, client)
+        for code in wrong_codes(h, secret, 5):
+            await expect_failure(h.client.finish(token, code, None, client), ErrorStatus.UNAUTHENTICATED)
+        h.clock.advance(3601)
+    failure = await expect_failure(h.client.start(location.id, device.pubkey, 0, OWNER), ErrorStatus.PERMISSION_DENIED)
+    assert "administrator" in failure.error.message
+    hard = [e for e in await h.events("mfa.locked") if e["hard_locked"]]
+    assert len(hard) == 1 and hard[0]["client_ip"] == "203.0.113.20"
+    h.clock.advance(2 * 86400)
+    await expect_failure(h.client.start(location.id, device.pubkey, 0, OWNER), ErrorStatus.PERMISSION_DENIED)
+
+    async with h.core.db.transaction() as session:
+        await reset_failures(session, (await h.sql("SELECT id FROM \"user\" WHERE username = 'alice'"))[0][0])
+    assert await h.login(location.id, device.pubkey, h.code(secret), OWNER)
+
+
+async def test_mail_starts_from_elsewhere_never_end_a_login_already_started(
+    nats_url: str, database_url: str, tmp_path: Path
+) -> None:
+    sink = MailSink().start()
+    try:
+        async with running_core(nats_url, database_url, tmp_path, smtp_host="127.0.0.1", smtp_port=sink.port) as h:
+            location, _ = await h.location()
+            await h.user()
+            await h.admin.call("email_mfa", rpc.EmailMfaRequest(username="alice", enabled=True), rpc.UserInfo)
+            device = await h.device("alice", "laptop", "office")
+            owners, _ = await h.client.start(location.id, device.pubkey, 1, OWNER)
+            code = re.search(r"Your code: (\d{6})", sink.wait_for(1)[0].body).group(1)  # type: ignore[union-attr]
+            for _ in range(2):
+                await h.client.start(location.id, device.pubkey, 1, ATTACKER)
+            # the per-user mail limit holds (3 per 5 minutes) ...
+            await expect_failure(h.client.start(location.id, device.pubkey, 1, ATTACKER), ErrorStatus.RATE_LIMITED)
+            # ... and the owner's login, started before, finishes with its code
+            psk, _ = await h.client.finish(owners, code, None, OWNER)
+            assert len(base64.b64decode(psk)) == 32
+    finally:
+        sink.stop()
+
+
+async def test_every_stream_is_bounded_in_bytes_and_age_from_the_settings(
+    nats_url: str, database_url: str, tmp_path: Path
+) -> None:
+    limits = {"events_max_bytes": 64 * 1024, "dlq_max_bytes": 70_000, "stats_max_bytes": 80_000, "peers_max_bytes": 90_000,
+              "events_max_age_s": 86400, "dlq_max_age_s": 7200, "stats_max_age_s": 600}
+    async with running_core(nats_url, database_url, tmp_path, **limits) as h:
+        configs = {name: (await h.bus.js.stream_info(name)).config
+                   for name in ("WGMFA_EVENTS", "WGMFA_DLQ", "WGMFA_STATS", "WGMFA_PEERS")}
+        assert {name: c.max_bytes for name, c in configs.items()} == {
+            "WGMFA_EVENTS": 64 * 1024, "WGMFA_DLQ": 70_000, "WGMFA_STATS": 80_000, "WGMFA_PEERS": 90_000}
+        assert [configs[n].max_age for n in ("WGMFA_EVENTS", "WGMFA_DLQ", "WGMFA_STATS")] == [86400, 7200, 600]
+
+        # anyone who knows a device's public key can start logins; the audit trail they
+        # write stays within its bytes, the oldest events going first
+        location, _ = await h.location()
+        await h.user()
+        device = await h.device("alice", "laptop", "office")
+        for n in range(250):
+            await h.client.start(location.id, device.pubkey, 0, rpc.ClientInfo(ip=f"198.51.100.{n % 200}"))
+
+        async def trimmed() -> bool:
+            state = (await h.bus.js.stream_info("WGMFA_EVENTS")).state
+            return state.first_seq > 1 and state.messages >= 100
+
+        await eventually(trimmed, timeout=20)
+        assert (await h.bus.js.stream_info("WGMFA_EVENTS")).state.bytes <= 64 * 1024
+
+
+async def test_unfinished_logins_are_dropped_after_an_hour_finished_ones_kept(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    for n in range(30):  # what anyone who knows the public key can do
+        await h.client.start(location.id, device.pubkey, 0, rpc.ClientInfo(ip=f"198.51.100.{n}"))
+    await h.login(location.id, device.pubkey, h.code(secret), OWNER)
+    h.clock.advance(3601)
+    await h.core.mfa.expire_logins()
+    assert await h.sql("SELECT state FROM mfa_login") == [("finished",)]

@@ -53,18 +53,9 @@ class World:
         return {"location": location, "username": username, "devices": made,
                 "credentials": json.loads(self.stack.admin.reply_key.open(location.credentials_sealed))}
 
-    async def allow_mobile(self, username: str, device_name: str) -> str:
-        """An admin's allowance for the device's phone app; returns its one-time code."""
-        allowed = await self.stack.admin.call(
-            "mobile_allow",
-            rpc.MobileAllowRequest(username=username, device_name=device_name, reply_key=self.stack.admin.reply_key.public),
-            rpc.MobileAllowResult,
-        )
-        return self.stack.admin.reply_key.open(allowed.code_sealed)
-
     async def phone_key(self, username: str, device: rpc.DeviceConfig, proxy: str | None = None) -> SigningKey:
         """Allow and register a phone app key for `device`."""
-        code = await self.allow_mobile(username, device.device_name)
+        code = await self.stack.allow_mobile(username, device.device_name)
         key = SigningKey.generate()
         response = await self.stack.http.post(f"{proxy or ''}/api/v1/enrollment/register_mobile",
                                               json={"auth_pub_key": b64(bytes(key.verify_key)), "device_pub_key": device.pubkey,
@@ -228,7 +219,7 @@ async def test_registering_a_mobile_key(world: World) -> None:
     assert await register(key, generate_keypair()[1]) == (400, {"error": "device not found"})
     status, body = await register(key, phone.pubkey)
     assert status == 403 and "wgmfa admin mobile allow" in body["error"]
-    code = await world.allow_mobile(d["username"], "phone")
+    code = await world.stack.allow_mobile(d["username"], "phone")
     # knowing the device's public key is not enough: no code, or a wrong one, is refused
     assert await register(key, phone.pubkey, code=None) == (400, {"error": "No token present"})
     assert await register(key, phone.pubkey, code="guessed") == (403, {"error": "invalid registration code"})
@@ -243,7 +234,7 @@ async def test_wrong_registration_codes_withdraw_the_allowance(world: World) -> 
     public key tries codes; after five wrong ones even the real code is refused."""
     d = await world.setup(devices=("phone",))
     phone = d["devices"]["phone"]
-    code = await world.allow_mobile(d["username"], "phone")
+    code = await world.stack.allow_mobile(d["username"], "phone")
     attacker = b64(bytes(SigningKey.generate().verify_key))
     for attempt in range(5):
         response = await world.stack.http.post("/api/v1/enrollment/register_mobile", json={

@@ -16,7 +16,7 @@ from reaper_worker.app import Reaper, ReaperSettings
 from reaper_worker.liveness import Liveness
 from schemas.common import RevokeReason, uuid7
 from schemas.events import PeerAuthorized, PeerRevoked, PeerSample, StatsSample
-from tests.support.stack import eventually
+from tests.support.stack import eventually, read_stream
 
 THRESHOLD = 300
 GATEWAY_CLOCK_SKEW = timedelta(minutes=-7)  # gateways' clocks need not agree with anyone's
@@ -211,3 +211,18 @@ def test_non_mfa_peers_are_never_watched() -> None:
     )
     assert liveness.authorizations == {}
     assert liveness.due(now=10**9) == []
+
+
+async def test_a_gateway_sampling_at_another_interval_is_reported_once(world: World) -> None:
+    for gateway, interval in (("gw-same", 30.0), ("gw-rare", 120.0), ("gw-rare", 120.0)):
+        sample = StatsSample(location_id=1, gateway_id=gateway, sample_id=uuid7(), sampled_at=world.gateway_now,
+                             peers=[], stats_interval_s=interval)
+        await world.bus.publish(subjects.stats(1, gateway), sample)
+
+    async def reported() -> list[dict]:
+        return [e for e in await read_stream(world.bus, subjects.EVENTS_ALL) if e["type"] == "reaper.stats_interval_mismatch"]
+
+    found = await eventually(reported, what="the mismatch to be reported")
+    await asyncio.sleep(0.5)  # and nothing more comes
+    found = await reported()
+    assert [(e["gateway_id"], e["gateway_interval_s"], e["reaper_interval_s"]) for e in found] == [("gw-rare", 120.0, 30.0)]

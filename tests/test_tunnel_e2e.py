@@ -2,6 +2,7 @@
 both sides, every service a real process. Root only."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -26,7 +27,7 @@ from schemas.common import utcnow
 from tests.conftest import running_nats
 from tests.support.netns import Topology
 from tests.support.stack import REPO, ServiceProcess, Stack, eventually
-from wgmfa.client import client_config
+from wgmfa.client import client_config, interface_name
 from wgmfa.smtp_sink import MailSink
 
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
@@ -403,6 +404,8 @@ async def test_an_app_enrolls_itself_with_its_own_totp_and_opens_a_real_tunnel(w
     assert connected.returncode == 0 and "connected" in connected.stdout, connected.stderr + connected.stdout
     assert net.ping(client_net.netns, "10.71.0.1", count=2)
     world.wgmfa("client", "disconnect", "--interface", net.name("n2"))
+
+
 @pytest.mark.timeout(240)
 async def test_the_company_login_in_a_real_browser_opens_a_real_tunnel(world: World) -> None:
     from tests.support.browser import log_in_with_chromium
@@ -432,3 +435,35 @@ async def test_the_company_login_in_a_real_browser_opens_a_real_tunnel(world: Wo
         world.wgmfa("client", "disconnect", "--interface", net.name("o1"))
     finally:
         provider.stop()
+
+
+async def test_a_failed_connect_removes_what_it_brought_up_and_names_stay_per_namespace(world: World) -> None:
+    net, stack = world.net, world.stack
+    first_net, second_net = net.add_client(), net.add_client()
+    # a location whose gateway never comes: no handshake
+    await stack.add_location("silent", mfa="disabled", network="10.70.0.0/24", endpoint_port=51829)
+    await stack.admin.call("user_add", rpc.UserAddRequest(username="nils", email="nils@example.com"), rpc.UserInfo)
+    config_path = await world.device_config("nils", "desktop", "silent")
+    name = net.name("f1")
+    failed = world.wgmfa("client", "connect", "--config", str(config_path), "--netns", first_net.netns,
+                         "--interface", name, "--timeout", "3")
+    assert failed.returncode == 4, failed.stderr + failed.stdout
+    assert subprocess.run(["ip", "-n", first_net.netns, "link", "show", name], capture_output=True).returncode != 0
+    assert not Path(f"/var/run/wireguard/{name}.sock").exists()
+
+    # an interface of that name in one namespace is never taken over from another
+    other = UserspaceBackend()
+    private, public = generate_keypair()
+    await other.ensure_interface(InterfaceConfig(name, private, 0, "10.70.9.1/32", netns=first_net.netns))
+    try:
+        refused = world.wgmfa("client", "connect", "--config", str(config_path), "--netns", second_net.netns,
+                              "--interface", name, "--timeout", "3")
+        assert refused.returncode == 3, refused.stderr + refused.stdout
+        assert "taken by an interface in another network namespace" in refused.stderr
+        assert (await other.status()).public_key == public  # untouched
+    finally:
+        await other.remove_interface()
+    # by default, the name comes from the namespace as well
+    names = {interface_name({"location_id": 1}, argparse.Namespace(interface=None, netns=ns))
+             for ns in (first_net.netns, second_net.netns)}
+    assert len(names) == 2

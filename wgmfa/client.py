@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import ipaddress
 import json
 import os
@@ -23,6 +24,7 @@ import websockets.exceptions
 
 from events.settings import BusSettings
 from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
+from gateway_worker.backends.common import resolve_endpoint
 from gateway_worker.backends.uapi import UserspaceBackend
 from events.sealing import generate_keypair
 from schemas.common import MfaMethod
@@ -51,7 +53,29 @@ def load_config(path: str) -> dict[str, Any]:
 
 
 def interface_name(config: dict[str, Any], args: argparse.Namespace) -> str:
-    return args.interface or f"wgmfa-c{config['location_id']}"
+    """--interface, or one named after the namespace too: wireguard-go's UAPI socket
+    (/var/run/wireguard/<name>.sock) is one directory for every network namespace, so two
+    clients in two namespaces need two names."""
+    if args.interface:
+        return args.interface
+    if not args.netns:
+        return f"wgmfa-c{config['location_id']}"
+    suffix = str(config["location_id"])
+    return f"wgc{hashlib.sha256(args.netns.encode()).hexdigest()[:15 - 3 - len(suffix) - 1]}-{suffix}"
+
+
+async def preflight(config: dict[str, Any], name: str, netns: str | None, backend: UserspaceBackend) -> None:
+    """What would make the connection fail after the second factor was spent: checked
+    before. Raises BackendError or BackendUnavailable with the reason."""
+    address, _port = resolve_endpoint(config["endpoint"])
+    if ipaddress.ip_address(address.split("%")[0]).is_unspecified:
+        raise BackendError(f"endpoint {config['endpoint']} is not an address a tunnel can reach")
+    backend.wireguard_go()
+    if await backend.socket_of_another_namespace(name, netns):
+        raise BackendError(
+            f"interface name {name} is taken by an interface in another network namespace "
+            "(wireguard-go's sockets are shared by all of them): choose another with --interface"
+        )
 
 
 def state_file(name: str) -> Path:
@@ -212,14 +236,30 @@ def could_open_browser() -> bool:
 async def connect(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     name = interface_name(config, args)
+    backend = UserspaceBackend()
+    try:
+        await preflight(config, name, args.netns, backend)
+    except (BackendError, BackendUnavailable) as exc:
+        return fail(f"cannot connect: {exc}", EXIT_UNAVAILABLE)
     psk = None
     if config.get("mfa_mode", "internal") != "disabled":
         try:
             psk = await run_mfa(config, args)
         except MfaFailed as exc:
             return fail(str(exc), EXIT_MFA)
-    backend = UserspaceBackend()
     interface = InterfaceConfig(name, config["private_key"], 0, config["address"], netns=args.netns)
+    code = await bring_up(config, args, name, interface, backend, psk)
+    if code != 0:
+        # nothing of a failed connection stays behind
+        backend.config = interface
+        await backend.remove_interface()
+        state_file(name).unlink(missing_ok=True)
+        print(f"{name} removed", flush=True)
+    return code
+
+
+async def bring_up(config: dict[str, Any], args: argparse.Namespace, name: str, interface: InterfaceConfig,
+                   backend: UserspaceBackend, psk: str | None) -> int:
     try:
         # A fresh interface: an earlier session's keys and handshake must not linger.
         backend.config = interface

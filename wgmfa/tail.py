@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import sys
 from datetime import datetime, timedelta, timezone
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -83,18 +85,35 @@ async def tail(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"# following {filter_subject} on {stream} (Ctrl-C to stop)", flush=True)
         shown = 0
+        connected = True
         while args.count is None or shown < args.count:
-            msg = await queue.get()
+            try:
+                msg = await asyncio.wait_for(queue.get(), CONNECTION_CHECK_S)
+            except asyncio.TimeoutError:
+                if connected != bus.nc.is_connected:
+                    connected = bus.nc.is_connected
+                    print(f"wgmfa: {'reconnected to' if connected else 'lost the connection to'} NATS at "
+                          f"{settings.nats_url}{'' if connected else '; waiting for it to come back (Ctrl-C to stop)'}",
+                          file=sys.stderr, flush=True)
+                continue
             if args.json:
                 print(msg.data.decode(errors="replace"), flush=True)
             else:
                 print(readable(msg.subject, msg.data), flush=True)
             shown += 1
+    except BrokenPipeError:
+        # the reader went away (`wgmfa events tail | head`): that is the end, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     finally:
         await bus.close()
     return 0
+
+
+CONNECTION_CHECK_S = 0.5
 
 
 def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.ArgumentParser) -> None:

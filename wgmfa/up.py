@@ -2,13 +2,20 @@
 
 nats-server (JetStream, store under the state directory), the core on SQLite, the proxy,
 the reaper, and (as root) one userspace WireGuard gateway for the first location, started
-as soon as that location exists. A child that dies is restarted with a growing delay;
-Ctrl-C stops everything in order.
+as soon as that location exists. A child that dies is restarted with a growing delay.
+
+`up` owns its children: Ctrl-C, SIGTERM, SIGHUP (the terminal closed), `wgmfa down` or a
+stdout nobody reads any more stop everything in order, and should `up` itself be killed
+outright, the kernel stops every child (parent-death signal). One `up` per state
+directory: a second one refuses.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -24,13 +31,91 @@ import httpx
 from events import subjects
 from events.bus import Bus, BusUnavailable
 from events.sealing import ReplyKey
-from events.server import NatsServer, NatsServerError
-from events.settings import BusSettings
+from events.server import NatsServer, NatsServerError, tie_to_parent
+from events.settings import BusSettings, load_settings
 from schemas import rpc
 from wgmfa.output import fail
 
 MAX_BACKOFF_S = 30.0
 STOP_TIMEOUT_S = 10.0
+LOCK_FILE = "up.lock"
+IFNAMSIZ = 15
+
+
+class Output:
+    """up's own messages. A stdout or stderr that went away (`wgmfa up | head`, a closed
+    terminal) is not a crash: it is noted, the output goes to /dev/null, and up stops."""
+
+    lost = False
+
+    @classmethod
+    def say(cls, message: str, *, error: bool = False) -> None:
+        stream = sys.stderr if error else sys.stdout
+        try:
+            print(message, file=stream, flush=True)
+        except OSError:  # EPIPE from a pipe, EIO from a terminal that closed
+            cls.lost = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+
+
+def say(message: str, *, error: bool = False) -> None:
+    Output.say(message, error=error)
+
+
+def interface_name(state_dir: os.PathLike[str] | str, location_id: int) -> str:
+    """The embedded gateway's interface: unique to the state directory, so that `up`
+    never takes over (or, stopping, removes) an interface some other deployment made."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()
+    suffix = str(location_id)
+    return f"wgm{digest[:IFNAMSIZ - 3 - len(suffix) - 1]}-{suffix}"
+
+
+class StateLock:
+    """`<state dir>/up.lock`, locked (flock) for as long as an `up` runs there, with its
+    process id inside."""
+
+    def __init__(self, state_dir: os.PathLike[str] | str) -> None:
+        self.path = os.path.join(state_dir, LOCK_FILE)
+        self.fd: int | None = None
+
+    def acquire(self) -> int | None:
+        """None when taken; else the pid of the `up` holding it (0 if unknown)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            holder = self.holder_pid(fd)
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return None
+
+    @staticmethod
+    def holder_pid(fd: int) -> int:
+        try:
+            return int(os.pread(fd, 32, 0).decode().strip() or 0)
+        except ValueError:
+            return 0
+
+    def held_by(self) -> int | None:
+        """The pid of the running `up`, or None when none runs on this state directory."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return self.holder_pid(fd)
+        finally:
+            os.close(fd)
+        return None
 
 
 class UpSettings(BusSettings):
@@ -58,7 +143,9 @@ class Child:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        # its own session, so that Ctrl-C reaches up alone and the stop is in order; tied
+        # to up, so that it never outlives it
+        self.process = subprocess.Popen(self.argv, env=self.env, start_new_session=True, preexec_fn=tie_to_parent)
         self.started_at = time.monotonic()
 
     def exited(self) -> int | None:
@@ -74,7 +161,7 @@ class Child:
         try:
             self.process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"wgmfa: {self.name} did not stop in time; killing it", file=sys.stderr)
+            say(f"wgmfa: {self.name} did not stop in time; killing it", error=True)
             self.process.kill()
             self.process.wait()
 
@@ -140,7 +227,10 @@ class Supervisor:
     def __init__(self, settings: UpSettings) -> None:
         self.settings = settings
         self.state_dir = settings.state_dir.resolve()
-        self.nats = NatsServer(self.state_dir / "nats", port=settings.nats_port, log_file=self.state_dir / "nats-server.log")
+        self.nats = NatsServer(self.state_dir / "nats", port=settings.nats_port, log_file=self.state_dir / "nats-server.log",
+                               die_with_parent=True)
+        self.lock = StateLock(self.state_dir)
+        self.stopped = False
         self.children: list[Child] = []
         self.stopping = False
         self.gateway_started = False
@@ -191,7 +281,7 @@ class Supervisor:
         try:
             credentials = asyncio.run(first_location_credentials(self.nats.url))
         except Exception as exc:
-            print(f"wgmfa: looking for a location: {exc}", file=sys.stderr, flush=True)
+            say(f"wgmfa: looking for a location: {exc}", error=True)
             return
         if credentials is None:
             return
@@ -199,22 +289,38 @@ class Supervisor:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(credentials, handle)
+        interface = interface_name(self.state_dir, credentials["location_id"])
         gateway = Child(
             "gateway",
             [sys.executable, "-m", "gateway_worker", "--credentials", str(path), "--backend", "userspace",
-             "--remove-interface-on-exit"],
+             "--interface", interface, "--remove-interface-on-exit"],
             self.child_env(),
         )
         gateway.start()
         self.children.append(gateway)
         self.gateway_started = True
-        print(
+        say(
             f"wgmfa: gateway for location {credentials['location_name']} started on interface "
-            f"wgmfa{credentials['location_id']} (port {credentials['listen_port']})",
-            flush=True,
+            f"{interface} (port {credentials['listen_port']})"
         )
 
     def run(self) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        holder = self.lock.acquire()
+        if holder is not None:
+            return fail(
+                f"wgmfa is already up on {self.state_dir}"
+                f"{f' (process {holder})' if holder else ''}; `wgmfa down` stops it"
+            )
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        try:
+            return self._run()
+        finally:
+            self.shutdown()
+
+    def _run(self) -> int:
         s = self.settings
         if not port_free("127.0.0.1", s.nats_port):
             return fail(f"port {s.nats_port} is in use (is wgmfa already up? set WGMFA_NATS_PORT)")
@@ -222,15 +328,11 @@ class Supervisor:
             return fail(f"port {s.proxy_port} on {s.proxy_host} is in use (set WGMFA_PROXY_PORT)")
         if s.runs_sink and not port_free("127.0.0.1", s.smtp_sink_port):
             return fail(f"port {s.smtp_sink_port} is in use (set WGMFA_SMTP_SINK_PORT, or WGMFA_SMTP_HOST for a real server)")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
         try:
             self.nats.start()
         except NatsServerError as exc:
             return fail(str(exc))
-        print(f"wgmfa: nats-server with JetStream at {self.nats.url} (store {self.nats.data_dir})", flush=True)
+        say(f"wgmfa: nats-server with JetStream at {self.nats.url} (store {self.nats.data_dir})")
         self.children = self.plan()
         for child in self.children:
             child.start()
@@ -239,9 +341,11 @@ class Supervisor:
         except BusUnavailable as exc:
             self.shutdown()
             return fail(f"the core did not start: {exc}")
+        if self.stopping:
+            return 0
         proxy_url = f"http://{s.proxy_host}:{s.proxy_port}"
         if not wait_for_http(f"{proxy_url}/api/v1/health", 30):
-            print("wgmfa: the proxy is not answering yet; see its log above", file=sys.stderr)
+            say("wgmfa: the proxy is not answering yet; see its log above", error=True)
         blocker = self.gateway_blocker()
         self.banner(version, proxy_url, blocker)
         if blocker is not None:
@@ -253,7 +357,7 @@ class Supervisor:
             f"not started: {gateway_blocker}" if gateway_blocker
             else "starts for the first location as soon as it exists"
         )
-        print(
+        say(
             f"\nwgmfa {version} is up. State in {self.state_dir}\n"
             f"  proxy   {proxy_url}/api/v1/client-mfa/start\n"
             f"  NATS    {self.nats.url}\n"
@@ -263,8 +367,7 @@ class Supervisor:
             f"From another terminal (after `. .venv/bin/activate`):\n"
             f"  wgmfa admin location add office --endpoint 192.0.2.1:51820 --network 10.10.0.0/24 --mfa internal\n"
             f"  wgmfa events tail\n"
-            f"Ctrl-C stops everything.\n",
-            flush=True,
+            f"Ctrl-C (or `wgmfa down`) stops everything.\n"
         )
 
     def mail_line(self) -> str:
@@ -276,15 +379,15 @@ class Supervisor:
         self.stopping = True
 
     def supervise(self) -> int:
-        while not self.stopping:
+        while not self.stopping and not Output.lost:
             time.sleep(0.3)
             self.start_gateway_when_a_location_exists()
             if self.nats.process is not None and self.nats.process.poll() is not None and not self.stopping:
-                print("wgmfa: nats-server exited; restarting it", file=sys.stderr, flush=True)
+                say("wgmfa: nats-server exited; restarting it", error=True)
                 try:
                     self.nats.start()
                 except NatsServerError as exc:
-                    print(f"wgmfa: {exc}", file=sys.stderr)
+                    say(f"wgmfa: {exc}", error=True)
             now = time.monotonic()
             for child in self.children:
                 code = child.exited()
@@ -295,7 +398,7 @@ class Supervisor:
                     child.failures = child.failures + 1 if now - child.started_at < 60 else 1
                     delay = min(2.0 ** (child.failures - 1), MAX_BACKOFF_S)
                     child.restart_at = now + delay
-                    print(f"wgmfa: {child.name} exited with code {code}; restarting in {delay:g} s", file=sys.stderr, flush=True)
+                    say(f"wgmfa: {child.name} exited with code {code}; restarting in {delay:g} s", error=True)
                 elif now >= child.restart_at:
                     child.restart_at = 0.0
                     child.start()
@@ -303,20 +406,52 @@ class Supervisor:
         return 0
 
     def shutdown(self) -> None:
-        print("\nwgmfa: stopping", flush=True)
+        """Stop every child and nats-server, once; nothing to do if nothing started."""
+        if self.stopped or (self.nats.process is None and not self.children):
+            return
+        self.stopped = True
+        self.stopping = True
+        say("\nwgmfa: stopping")
         for child in reversed(self.children):
             child.stop()
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for child in reversed(self.children):
             child.wait_or_kill(deadline)
         self.nats.stop()
-        print("wgmfa: stopped", flush=True)
+        say("wgmfa: stopped")
 
 
 def up(_args: argparse.Namespace) -> int:
-    return Supervisor(UpSettings()).run()
+    return Supervisor(load_settings(UpSettings)).run()
+
+
+def down(args: argparse.Namespace) -> int:
+    """Stop the `up` running on the state directory, and wait until it has stopped."""
+    state_dir = load_settings(UpSettings).state_dir.resolve()
+    lock = StateLock(state_dir)
+    pid = lock.held_by()
+    if pid is None:
+        return fail(f"wgmfa is not up on {state_dir}")
+    if not pid:
+        return fail(f"wgmfa is up on {state_dir}, but {lock.path} does not say which process it is")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return fail(f"wgmfa (process {pid}) is gone already")
+    except PermissionError:
+        return fail(f"not allowed to stop wgmfa (process {pid}): run `wgmfa down` as the user that ran `wgmfa up`")
+    deadline = time.monotonic() + args.timeout
+    while lock.held_by() is not None:
+        if time.monotonic() > deadline:
+            return fail(f"wgmfa (process {pid}) did not stop within {args.timeout:g} s")
+        time.sleep(0.2)
+    print(f"wgmfa: stopped the wgmfa that was up on {state_dir}")
+    return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction, _json_flag: argparse.ArgumentParser) -> None:
-    p = subparsers.add_parser("up", help="start the whole system on embedded defaults (Ctrl-C stops it)")
+    p = subparsers.add_parser("up", help="start the whole system on embedded defaults (Ctrl-C or `wgmfa down` stops it)")
     p.set_defaults(run=up, sync=True)
+    p = subparsers.add_parser("down", help="stop the `wgmfa up` running on the state directory")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to stop (default 30)")
+    p.set_defaults(run=down, sync=True)

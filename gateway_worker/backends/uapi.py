@@ -101,7 +101,9 @@ class UserspaceBackend:
         await run_ip("address", "replace", config.address, "dev", config.name, netns=config.netns)
         await run_ip("link", "set", config.name, "up", netns=config.netns)
 
-    async def _start_wireguard_go(self, config: InterfaceConfig) -> None:
+    @staticmethod
+    def wireguard_go() -> str:
+        """The wireguard-go binary, if this machine can run an interface at all."""
         binary = shutil.which("wireguard-go") or ("/usr/bin/wireguard-go" if os.path.exists("/usr/bin/wireguard-go") else None)
         if binary is None:
             raise BackendUnavailable("wireguard-go not found: install Debian's wireguard-go (scripts/install.sh does)")
@@ -109,6 +111,17 @@ class UserspaceBackend:
             raise BackendUnavailable("userspace WireGuard needs root (CAP_NET_ADMIN and /dev/net/tun)")
         if not os.path.exists("/dev/net/tun"):
             raise BackendUnavailable("userspace WireGuard needs /dev/net/tun")
+        return binary
+
+    async def socket_of_another_namespace(self, name: str, netns: str | None) -> bool:
+        """Whether /var/run/wireguard/<name>.sock serves an interface that is not in
+        `netns` (the socket directory is one for every namespace)."""
+        if not (self.socket_dir / f"{name}.sock").exists():
+            return False
+        return not (await run_ip("link", "show", name, netns=netns, check=False)).strip()
+
+    async def _start_wireguard_go(self, config: InterfaceConfig) -> None:
+        binary = self.wireguard_go()
         stale = self.socket_dir / f"{config.name}.sock"
         if stale.exists():
             stale.unlink()  # left by a wireguard-go that died

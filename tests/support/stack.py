@@ -241,6 +241,16 @@ class Stack:
         )
         return private, config
 
+    async def allow_mobile(self, username: str, device_name: str) -> str:
+        """An admin's allowance for the device's phone app; returns its one-time code."""
+        assert self.admin
+        allowed = await self.admin.call(
+            "mobile_allow",
+            rpc.MobileAllowRequest(username=username, device_name=device_name, reply_key=self.admin.reply_key.public),
+            rpc.MobileAllowResult,
+        )
+        return self.admin.reply_key.open(allowed.code_sealed)
+
 
 class BusCapture:
     """Every message on the server (`>`: streams, requests, replies, inboxes), for

@@ -1,7 +1,7 @@
 """oidc provider and login flow
 
 Revision ID: 0011_oidc
-Revises: 0002
+Revises: 0010_enrollment
 Create Date: 2026-11-25 18:06:43.074356
 """
 from typing import Sequence, Union
