@@ -131,7 +131,7 @@ class Mfa:
         code = None
         async with self.ctx.transaction() as session:
             location = await session.get(Location, req.location_id)
-            if location is None:
+            if location is None or location.removed_at is not None:
                 raise _bad(LOCATION_NOT_FOUND)
             mode = MfaMode(location.mfa_mode)
             if mode == MfaMode.DISABLED:
