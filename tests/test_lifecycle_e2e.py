@@ -18,7 +18,7 @@ from gateway_worker.backend import InterfaceConfig
 from gateway_worker.backends.uapi import UserspaceBackend
 from schemas import rpc
 from tests.conftest import running_nats
-from tests.support.netns import Topology
+from tests.support.netns import Topology, sh
 from tests.support.stack import ServiceProcess, Stack, eventually
 from tests.test_tunnel_e2e import SETTINGS, World
 from wgmfa.smtp_sink import MailSink
@@ -265,3 +265,40 @@ async def test_a_core_killed_before_publishing_a_disable_revokes_after_restart(w
 
 async def _gone(world: World, location_id: int, pubkey: str) -> bool:
     return await world.peer_at_gateway(location_id, pubkey) is None
+
+
+async def test_routed_networks_are_reachable_through_the_gateway(world: World) -> None:
+    """`--allowed-ips` lets clients reach a company network behind the gateway: the gateway
+    forwards for its interface; the operator gives the company network a way back."""
+    net = world.net
+    company, outer, inner = f"wgt{net.tag}r", f"vr{net.tag}a", f"vr{net.tag}b"
+    sh("ip", "netns", "add", company)
+    try:
+        sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+        sh("ip", "link", "set", outer, "netns", net.gateway)
+        sh("ip", "link", "set", inner, "netns", company)
+        net.run(net.gateway, "ip", "address", "add", "192.168.77.1/24", "dev", outer)
+        net.run(net.gateway, "ip", "link", "set", outer, "up")
+        net.run(company, "ip", "link", "set", "lo", "up")
+        net.run(company, "ip", "address", "add", "192.168.77.2/24", "dev", inner)
+        net.run(company, "ip", "link", "set", inner, "up")
+        # the operator's part: the way back to the VPN network, and forwarding on the LAN side
+        net.run(company, "ip", "route", "add", "10.77.0.0/24", "via", "192.168.77.1")
+        net.run(net.gateway, "sysctl", "-q", "-w", f"net.ipv4.conf.{outer}.forwarding=1")
+
+        location = await world.stack.add_location("routed", network="10.77.0.0/24", endpoint_port=51837)
+        await admin_cli(world, "location", "set", "routed", "--allowed-ips", "192.168.77.0/24", "--dns", "192.168.77.2")
+        world.gateway(location).start()
+        secret = await world.stack.add_user_with_totp("rob")
+        config, netns, interface = await connected_device(world, "rob", "laptop", location, secret)
+        assert config["allowed_ips"] == ["10.77.0.0/24", "192.168.77.0/24"]
+        gateway_if = net.name(f"g{location.location.id}")
+        forwarding = net.run(net.gateway, "sysctl", "-n", f"net.ipv4.conf.{gateway_if}.forwarding").stdout.strip()
+        assert forwarding == "1"
+        assert net.ping(netns, "192.168.77.2", count=2)
+        # it is the gateway's forwarding that carries it
+        net.run(net.gateway, "sysctl", "-q", "-w", f"net.ipv4.conf.{gateway_if}.forwarding=0")
+        assert not net.ping(netns, "192.168.77.2", wait_s=1)
+        world.wgmfa("client", "disconnect", "--interface", interface)
+    finally:
+        sh("ip", "netns", "delete", company, check=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import websockets.exceptions
 
 from events.settings import BusSettings
 from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
+from gateway_worker.backends.common import run_ip
 from gateway_worker.backends.uapi import UserspaceBackend
 from schemas.common import MfaMethod
 from wgmfa.mobile import load_key, qr_payload, sign
@@ -169,6 +171,17 @@ async def run_method(proxy: Proxy, config: dict[str, Any], args: argparse.Namesp
     return await proxy.remote_psk(token, timeout=args.timeout_mfa)
 
 
+async def route_networks(interface: str, config: dict[str, Any], netns: str | None) -> None:
+    """Route the networks the location routes (beyond its own, which the address covers)
+    through the tunnel."""
+    own = ipaddress.ip_interface(config["address"]).network
+    for network in config["allowed_ips"]:
+        routed = ipaddress.ip_network(network, strict=False)
+        if routed.version == own.version and routed.subnet_of(own):  # type: ignore[arg-type]
+            continue
+        await run_ip("route", "replace", str(routed), "dev", interface, netns=netns)
+
+
 async def connect(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     name = interface_name(config, args)
@@ -194,6 +207,7 @@ async def connect(args: argparse.Namespace) -> int:
                 endpoint=config["endpoint"],
             )
         )
+        await route_networks(name, config, args.netns)
     except BackendUnavailable as exc:
         return fail(str(exc), EXIT_UNAVAILABLE)
     except BackendError as exc:
