@@ -10,7 +10,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, delete, select
 
 from core_service.context import CoreContext
-from core_service.models import Device, Location, LocationDevice, PeerStat, User, VpnSession
+from core_service.models import Device, Location, LocationDevice, PeerStat, VpnSession
 from core_service.outbox import enqueue_event
 from core_service.sessions import names, parties, revoke
 from schemas.common import LIVE_SESSION_STATES, SessionState
@@ -59,24 +59,25 @@ class DataPlane:
         """Give back the address of a removed device (or of a device at a removed location)
         once its last revoke is on the peer stream, which every gateway converges to: until
         then a gateway may still hold the old peer with that address."""
+        query = (
+            select(LocationDevice, Device, Location)
+            .join(Device, col(Device.id) == LocationDevice.device_id)
+            .join(Location, col(Location.id) == LocationDevice.location_id)
+            .where(
+                LocationDevice.location_id == state.location_id,
+                LocationDevice.device_id == state.device_id,
+                LocationDevice.generation == state.generation,  # the device's last state
+                (col(Device.removed_at).is_not(None)) | (col(Location.removed_at).is_not(None)),
+            )
+        )
+        async with self.ctx.db.reader() as session:  # most revokes release nothing: no write
+            if (await session.exec(query)).first() is None:
+                return
         async with self.ctx.transaction() as session:
-            row = (
-                await session.exec(
-                    select(LocationDevice, Device, Location, User)
-                    .join(Device, col(Device.id) == LocationDevice.device_id)
-                    .join(Location, col(Location.id) == LocationDevice.location_id)
-                    .join(User, col(User.id) == Device.user_id)
-                    .where(LocationDevice.location_id == state.location_id, LocationDevice.device_id == state.device_id)
-                    .with_for_update(of=LocationDevice)  # type: ignore[arg-type]
-                )
-            ).first()
+            row = (await session.exec(query.with_for_update(of=LocationDevice))).first()  # type: ignore[arg-type]
             if row is None:
                 return
-            placement, device, location, _ = row
-            if placement.generation != state.generation:
-                return  # not the last state of the device
-            if device.removed_at is None and location.removed_at is None:
-                return
+            placement = row[0]
             await session.delete(placement)
         log.info("address %s at location %s given back", placement.address, state.location_id)
 
