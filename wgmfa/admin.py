@@ -124,8 +124,11 @@ async def location_list(client: AdminClient, args: argparse.Namespace) -> int:
         print_json(result.locations)
     else:
         print_table(
-            [loc.model_dump() for loc in result.locations],
-            ["id", "name", "endpoint", "network", "mfa_mode", "threshold_s", "lifetime_s"],
+            [
+                loc.model_dump() | {"allowed_ips": ",".join(loc.allowed_ips) or None, "dns": ",".join(loc.dns) or None}
+                for loc in result.locations
+            ],
+            ["id", "name", "endpoint", "network", "mfa_mode", "threshold_s", "lifetime_s", "allowed_ips", "dns"],
         )
     return 0
 
