@@ -3,11 +3,12 @@ session's first handshake marks it connected."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, delete, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service.context import CoreContext
 from core_service.models import Device, Location, LocationDevice, PeerStat, VpnSession
@@ -81,7 +82,7 @@ class DataPlane:
             await session.delete(placement)
         log.info("address %s at location %s given back", placement.address, state.location_id)
 
-    async def _keep_latest(self, session, sample: StatsSample, now) -> None:  # type: ignore[no-untyped-def]
+    async def _keep_latest(self, session: AsyncSession, sample: StatsSample, now: datetime) -> None:
         """Upsert the latest sample of each peer of this gateway in one statement, so that
         `sessions --live` answers the same on every core (each sample is consumed by one)."""
         if sample.peers:
