@@ -153,7 +153,7 @@ async def test_an_operator_offboards_a_user_and_changes_a_location(stack: Stack)
     changed = await ok("location", "set", "branch", "--allowed-ips", "192.168.1.0/24,10.99.0.0/16", "--keepalive", "20")
     assert "allowed_ips: [] -> ['192.168.1.0/24', '10.99.0.0/16']" in changed and "keepalive_s: 25 -> 20" in changed
 
-    assert "dan disabled" in await ok("user", "disable", "dan")
+    assert "dan disabled" in await ok("user", "disable", "dan", "--actor", "hr")
     again = await wgmfa(stack, "admin", "user", "disable", "dan")
     assert (again.returncode, again.stderr.strip()) == (1, "wgmfa: user dan is already disabled")
     assert "DISABLED" in await ok("user", "show", "dan")
@@ -170,4 +170,5 @@ async def test_an_operator_offboards_a_user_and_changes_a_location(stack: Stack)
     events = await read_stream(stack.admin.bus, "wgmfa.events.admin.>")
     actors = {e["type"]: e["actor"] for e in events if e.get("username") == "dan" or e.get("location_name") == "branch"}
     assert actors["admin.user_deleted"] == "helpdesk"
-    assert actors["admin.user_disabled"] == actors["admin.location_changed"] == os_user()
+    assert actors["admin.user_disabled"] == "hr"
+    assert actors["admin.location_changed"] == actors["admin.totp_reset"] == os_user()
