@@ -124,6 +124,21 @@ def tombstone_name(name: str, row_id: object, what: str) -> str:
     return f"{name[:40]}#{what}-{row_id}"
 
 
+def parse_vpn_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise _invalid(f"invalid network {text!r}: {exc}") from None
+    if network.num_addresses < 4:
+        raise _invalid(f"network {network} is too small: it needs room for the gateway and devices")
+    return network
+
+
+def gateway_address(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """The gateway takes the network's first host address."""
+    return f"{next(iter(network.hosts()))}/{network.prefixlen}"
+
+
 def parse_networks(values: list[str], what: str) -> list[str]:
     networks = []
     for value in values:
@@ -213,12 +228,7 @@ class Admin:
         if req.name.isdigit():
             raise _invalid("location name must not be a number (numbers refer to location ids)")
         _, port = parse_endpoint(req.endpoint)
-        try:
-            network = ipaddress.ip_network(req.network, strict=True)
-        except ValueError as exc:
-            raise _invalid(f"invalid network {req.network!r}: {exc}") from None
-        if network.num_addresses < 4:
-            raise _invalid(f"network {network} is too small: it needs room for the gateway and devices")
+        network = parse_vpn_network(req.network)
         threshold = req.threshold_s if req.threshold_s is not None else settings.default_threshold_s
         lifetime = req.lifetime_s if req.lifetime_s is not None else settings.default_lifetime_s
         keepalive = req.keepalive_s if req.keepalive_s is not None else settings.default_keepalive_s
@@ -227,13 +237,12 @@ class Admin:
         dns = parse_addresses(req.dns, "DNS server")
         wg_private, wg_public = generate_keypair()
         sealing_private, sealing_public = generate_keypair()
-        gateway_host = next(iter(network.hosts()))
         location = Location(
             name=req.name,
             endpoint=req.endpoint.strip(),
             listen_port=port,
             network=str(network),
-            gateway_address=f"{gateway_host}/{network.prefixlen}",
+            gateway_address=gateway_address(network),
             wg_public_key=wg_public,
             wg_private_key_enc=self.ctx.vault.encrypt(wg_private),
             sealing_public_key=sealing_public,
@@ -839,7 +848,8 @@ class Admin:
         """Change a location. Its devices follow at once, in the same transaction: from no
         MFA to MFA every peer leaves (devices need MFA to come back); from MFA to none every
         device is put on without PSK (live sessions end); a new threshold, keepalive or
-        routed networks re-issue the live peers (same PSK, next generation)."""
+        routed networks re-issue the live peers (same PSK, next generation); a new network
+        renumbers every device and issues its peer anew (with MFA: after MFA again)."""
         now = self.ctx.clock.now()
         async with self.ctx.transaction() as session:
             location = await find_location(session, req.location, lock=True)
@@ -852,6 +862,12 @@ class Admin:
                 new["session_lifetime_s"] = req.lifetime_s
             if req.keepalive_s is not None:
                 new["keepalive_s"] = req.keepalive_s
+            if req.network is not None:
+                network = parse_vpn_network(req.network)
+                if str(network) != location.network:
+                    await self._check_no_overlap(session, network, location.name)
+                    new["network"] = str(network)
+                    new["gateway_address"] = gateway_address(network)
             if req.endpoint is not None:
                 _, port = parse_endpoint(req.endpoint)
                 new["endpoint"] = req.endpoint.strip()
@@ -878,8 +894,21 @@ class Admin:
             session.add(location)
             ended = reissued = removed = 0
             reissue = bool({"peer_disconnect_threshold_s", "keepalive_s", "allowed_ips"} & changes.keys())
-            for placement, device, user in await self._placements_at(session, location):
-                if old_mode == MfaMode.DISABLED and mode != MfaMode.DISABLED:
+            placements = await self._placements_at(session, location)
+            if "network" in changes:
+                await self._renumber(session, location, [placement for placement, _, _ in placements])
+            for placement, device, user in placements:
+                if "network" in changes and mode != MfaMode.DISABLED:
+                    # the client's tunnel has the old address: it needs its new config and MFA again
+                    ended += await retract_peer(session, location, device, user, placement, RevokeReason.ADMIN, now)
+                    removed += 1
+                elif "network" in changes:  # and from now on without MFA
+                    for live in await live_sessions(session, location.id, device.id):  # type: ignore[arg-type]
+                        await revoke(session, live, location, device, user, RevokeReason.ADMIN, now, publish_peer=False)
+                        ended += 1
+                    if user.is_active:
+                        reissued += await reissue_peer(self.ctx, session, location, device, placement, now)
+                elif old_mode == MfaMode.DISABLED and mode != MfaMode.DISABLED:
                     await retract_peer(session, location, device, user, placement, RevokeReason.ADMIN, now)
                     removed += 1
                 elif old_mode != MfaMode.DISABLED and mode == MfaMode.DISABLED:
@@ -905,6 +934,35 @@ class Admin:
             location=location_info(location), changes=changes, peers_reissued=reissued, peers_removed=removed,
             sessions_revoked=ended,
         )
+
+    async def _renumber(self, session: AsyncSession, location: Location, placements: list[LocationDevice]) -> None:
+        """Give every device an address in the location's new network, in device order. The
+        addresses of removed devices not given back yet stay taken."""
+        network = ipaddress.ip_network(location.network)
+        moving = {(p.location_id, p.device_id) for p in placements}
+        taken = {
+            address
+            for address, device_id in (
+                await session.exec(
+                    select(LocationDevice.address, LocationDevice.device_id).where(LocationDevice.location_id == location.id)
+                )
+            ).all()
+            if (location.id, device_id) not in moving
+        }
+        taken.add(location.gateway_address.split("/")[0])
+        free = (str(host) for host in network.hosts() if str(host) not in taken)
+        addresses = [address for address, _ in zip(free, placements)]
+        if len(addresses) < len(placements):
+            raise _invalid(f"network {network} has no room for the {len(placements)} devices of location {location.name}")
+        # Two steps, so that no address is held twice on the way (the networks may overlap).
+        for placement in placements:
+            placement.address = f"moving-{placement.device_id}"
+            session.add(placement)
+        await session.flush()
+        for placement, address in zip(placements, addresses):
+            placement.address = address
+            session.add(placement)
+        await session.flush()
 
     async def location_remove(self, req: LocationRemoveRequest) -> LocationChangeResult:
         """Every device leaves the location's gateways; the location becomes a tombstone

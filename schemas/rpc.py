@@ -183,6 +183,7 @@ class LocationSetRequest(_AdminChange):
     lifetime_s: int | None = Field(None, ge=0, le=MAX_SECONDS)
     keepalive_s: int | None = Field(None, ge=0, le=MAX_SECONDS)
     endpoint: str | None = Field(None, max_length=255)
+    network: str | None = Field(None, max_length=64, description="a new VPN network: every device is renumbered")
     allowed_ips: list[str] | None = Field(None, max_length=256)
     dns: list[str] | None = Field(None, max_length=16)
 

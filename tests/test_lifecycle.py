@@ -434,3 +434,48 @@ async def test_a_disable_committed_but_not_published_is_published_by_the_next_co
 @pytest.mark.parametrize("command", ["user_disable", "user_enable", "user_delete", "user_unlock"])
 async def test_unknown_users_are_refused(h: Harness, command: str) -> None:
     await expect_failure(change(h, command, "ghost"), ErrorStatus.NOT_FOUND, "user ghost not found")
+
+
+async def test_a_new_network_renumbers_every_device(h: Harness) -> None:
+    lab, _ = await h.location("lab", mfa_mode="disabled", network="10.20.0.0/24")
+    office, _ = await h.location("office", network="10.30.0.0/24")
+    secret = await h.user()
+    desktop = await h.device("alice", "desktop", "lab")
+    printer = await h.device("alice", "printer", "lab")
+    laptop = await h.device("alice", "laptop", "office")
+    await h.login(office.id, laptop.pubkey, h.code(secret))
+
+    for network, needle in [
+        ("10.30.0.0/25", "overlaps 10.30.0.0/24 of location office"),
+        ("10.21.0.1/24", "host bits set"),
+        ("10.21.0.0/30", "no room for the 2 devices"),
+    ]:
+        failure = await expect_failure(
+            h.admin.call("location_set", rpc.LocationSetRequest(location="lab", network=network), rpc.LocationChangeResult),
+            ErrorStatus.INVALID_ARGUMENT,
+        )
+        assert needle in failure.error.message, failure.error.message
+    assert [d.address for d in (await h.admin.call("device_list", rpc.DeviceListRequest(), rpc.DeviceListResult)).devices] == [
+        "10.20.0.2/24", "10.20.0.3/24", "10.30.0.2/24"
+    ]
+
+    # overlapping the old network on purpose: no address is held twice on the way
+    moved = await h.admin.call("location_set", rpc.LocationSetRequest(location="lab", network="10.20.0.0/23"), rpc.LocationChangeResult)
+    assert moved.changes["network"] == ["10.20.0.0/24", "10.20.0.0/23"] and moved.peers_reissued == 2
+    assert moved.location.gateway_address == "10.20.0.1/23"
+    for device, address in ((desktop, "10.20.0.2"), (printer, "10.20.0.3")):
+        state = await last_state(h, lab.id, device.device_id)
+        assert isinstance(state, PeerAuthorized) and state.allowed_ips == [f"{address}/32"] and state.generation == 2
+    configs = (await h.admin.call("device_list", rpc.DeviceListRequest(), rpc.DeviceListResult)).devices
+    assert [c.address for c in configs if c.location_name == "lab"] == ["10.20.0.2/23", "10.20.0.3/23"]
+
+    # with MFA, the tunnel has the old address: the session ends and MFA comes first again
+    renumbered = await h.admin.call(
+        "location_set", rpc.LocationSetRequest(location="office", network="10.40.0.0/24"), rpc.LocationChangeResult
+    )
+    assert (renumbered.sessions_revoked, renumbered.peers_removed) == (1, 1)
+    assert isinstance(await last_state(h, office.id, laptop.device_id), PeerRevoked)
+    h.clock.advance(30)
+    await h.login(office.id, laptop.pubkey, h.code(secret))
+    state = await last_state(h, office.id, laptop.device_id)
+    assert isinstance(state, PeerAuthorized) and state.allowed_ips == ["10.40.0.2/32"]

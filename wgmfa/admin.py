@@ -464,7 +464,8 @@ async def location_set(client: AdminClient, args: argparse.Namespace) -> int:
         "location_set",
         rpc.LocationSetRequest(
             location=args.name, mfa_mode=args.mfa, threshold_s=args.threshold, lifetime_s=args.lifetime,
-            keepalive_s=args.keepalive, endpoint=args.endpoint, allowed_ips=split_list(args.allowed_ips),
+            keepalive_s=args.keepalive, endpoint=args.endpoint, network=args.network,
+            allowed_ips=split_list(args.allowed_ips),
             dns=split_list(args.dns),
         ),
         rpc.LocationChangeResult,
@@ -473,8 +474,10 @@ async def location_set(client: AdminClient, args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print_location_change(result, "changed")
-    if "listen_port" in result.changes:
-        print("  the gateways listen on the new port once restarted with new credentials (`wgmfa admin gateway add`)")
+    if "listen_port" in result.changes or "network" in result.changes:
+        print("  the gateways take the new port or address once restarted with new credentials (`wgmfa admin gateway add`)")
+    if "network" in result.changes:
+        print("  every device has a new address: give each its new config (`wgmfa admin device list`)")
     return 0
 
 
@@ -530,6 +533,7 @@ def add_parser(subparsers: argparse._SubParsersAction, json_flag: argparse.Argum
     p.add_argument("--lifetime", type=int, help="absolute session lifetime in seconds (new sessions)")
     p.add_argument("--keepalive", type=int, help="persistent keepalive for clients in seconds")
     p.add_argument("--endpoint", help="HOST:PORT clients connect to")
+    p.add_argument("--network", help="a new VPN network: every device gets a new address")
     p.add_argument("--allowed-ips", help="routed networks, CIDR, comma-separated ('' for none)")
     p.add_argument("--dns", help="DNS servers, comma-separated ('' for none)")
     p.set_defaults(run=location_set)
