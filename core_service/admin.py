@@ -897,29 +897,19 @@ class Admin:
             placements = await self._placements_at(session, location)
             if "network" in changes:
                 await self._renumber(session, location, [placement for placement, _, _ in placements])
+            renumbered = "network" in changes
             for placement, device, user in placements:
-                if "network" in changes and mode != MfaMode.DISABLED:
-                    # the client's tunnel has the old address: it needs its new config and MFA again
+                if mode != MfaMode.DISABLED and (renumbered or old_mode == MfaMode.DISABLED):
+                    # unauthenticated peers leave; after a new network the client's tunnel has
+                    # the old address: it needs its new config and MFA again
                     ended += await retract_peer(session, location, device, user, placement, RevokeReason.ADMIN, now)
                     removed += 1
-                elif "network" in changes:  # and from now on without MFA
+                elif mode == MfaMode.DISABLED and (renumbered or old_mode != MfaMode.DISABLED):
                     for live in await live_sessions(session, location.id, device.id):  # type: ignore[arg-type]
                         await revoke(session, live, location, device, user, RevokeReason.ADMIN, now, publish_peer=False)
                         ended += 1
-                    if user.is_active:
+                    if user.is_active:  # a disabled user's devices stay off
                         reissued += await reissue_peer(self.ctx, session, location, device, placement, now)
-                elif old_mode == MfaMode.DISABLED and mode != MfaMode.DISABLED:
-                    await retract_peer(session, location, device, user, placement, RevokeReason.ADMIN, now)
-                    removed += 1
-                elif old_mode != MfaMode.DISABLED and mode == MfaMode.DISABLED:
-                    for live in await live_sessions(session, location.id, device.id):  # type: ignore[arg-type]
-                        await revoke(session, live, location, device, user, RevokeReason.ADMIN, now, publish_peer=False)
-                        ended += 1
-                    if user.is_active:
-                        await reissue_peer(self.ctx, session, location, device, placement, now)
-                        reissued += 1
-                    else:
-                        await retract_peer(session, location, device, user, placement, RevokeReason.USER_DISABLED, now)
                 elif reissue and user.is_active:
                     reissued += await reissue_peer(self.ctx, session, location, device, placement, now)
             enqueue_event(
