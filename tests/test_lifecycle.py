@@ -479,3 +479,21 @@ async def test_a_new_network_renumbers_every_device(h: Harness) -> None:
     await h.login(office.id, laptop.pubkey, h.code(secret))
     state = await last_state(h, office.id, laptop.device_id)
     assert isinstance(state, PeerAuthorized) and state.allowed_ips == ["10.40.0.2/32"]
+
+
+async def test_a_disabled_users_devices_stay_off_whatever_the_location_does(h: Harness) -> None:
+    office, _ = await h.location()
+    await h.user()
+    laptop = await h.device("alice", "laptop", "office")
+    await change(h, "user_disable", "alice")
+    lab, _ = await h.location("lab", mfa_mode="disabled", network="10.20.0.0/24")
+    desktop = await h.device("alice", "desktop", "lab")
+    assert await last_state(h, lab.id, desktop.device_id) is None  # not put on while disabled
+    result = await h.admin.call("location_set", rpc.LocationSetRequest(location="office", mfa_mode="disabled"),
+                                rpc.LocationChangeResult)
+    assert result.peers_reissued == 0
+    assert not isinstance(await last_state(h, office.id, laptop.device_id), PeerAuthorized)
+    enabled = await change(h, "user_enable", "alice")
+    assert enabled.peers_added == 2  # both locations are without MFA now
+    for location_id, device in ((office.id, laptop), (lab.id, desktop)):
+        assert isinstance(await last_state(h, location_id, device.device_id), PeerAuthorized)
