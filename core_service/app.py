@@ -60,7 +60,7 @@ class Core:
         await relay.flush()  # what a previous run committed but could not publish
         for subject, request_type, handler in self._routes():
             await self.bus.serve_rpc(subject, request_type, handler)
-        dataplane = DataPlane(ctx)
+        dataplane = self.dataplane = DataPlane(ctx)
         # one durable each, shared by every core: the work is split between them
         self.bus.consume(
             stream=streams.PEERS.name,
@@ -119,6 +119,18 @@ class Core:
             (subjects.admin_rpc("device_list"), rpc.DeviceListRequest, admin.device_list),
             (subjects.admin_rpc("sessions"), rpc.SessionsRequest, admin.sessions),
             (subjects.admin_rpc("revoke"), rpc.RevokeRequest, admin.revoke),
+            (subjects.admin_rpc("location_set"), rpc.LocationSetRequest, admin.location_set),
+            (subjects.admin_rpc("location_remove"), rpc.LocationRemoveRequest, admin.location_remove),
+            (subjects.admin_rpc("user_disable"), rpc.UserChangeRequest, admin.user_disable),
+            (subjects.admin_rpc("user_enable"), rpc.UserChangeRequest, admin.user_enable),
+            (subjects.admin_rpc("user_delete"), rpc.UserChangeRequest, admin.user_delete),
+            (subjects.admin_rpc("user_unlock"), rpc.UserChangeRequest, admin.user_unlock),
+            (subjects.admin_rpc("user_set"), rpc.UserSetRequest, admin.user_set),
+            (subjects.admin_rpc("user_show"), rpc.UserRef, admin.user_show),
+            (subjects.admin_rpc("totp_reset"), rpc.FactorRemoveRequest, admin.totp_reset),
+            (subjects.admin_rpc("mobile_remove"), rpc.MobileRemoveRequest, admin.mobile_remove),
+            (subjects.admin_rpc("device_remove"), rpc.DeviceRef, admin.device_remove),
+            (subjects.admin_rpc("device_rename"), rpc.DeviceRenameRequest, admin.device_rename),
         ]
 
     async def _hello(self, _req: rpc.CoreHello) -> rpc.CoreHelloResult:
@@ -131,6 +143,7 @@ class Core:
         closed = await self.enrollments.expire()
         if closed:
             log.info("closed %s enrollment sessions", closed)
+        await self.dataplane.purge_stats()
 
     async def stop(self) -> None:
         await cancel_all(self._tasks)

@@ -8,7 +8,6 @@ Wire behaviour follows Defguard's core (strings included), see docs in README.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -20,7 +19,7 @@ from sqlmodel import col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service import factor_setup
-from core_service.admin import mobile_code_hash, place_device
+from core_service.admin import client_allowed_ips, mobile_code_hash, place_device
 from core_service.context import CoreContext
 from core_service.factors.base import token_hash
 from core_service.keys import ENROLLMENT_COOKIE
@@ -100,14 +99,15 @@ def app_location_config(location: Location, placement: LocationDevice) -> AppLoc
     """One location as Defguard's apps read it. Everything the apps follow through
     `/poll` is derived here, from the location's row, and nowhere else."""
     mode = MfaMode(location.mfa_mode)
-    allowed_ips = [str(ipaddress.ip_network(location.network))]
-    allowed = ",".join(allowed_ips)
+    allowed = ",".join(client_allowed_ips(location))
+    dns = ",".join(location.dns) or None
     address = placement.address.split("/")[0]
     config = (
         "[Interface]\n"
         "PrivateKey = YOUR_PRIVATE_KEY\n"
         f"Address = {address}\n"
-        "\n"
+        + (f"DNS = {dns}\n" if dns else "")
+        + "\n"
         "[Peer]\n"
         f"PublicKey = {location.wg_public_key}\n"
         f"AllowedIPs = {allowed}\n"
@@ -122,7 +122,7 @@ def app_location_config(location: Location, placement: LocationDevice) -> AppLoc
         assigned_ip=address,
         pubkey=location.wg_public_key,
         allowed_ips=allowed,
-        dns=None,
+        dns=dns,
         mfa_enabled=mode == MfaMode.INTERNAL,
         keepalive_interval=location.keepalive_s,
         location_mfa_mode=_MODE_NUMBER[mode],

@@ -11,17 +11,17 @@ from core_service.outbox import enqueue_event
 from schemas.events import TotpEnrolled
 
 
-def begin_totp(ctx: CoreContext, session: AsyncSession, user: User) -> str:
+def begin_totp(ctx: CoreContext, session: AsyncSession, user: User, *, actor: str | None = None) -> str:
     """A new TOTP secret, pending until confirmed; returns it (the caller shows it once).
     The active factor (if any) keeps working until the new one is confirmed."""
     secret = totp.new_secret()
     user.totp_pending_secret_enc = ctx.vault.encrypt(secret)
     session.add(user)
-    enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=False))  # type: ignore[arg-type]
+    enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=False, actor=actor))  # type: ignore[arg-type]
     return secret
 
 
-def confirm_totp(ctx: CoreContext, session: AsyncSession, user: User, code: str) -> bool:
+def confirm_totp(ctx: CoreContext, session: AsyncSession, user: User, code: str, *, actor: str | None = None) -> bool:
     """Activate the pending secret if `code` matches it; the confirming step is used up,
     so that code cannot log in afterwards. False: the code does not match."""
     assert user.totp_pending_secret_enc is not None
@@ -33,7 +33,7 @@ def confirm_totp(ctx: CoreContext, session: AsyncSession, user: User, code: str)
     user.totp_pending_secret_enc = None
     user.totp_last_step = step
     session.add(user)
-    enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=True))  # type: ignore[arg-type]
+    enqueue_event(session, TotpEnrolled(user_id=user.id, username=user.username, confirmed=True, actor=actor))  # type: ignore[arg-type]
     return True
 
 

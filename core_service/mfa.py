@@ -96,6 +96,20 @@ async def reset_failures(session: AsyncSession, user_id: int) -> None:
     await session.exec(delete(MfaAddressFailures).where(col(MfaAddressFailures.user_id) == user_id))
 
 
+async def lockout_state(session: AsyncSession, ctx: CoreContext, user: User) -> tuple[bool, datetime | None]:
+    """(locked until an administrator unlocks, the latest time one of the user's client
+    addresses stays locked out), for an administrator's view."""
+    hard_locked = user.mfa_failures >= ctx.settings.mfa_hard_lock_failures
+    latest = (
+        await session.exec(
+            select(MfaAddressFailures.locked_until)
+            .where(col(MfaAddressFailures.user_id) == user.id, col(MfaAddressFailures.locked_until) > ctx.clock.now())
+            .order_by(col(MfaAddressFailures.locked_until).desc())
+        )
+    ).first()
+    return hard_locked, latest
+
+
 _FactorFailed = FactorFailed
 
 
@@ -118,7 +132,7 @@ class Mfa:
         code = None
         async with self.ctx.transaction() as session:
             location = await session.get(Location, req.location_id)
-            if location is None:
+            if location is None or location.removed_at is not None:
                 raise _bad(LOCATION_NOT_FOUND)
             mode = MfaMode(location.mfa_mode)
             if mode == MfaMode.DISABLED:

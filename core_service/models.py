@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Column, Index, JSON, UniqueConstraint, text
+from sqlalchemy import BigInteger, Column, Index, JSON, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from schemas.common import utcnow
@@ -32,6 +32,9 @@ class User(SQLModel, table=True):
     oidc_issuer: str | None = Field(default=None, max_length=512)
     oidc_subject: str | None = Field(default=None, max_length=255)
     created_at: datetime = Field(default_factory=utcnow)
+    deleted_at: datetime | None = Field(
+        default=None, description="a tombstone: the row stays for the sessions that name it, under a freed name"
+    )
 
 
 class Device(SQLModel, table=True):
@@ -50,6 +53,11 @@ class Device(SQLModel, table=True):
     )
     mobile_registration_failures: int = Field(default=0, description="wrong codes against the current allowance")
     created_at: datetime = Field(default_factory=utcnow)
+    removed_at: datetime | None = Field(
+        default=None,
+        description="a tombstone: ids name peer subjects, so a removed device keeps its id (never reused) "
+        "and gives up its name and public key",
+    )
 
 
 class MobileKey(SQLModel, table=True):
@@ -80,7 +88,17 @@ class Location(SQLModel, table=True):
     session_lifetime_s: int = 43200
     keepalive_s: int = 25
     allowed_groups: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    allowed_ips: list[str] = Field(
+        default_factory=list,
+        sa_column=Column(JSON, nullable=False, server_default="[]"),
+        description="networks (CIDR) clients route through the gateway besides the location's own",
+    )
+    dns: list[str] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"),
+        description="DNS servers (IP addresses) clients use",
+    )
     created_at: datetime = Field(default_factory=utcnow)
+    removed_at: datetime | None = Field(default=None, description="a tombstone, as for devices")
 
 
 class LocationDevice(SQLModel, table=True):
@@ -236,3 +254,17 @@ class OidcProvider(SQLModel, table=True):
     signing_algs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     iss_parameter_supported: bool = False
     updated_at: datetime = Field(default_factory=utcnow)
+class PeerStat(SQLModel, table=True):
+    """The latest sample of each peer from each gateway, for `sessions --live`. Every core
+    writes what it consumes from the shared stats consumer, so any core answers alike."""
+
+    __tablename__ = "peer_stat"
+
+    location_id: int = Field(primary_key=True)
+    gateway_id: str = Field(primary_key=True, max_length=64)
+    pubkey: str = Field(primary_key=True, max_length=64)
+    endpoint: str | None = Field(default=None, max_length=128)
+    handshake_at: datetime | None = Field(default=None, description="the latest handshake, on the core's clock")
+    rx_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    tx_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    sampled_at: datetime = Field(index=True, description="when the core received it, on its clock")

@@ -37,17 +37,20 @@ async def parties(session: AsyncSession, vpn_session: VpnSession) -> tuple[Locat
 
 
 async def find_location(session: AsyncSession, ref: str | int, *, lock: bool = False) -> Location:
-    """A location by id or name (locked for update when asked); 404 when there is none."""
+    """A location by id or name (locked for update when asked); 404 when there is none
+    (or it was removed)."""
     text = str(ref)
     query = select(Location).where(Location.id == int(text)) if text.isdigit() else select(Location).where(Location.name == text)
+    query = query.where(col(Location.removed_at).is_(None))
     location = (await session.exec(query.with_for_update() if lock else query)).first()
     if location is None:
         raise RpcFailure(ErrorStatus.NOT_FOUND, f"location {text} not found")
     return location
 
 
-async def find_user(session: AsyncSession, username: str) -> User:
-    user = (await session.exec(select(User).where(User.username == username))).first()
+async def find_user(session: AsyncSession, username: str, *, lock: bool = False) -> User:
+    query = select(User).where(User.username == username, col(User.deleted_at).is_(None))
+    user = (await session.exec(query.with_for_update() if lock else query)).first()
     if user is None:
         raise RpcFailure(ErrorStatus.NOT_FOUND, f"user {username} not found")
     return user
@@ -199,3 +202,84 @@ async def authorize(
         ),
     )
     return vpn_session, psk
+
+
+async def live_sessions(session: AsyncSession, location_id: int, device_id: int) -> list[VpnSession]:
+    """The device's live session(s) at the location, locked."""
+    return list(
+        (
+            await session.exec(
+                select(VpnSession)
+                .where(
+                    VpnSession.location_id == location_id,
+                    VpnSession.device_id == device_id,
+                    col(VpnSession.state).in_(LIVE_SESSION_STATES),
+                )
+                .with_for_update()
+            )
+        ).all()
+    )
+
+
+async def retract_peer(
+    session: AsyncSession,
+    location: Location,
+    device: Device,
+    user: User,
+    placement: LocationDevice,
+    reason: RevokeReason,
+    now: datetime,
+) -> int:
+    """Take the device off every gateway of the location whatever its state: end its live
+    session, and queue peer.revoked with a generation of its own, so that it orders after
+    anything published for the device before. Returns the sessions it ended."""
+    ended = 0
+    for live in await live_sessions(session, location.id, device.id):  # type: ignore[arg-type]
+        await revoke(session, live, location, device, user, reason, now, publish_peer=False)
+        ended += 1
+    placement.generation += 1
+    session.add(placement)
+    enqueue_peer_state(
+        session,
+        PeerRevoked(
+            location_id=location.id,  # type: ignore[arg-type]
+            device_id=device.id,  # type: ignore[arg-type]
+            generation=placement.generation,
+            pubkey=device.pubkey,
+            reason=reason,
+        ),
+    )
+    return ended
+
+
+async def reissue_peer(
+    ctx: CoreContext, session: AsyncSession, location: Location, device: Device, placement: LocationDevice, now: datetime
+) -> bool:
+    """Publish the device's peer anew from the location's current settings, under the next
+    generation: without MFA the permanent peer without PSK; with MFA the live session's
+    peer with its PSK (the session moves to the new generation; its reaper clock starts
+    over with what is left of its lifetime). False when there is nothing to put on."""
+    if location.mfa_mode == MfaMode.DISABLED:
+        placement.generation += 1
+        session.add(placement)
+        enqueue_peer_state(
+            session,
+            peer_authorized(ctx, location, device, placement, session_id=None, psk=None, authorized_at=now, expires_at=None),
+        )
+        return True
+    live = await live_sessions(session, location.id, device.id)  # type: ignore[arg-type]
+    if not live or live[0].psk_enc is None:
+        return False
+    vpn_session = live[0]
+    placement.generation += 1
+    vpn_session.generation = placement.generation
+    session.add(placement)
+    session.add(vpn_session)
+    enqueue_peer_state(
+        session,
+        peer_authorized(
+            ctx, location, device, placement, session_id=vpn_session.id, psk=ctx.vault.decrypt(vpn_session.psk_enc),
+            authorized_at=now, expires_at=vpn_session.expires_at,
+        ),
+    )
+    return True

@@ -5,7 +5,7 @@ Envelope: `event_id` (UUIDv7, also sent as the `Nats-Msg-Id` header), `type`, `v
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
@@ -174,6 +174,7 @@ class SessionRevoked(_DeviceAtLocation):
 
 class LocationCreated(Event):
     type: Literal["admin.location_created"] = "admin.location_created"
+    actor: str | None = Field(None, description="the acting admin")
     location_id: Int32
     location_name: str
     mfa_mode: str
@@ -184,17 +185,20 @@ class LocationCreated(Event):
 
 class UserCreated(Event):
     type: Literal["admin.user_created"] = "admin.user_created"
+    actor: str | None = Field(None, description="the acting admin")
     user_id: Int32
     username: str
 
 
 class DeviceAdded(_DeviceAtLocation):
     type: Literal["admin.device_added"] = "admin.device_added"
+    actor: str | None = Field(None, description="the acting admin")
     address: str
 
 
 class TotpEnrolled(Event):
     type: Literal["admin.totp_enrolled"] = "admin.totp_enrolled"
+    actor: str | None = Field(None, description="the acting admin")
     user_id: Int32
     username: str
     confirmed: bool
@@ -327,6 +331,57 @@ class EnrollmentRevoked(Event):
     username: str
 
 
+# --- admin changes (the acting admin in `actor`; never a secret) ----------------------------
+
+
+class FieldChange(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    old: Any = None
+    new: Any = None
+
+
+class _AdminChange(Event):
+    actor: str = Field(description="the acting admin: the operating-system user or `--actor`")
+    changes: dict[str, FieldChange] = Field(default_factory=dict, description="what changed, old and new")
+    sessions_revoked: Int32 = Field(0, ge=0, le=1_000_000_000)
+
+
+class UserChanged(_AdminChange):
+    type: Literal[
+        "admin.user_disabled", "admin.user_enabled", "admin.user_deleted", "admin.user_unlocked", "admin.user_updated"
+    ]
+    user_id: Int32
+    username: str
+
+
+class FactorChanged(_AdminChange):
+    """A second factor of a user was reset, switched, allowed or removed."""
+
+    type: Literal["admin.totp_reset", "admin.email_mfa_changed", "admin.mobile_allowed", "admin.mobile_key_removed"]
+    user_id: Int32
+    username: str
+    device_id: Int32 | None = None
+    device_name: str | None = None
+
+
+class DeviceChanged(_AdminChange):
+    type: Literal["admin.device_removed", "admin.device_renamed", "admin.session_revoked"]
+    user_id: Int32
+    username: str
+    device_id: Int32
+    device_name: str
+    session_id: Int32 | None = None
+
+
+class LocationChanged(_AdminChange):
+    type: Literal["admin.location_changed", "admin.location_removed"]
+    location_id: Int32
+    location_name: str
+    peers_reissued: Int32 = Field(0, ge=0, le=1_000_000_000, description="devices whose peer state was issued anew")
+    peers_removed: Int32 = Field(0, ge=0, le=1_000_000_000)
+
+
 class DeadLetter(Event):
     """A message a consumer could not decode or process; published on wgmfa.dlq.<subject>."""
 
@@ -363,6 +418,10 @@ AuditEvent = Annotated[
         EnrollmentDeviceCreated,
         EnrollmentFailed,
         EnrollmentRevoked,
+        UserChanged,
+        FactorChanged,
+        DeviceChanged,
+        LocationChanged,
     ],
     Field(discriminator="type"),
 ]
@@ -393,6 +452,10 @@ AnyEvent = Annotated[
         EnrollmentDeviceCreated,
         EnrollmentFailed,
         EnrollmentRevoked,
+        UserChanged,
+        FactorChanged,
+        DeviceChanged,
+        LocationChanged,
         LoginApproved,
         StatsSample,
         DeadLetter,

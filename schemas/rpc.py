@@ -194,15 +194,26 @@ class OidcProviderInfo(_Model):
 
 # --- admin ------------------------------------------------------------------------------
 
+MAX_SECONDS = 10 * 365 * 86400  # bounds every duration an admin may set
 
-class LocationAddRequest(_Model):
+
+class _AdminChange(_Model):
+    """A request that changes something: the acting admin goes into its `admin.*` event.
+    `wgmfa admin` fills it with the operating-system user or `--actor`."""
+
+    actor: str | None = Field(None, max_length=128)
+
+
+class LocationAddRequest(_AdminChange):
     name: str = Field(min_length=1, max_length=64)
     endpoint: str = Field(description="HOST:PORT clients connect to")
     network: str = Field(description="the VPN network, e.g. 10.10.0.0/24")
     mfa_mode: MfaMode = MfaMode.INTERNAL
-    threshold_s: Int32 | None = None
-    lifetime_s: Int32 | None = None
-    keepalive_s: Int32 | None = None
+    threshold_s: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    lifetime_s: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    keepalive_s: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    allowed_ips: list[str] = Field(default_factory=list, max_length=256, description="routed networks, CIDR")
+    dns: list[str] = Field(default_factory=list, max_length=16, description="DNS server addresses")
     reply_key: str
 
 
@@ -219,6 +230,34 @@ class LocationInfo(_Model):
     threshold_s: Int32
     lifetime_s: Int32
     keepalive_s: Int32
+    allowed_ips: list[str] = Field(default_factory=list, description="routed networks besides `network`")
+    dns: list[str] = Field(default_factory=list)
+
+
+class LocationSetRequest(_AdminChange):
+    """Change a location; fields left None stay as they are."""
+
+    location: str = Field(description="location name or id")
+    mfa_mode: MfaMode | None = None
+    threshold_s: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    lifetime_s: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    keepalive_s: int | None = Field(None, ge=0, le=MAX_SECONDS)
+    endpoint: str | None = Field(None, max_length=255)
+    network: str | None = Field(None, max_length=64, description="a new VPN network: every device is renumbered")
+    allowed_ips: list[str] | None = Field(None, max_length=256)
+    dns: list[str] | None = Field(None, max_length=16)
+
+
+class LocationRemoveRequest(_AdminChange):
+    location: str = Field(description="location name or id")
+
+
+class LocationChangeResult(_Model):
+    location: LocationInfo
+    changes: dict[str, list[Any]] = Field(description="field -> [old, new]")
+    peers_reissued: int = Field(0, ge=0, le=1_000_000_000)
+    peers_removed: int = Field(0, ge=0, le=1_000_000_000)
+    sessions_revoked: int = Field(0, ge=0, le=1_000_000_000)
 
 
 class GatewayCredentials(_Model):
@@ -253,7 +292,7 @@ class LocationListResult(_Model):
     locations: list[LocationInfo]
 
 
-class UserAddRequest(_Model):
+class UserAddRequest(_AdminChange):
     username: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
     email: str = Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
 
@@ -262,8 +301,21 @@ class UserRef(_Model):
     username: str
 
 
-class EmailMfaRequest(UserRef):
+class UserChangeRequest(UserRef, _AdminChange):
+    """user disable, enable, delete, unlock."""
+
+
+class UserSetRequest(UserRef, _AdminChange):
+    email: str | None = Field(None, min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+
+
+class FactorRemoveRequest(UserRef, _AdminChange):
+    force: bool = Field(False, description="also when it is the user's last factor at an MFA location")
+
+
+class EmailMfaRequest(UserRef, _AdminChange):
     enabled: bool
+    force: bool = False
 
 
 class UserInfo(_Model):
@@ -281,7 +333,14 @@ class UserListResult(_Model):
     users: list[UserInfo]
 
 
-class TotpEnrollRequest(UserRef):
+class UserChangeResult(_Model):
+    user: UserInfo
+    sessions_revoked: int = Field(0, ge=0, le=1_000_000_000)
+    peers_removed: int = Field(0, ge=0, le=1_000_000_000)
+    peers_added: int = Field(0, ge=0, le=1_000_000_000)
+
+
+class TotpEnrollRequest(UserRef, _AdminChange):
     reply_key: str
 
 
@@ -289,11 +348,11 @@ class TotpEnrollResult(_Model):
     otpauth_uri_sealed: str
 
 
-class TotpConfirmRequest(UserRef):
+class TotpConfirmRequest(UserRef, _AdminChange):
     code_sealed: str
 
 
-class DeviceAddRequest(_Model):
+class DeviceAddRequest(_AdminChange):
     username: str
     name: str = Field(min_length=1, max_length=64)
     location: str = Field(description="location name or id")
@@ -326,7 +385,28 @@ class DeviceListResult(_Model):
     devices: list[DeviceConfig]
 
 
-class MobileAllowRequest(_Model):
+class DeviceRef(_AdminChange):
+    username: str
+    device_name: str
+
+
+class DeviceRenameRequest(DeviceRef):
+    new_name: str = Field(min_length=1, max_length=64)
+
+
+class MobileRemoveRequest(DeviceRef):
+    force: bool = False
+
+
+class DeviceChangeResult(_Model):
+    username: str
+    device_id: Int32
+    device_name: str
+    sessions_revoked: int = Field(0, ge=0, le=1_000_000_000)
+    peers_removed: int = Field(0, ge=0, le=1_000_000_000)
+
+
+class MobileAllowRequest(_AdminChange):
     username: str
     device_name: str
     valid_s: Int32 = Field(3600, ge=60, le=7 * 86400)
@@ -344,6 +424,7 @@ class MobileAllowResult(_Model):
 class SessionsRequest(_Model):
     location: str | None = None
     include_revoked: bool = True
+    username: str | None = None
     limit: Int32 = Field(100, ge=1, le=10_000)
 
 
@@ -362,14 +443,44 @@ class SessionInfo(_Model):
     expires_at: AwareDatetime
     revoked_at: AwareDatetime | None = None
     revoke_reason: RevokeReason | None = None
+    # What the gateways saw last (live sessions only), from the freshest gateway's sample.
+    gateway_id: str | None = None
+    endpoint: str | None = Field(None, description="the client's address as the gateway sees it")
+    handshake_age_s: int | None = Field(None, ge=0, le=MAX_SECONDS, description="seconds since the latest handshake")
+    rx_bytes: int | None = Field(None, ge=0, le=2**63 - 1)
+    tx_bytes: int | None = Field(None, ge=0, le=2**63 - 1)
+    sampled_age_s: int | None = Field(None, ge=0, le=MAX_SECONDS, description="seconds since that sample arrived")
+    idle_deadline: AwareDatetime | None = Field(None, description="when the reaper revokes it if no handshake comes")
+    expires_in_s: int | None = Field(None, ge=0, le=MAX_SECONDS, description="seconds to the lifetime's end")
 
 
 class SessionsResult(_Model):
     sessions: list[SessionInfo]
 
 
-class RevokeRequest(_Model):
+class RevokeRequest(_AdminChange):
     session_id: Int32
+
+
+class UserFactors(_Model):
+    totp: bool
+    totp_pending: bool = Field(description="a new secret enrolled, waiting for `totp confirm`")
+    email: bool
+    mobile_keys: list[str] = Field(description="devices whose phone app registered a signing key")
+
+
+class UserDetail(_Model):
+    """`user show`: everything about one user, no secret."""
+
+    user: UserInfo
+    factors: UserFactors
+    devices: list[DeviceConfig]
+    sessions: list[SessionInfo] = Field(description="live sessions, with the gateways' view")
+    failed_attempts: int = Field(ge=0, le=1_000_000_000, description="failed factors in a row")
+    hard_locked: bool = Field(False, description="locked until an administrator unlocks the user")
+    locked_until: AwareDatetime | None = Field(None, description="the latest lockout of one of the user's client addresses")
+    oidc_issuer: str | None = None
+    oidc_subject: str | None = None
 
 
 # --- enrollment (Defguard's apps enroll themselves) -------------------------------------------

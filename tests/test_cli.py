@@ -17,6 +17,7 @@ from events.bus import Bus
 from schemas.common import utcnow
 from tests.conftest import running_nats
 from tests.support.stack import REPO, Stack, read_stream
+from wgmfa.admin import os_user
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -167,7 +168,7 @@ async def test_events_tail_says_when_the_bus_goes_away(tmp_path: Path) -> None:
 
 async def test_client_connect_checks_the_endpoint_before_it_spends_a_code(stack: Stack, tmp_path: Path) -> None:
     created = await wgmfa(stack, "admin", "location", "add", "nowhere", "--endpoint", "no-such-host.invalid:51820",
-                          "--network", "10.31.0.0/24", "--mfa", "internal")
+                          "--network", "10.32.0.0/24", "--mfa", "internal")
     assert created.returncode == 0, created.stderr
     await stack.add_user_with_totp("ivan")  # so that a start would be a login, with a code to spend
     config = tmp_path / "ivan.json"
@@ -184,3 +185,48 @@ async def test_client_connect_checks_the_endpoint_before_it_spends_a_code(stack:
     finally:
         await bus.close()
     assert started == []
+
+
+async def test_an_operator_offboards_a_user_and_changes_a_location(stack: Stack) -> None:
+    async def ok(*args: str) -> str:
+        result = await wgmfa(stack, "admin", *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    await ok("location", "add", "branch", "--endpoint", "vpn.example.com:51821", "--network", "10.31.0.0/24")
+    await stack.add_user_with_totp("dan")
+    await ok("device", "add", "dan", "laptop", "--location", "branch")
+
+    shown = await ok("user", "show", "dan")
+    assert "TOTP: active" in shown and "email codes: off" in shown and "not locked" in shown and "laptop" in shown
+
+    refused = await wgmfa(stack, "admin", "totp", "reset", "dan")
+    assert refused.returncode == 1
+    assert "last second factor of dan" in refused.stderr and "--force" in refused.stderr
+    assert "TOTP: active" in await ok("user", "show", "dan")  # nothing changed
+    assert "TOTP removed" in await ok("totp", "reset", "dan", "--force")
+
+    bad = await wgmfa(stack, "admin", "location", "set", "branch", "--allowed-ips", "192.168.1.1/24")
+    assert bad.returncode == 1 and "is not a network" in bad.stderr
+    changed = await ok("location", "set", "branch", "--allowed-ips", "192.168.1.0/24,10.99.0.0/16", "--keepalive", "20")
+    assert "allowed_ips: [] -> ['192.168.1.0/24', '10.99.0.0/16']" in changed and "keepalive_s: 25 -> 20" in changed
+
+    assert "dan disabled" in await ok("user", "disable", "dan", "--actor", "hr")
+    again = await wgmfa(stack, "admin", "user", "disable", "dan")
+    assert (again.returncode, again.stderr.strip()) == (1, "wgmfa: user dan is already disabled")
+    assert "DISABLED" in await ok("user", "show", "dan")
+    assert "device laptop of dan is now old-laptop" in await ok("device", "rename", "dan", "laptop", "old-laptop")
+    assert "removed from 1 location(s)" in await ok("device", "remove", "dan", "old-laptop")
+    assert "deleted" in await ok("--actor", "helpdesk", "user", "delete", "dan")
+    gone = await wgmfa(stack, "admin", "user", "show", "dan")
+    assert (gone.returncode, gone.stderr.strip()) == (1, "wgmfa: user dan not found")
+
+    assert await ok("sessions", "--live") == "(none)\n"  # every session of the stack is over
+    watch = await wgmfa(stack, "admin", "sessions", "--watch")
+    assert watch.returncode == 1 and "--watch needs --live" in watch.stderr
+
+    events = await read_stream(stack.admin.bus, "wgmfa.events.admin.>")
+    actors = {e["type"]: e["actor"] for e in events if e.get("username") == "dan" or e.get("location_name") == "branch"}
+    assert actors["admin.user_deleted"] == "helpdesk"
+    assert actors["admin.user_disabled"] == "hr"
+    assert actors["admin.location_changed"] == actors["admin.totp_reset"] == os_user()

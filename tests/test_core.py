@@ -283,7 +283,7 @@ async def test_threshold_floor_follows_the_settings(nats_url: str, database_url:
             return admin.call(
                 "location_add",
                 rpc.LocationAddRequest(
-                    name=name, endpoint="192.0.2.1:51820", network="10.1.0.0/24", mfa_mode=mfa, threshold_s=threshold,
+                    name=name, endpoint="192.0.2.1:51820", network=f"10.1.{ord(name)}.0/24", mfa_mode=mfa, threshold_s=threshold,
                     reply_key=admin.reply_key.public,
                 ),
                 rpc.LocationAddResult,

@@ -339,15 +339,23 @@ async def test_poll_follows_admin_changes_and_new_locations(world: World) -> Non
     office = next(c for c in first.json()["device_config"]["configs"] if c["network_name"] == "office")
     assert office["location_mfa_mode"] == 2
 
-    # an admin changes the location (no admin command for it yet: the row, as it would)
-    world.sql("UPDATE location SET mfa_mode = 'disabled', keepalive_s = 15, endpoint = 'vpn.example.com:51830', "
-              "network = '10.30.0.0/23' WHERE name = 'office'")
+    # an admin changes the location
+    async def set_office(**changes: Any) -> None:
+        await world.stack.admin.call("location_set", rpc.LocationSetRequest(location="office", **changes),
+                                     rpc.LocationChangeResult)
+
+    await set_office(mfa_mode="disabled", keepalive_s=15, endpoint="vpn.example.com:51830", network="10.30.0.0/23",
+                     allowed_ips=["192.168.50.0/24"], dns=["192.168.50.53"])
     changed = next(c for c in (await world.poll(token)).json()["device_config"]["configs"] if c["network_name"] == "office")
     assert (changed["location_mfa_mode"], changed["mfa_enabled"]) == (1, False)
     assert changed["keepalive_interval"] == 15 and changed["endpoint"] == "vpn.example.com:51830"
-    assert changed["allowed_ips"] == "10.30.0.0/23" and "AllowedIPs = 10.30.0.0/23" in changed["config"]
-    world.sql("UPDATE location SET mfa_mode = 'internal', keepalive_s = 25, endpoint = '172.31.0.1:51830', "
-              "network = '10.30.0.0/24' WHERE name = 'office'")
+    assert changed["allowed_ips"] == "10.30.0.0/23,192.168.50.0/24"
+    assert "AllowedIPs = 10.30.0.0/23,192.168.50.0/24" in changed["config"]
+    assert changed["dns"] == "192.168.50.53" and "DNS = 192.168.50.53" in changed["config"]
+    await set_office(mfa_mode="internal", keepalive_s=25, endpoint="172.31.0.1:51830", network="10.30.0.0/24",
+                     allowed_ips=[], dns=[])
+    again = next(c for c in (await world.poll(token)).json()["device_config"]["configs"] if c["network_name"] == "office")
+    assert (again["location_mfa_mode"], again["allowed_ips"], again["dns"]) == (2, "10.30.0.0/24", None)
 
     await world.stack.add_location(f"new{world.n}", network=f"10.{40 + world.n}.0.0/24", endpoint_port=51900 + world.n)
     names = {c["network_name"] for c in (await world.poll(token)).json()["device_config"]["configs"]}

@@ -24,7 +24,7 @@ import websockets.exceptions
 
 from events.settings import BusSettings
 from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
-from gateway_worker.backends.common import resolve_endpoint
+from gateway_worker.backends.common import resolve_endpoint, run_ip
 from gateway_worker.backends.uapi import UserspaceBackend
 from events.sealing import generate_keypair
 from schemas.common import MfaMethod
@@ -233,6 +233,17 @@ def could_open_browser() -> bool:
     return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+async def route_networks(interface: str, config: dict[str, Any], netns: str | None) -> None:
+    """Route the networks the location routes (beyond its own, which the address covers)
+    through the tunnel."""
+    own = ipaddress.ip_interface(config["address"]).network
+    for network in config["allowed_ips"]:
+        routed = ipaddress.ip_network(network, strict=False)
+        if routed.version == own.version and routed.subnet_of(own):  # type: ignore[arg-type]
+            continue
+        await run_ip("route", "replace", str(routed), "dev", interface, netns=netns)
+
+
 async def connect(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     name = interface_name(config, args)
@@ -274,6 +285,7 @@ async def bring_up(config: dict[str, Any], args: argparse.Namespace, name: str, 
                 endpoint=config["endpoint"],
             )
         )
+        await route_networks(name, config, args.netns)
     except BackendUnavailable as exc:
         return fail(str(exc), EXIT_UNAVAILABLE)
     except BackendError as exc:

@@ -79,6 +79,22 @@ async def run_ip(*args: str, netns: str | None = None, check: bool = True) -> st
     return out.decode()
 
 
+async def enable_forwarding(interface: str, netns: str | None = None) -> None:
+    """Let packets that come in through the tunnel be forwarded (to the networks a location
+    routes), for this interface only, in its network namespace. The way back (a route to
+    the VPN network, or NAT) and forwarding on the LAN side are the operator's: see the
+    README's *Routed networks*."""
+    keys = [f"net.ipv4.conf.{interface}.forwarding=1", f"net.ipv6.conf.{interface}.forwarding=1"]
+    for key in keys:
+        command = [*(["ip", "netns", "exec", netns] if netns else []), "sysctl", "-q", "-w", key]
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await process.communicate()
+        if process.returncode != 0 and key.startswith("net.ipv4"):  # IPv6 may be off: that is fine
+            raise BackendError(f"cannot enable forwarding on {interface}: {err.decode().strip()}")
+
+
 def check_batch(set_peers: list[PeerConfig], remove: list[str]) -> None:
     for peer in set_peers:
         check_peer(peer)

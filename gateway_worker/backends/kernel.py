@@ -15,6 +15,7 @@ from gateway_worker.backend import (
     PeerStatus,
 )
 from gateway_worker.backends.common import (
+    enable_forwarding,
     ZERO_KEY,
     check_batch,
     check_key,
@@ -70,6 +71,7 @@ class KernelBackend:
             wg.close()
         await run_ip("address", "replace", config.address, "dev", config.name, netns=config.netns)
         await run_ip("link", "set", config.name, "up", netns=config.netns)
+        await enable_forwarding(config.name, config.netns)
 
     async def status(self) -> InterfaceStatus:
         if self.config is None:

@@ -24,7 +24,7 @@ from gateway_worker.backend import (
     PeerStatus,
 )
 from events.sealing import public_key_of
-from gateway_worker.backends.common import check_batch, check_key, check_peer, read_back, resolve_endpoint, run_ip, verify_batch
+from gateway_worker.backends.common import enable_forwarding, check_batch, check_key, check_peer, read_back, resolve_endpoint, run_ip, verify_batch
 
 SOCKET_DIR = Path("/var/run/wireguard")
 BATCH = 1000  # peers per UAPI set request
@@ -100,6 +100,7 @@ class UserspaceBackend:
         await self._set([f"private_key={to_hex(config.private_key)}", f"listen_port={config.listen_port}"])
         await run_ip("address", "replace", config.address, "dev", config.name, netns=config.netns)
         await run_ip("link", "set", config.name, "up", netns=config.netns)
+        await enable_forwarding(config.name, config.netns)
 
     @staticmethod
     def wireguard_go() -> str:
