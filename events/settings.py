@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,9 +21,34 @@ class BusSettings(BaseSettings):
     """How long a JetStream publish waits for its acknowledgement."""
     stream_replicas: int = 1
     """Replicas of each JetStream stream (3 on a three-node cluster)."""
-    inbox_prefix: str = "_INBOX"
-    """Subject prefix for replies and push consumers; operators' accounts may be limited
-    to their own (e.g. _INBOX_operator)."""
+    inbox_prefix: str | None = None
+    """Subject prefix for replies and push consumers; default the process's role's own
+    (`_INBOX_<role>`), the only one its NATS permissions let it read."""
+    nats_nkey_seed: SecretStr | None = None
+    """This process's NATS NKey seed (S…); else WGMFA_NATS_NKEY_FILE, else the role's file
+    in the credentials directory."""
+    nats_nkey_file: Path | None = None
+    """A file holding this process's NKey seed."""
+    nats_credentials_dir: Path | None = None
+    """Where `wgmfa up` keeps every role's seed (<role>.nk); default <state dir>/nats-credentials."""
+    nats_ca_file: Path | None = None
+    """CA certificate that signed the servers' TLS certificates (tls:// URLs)."""
+
+    @property
+    def credentials_dir(self) -> Path:
+        return self.nats_credentials_dir or self.state_dir / "nats-credentials"
+
+    def nkey_seed(self, role: str) -> str | None:
+        """The NKey seed this process authenticates with as `role`, if it has one."""
+        if self.nats_nkey_seed is not None:
+            return self.nats_nkey_seed.get_secret_value().strip()
+        path = self.nats_nkey_file or self.credentials_dir / f"{role}.nk"
+        try:
+            return path.read_text().strip() or None
+        except OSError:
+            if self.nats_nkey_file is not None:
+                raise
+            return None  # not the state directory's owner: the server will say no
 
 
 class LivenessSettings(BusSettings):

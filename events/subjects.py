@@ -17,6 +17,10 @@ RPC_OIDC_AUTH_URL: Final = "wgmfa.rpc.oidc.auth_url"
 RPC_OIDC_CALLBACK: Final = "wgmfa.rpc.oidc.callback"
 RPC_ENROLL_MOBILE: Final = "wgmfa.rpc.enroll.mobile"
 RPC_ADMIN_PREFIX: Final = "wgmfa.rpc.admin"
+# prefixes the bus permissions are written by: any new call under one fits its role
+RPC_MFA_PREFIX: Final = "wgmfa.rpc.mfa"
+RPC_ENROLL_PREFIX: Final = "wgmfa.rpc.enroll"
+RPC_OIDC_PREFIX: Final = "wgmfa.rpc.oidc"
 RPC_ALL: Final = "wgmfa.rpc.>"
 
 # streams

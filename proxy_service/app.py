@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from events import permissions
 from events.bus import Bus, BusUnavailable
 from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service.edge import BodyLimit, ClientAddress, RateLimiter, retry_after_header
@@ -82,7 +83,7 @@ def create_app(settings: ProxySettings, *, bus: Bus | None = None) -> FastAPI:
         if bus is None:
 
             async def connect() -> None:
-                holder.bus = await Bus.connect(settings.nats_url, "proxy", publish_timeout_s=settings.publish_timeout_s)
+                holder.bus = await Bus.connect_as(settings, permissions.PROXY, "proxy")
                 log.info("connected to NATS")
 
             connector = asyncio.create_task(connect())

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from events import subjects
+from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
 from events.sealing import ReplyKey
 from events.server import NatsServer, NatsServerError
 from events.settings import BusSettings
 from schemas import rpc
+from gateway_worker.settings import default_gateway_id
+from wgmfa.credentials import BusCredentials
 from wgmfa.output import fail
 
 MAX_BACKOFF_S = 30.0
@@ -89,8 +91,13 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-async def wait_for_core(url: str, timeout_s: float) -> str:
-    bus = await Bus.connect(url, "wgmfa-up", wait_s=timeout_s)
+async def connect_as_admin(url: str, seed: str, wait_s: float) -> Bus:
+    return await Bus.connect(url, "wgmfa-up", wait_s=wait_s, nkey_seed=seed,
+                             inbox_prefix=permissions.inbox_prefix(permissions.ADMIN))
+
+
+async def wait_for_core(url: str, seed: str, timeout_s: float) -> str:
+    bus = await connect_as_admin(url, seed, timeout_s)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -105,9 +112,9 @@ async def wait_for_core(url: str, timeout_s: float) -> str:
         await bus.close()
 
 
-async def first_location_credentials(url: str) -> dict | None:
+async def first_location_credentials(url: str, seed: str) -> dict | None:
     """The gateway credentials of the location with the lowest id, if any exists."""
-    bus = await Bus.connect(url, "wgmfa-up", wait_s=5)
+    bus = await connect_as_admin(url, seed, 5)
     try:
         locations = await bus.call(subjects.admin_rpc("location_list"), rpc.Empty(), rpc.LocationListResult, timeout=5)
         if not locations.locations:
@@ -141,6 +148,7 @@ class Supervisor:
         self.settings = settings
         self.state_dir = settings.state_dir.resolve()
         self.nats = NatsServer(self.state_dir / "nats", port=settings.nats_port, log_file=self.state_dir / "nats-server.log")
+        self.bus_credentials = BusCredentials(settings.nats_credentials_dir or self.state_dir / "nats-credentials")
         self.children: list[Child] = []
         self.stopping = False
         self.gateway_started = False
@@ -189,7 +197,7 @@ class Supervisor:
             return
         self.next_location_check = time.monotonic() + 2.0
         try:
-            credentials = asyncio.run(first_location_credentials(self.nats.url))
+            credentials = asyncio.run(first_location_credentials(self.nats.url, self.bus_credentials.seed(permissions.ADMIN)))
         except Exception as exc:
             print(f"wgmfa: looking for a location: {exc}", file=sys.stderr, flush=True)
             return
@@ -199,10 +207,14 @@ class Supervisor:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(credentials, handle)
+        # its own NATS role, admitted by a configuration reload (no restart)
+        gateway_id = default_gateway_id()
+        self.bus_credentials.add_gateway(credentials["location_id"], gateway_id)
+        self.nats.reload(self.bus_credentials.authorization())
         gateway = Child(
             "gateway",
             [sys.executable, "-m", "gateway_worker", "--credentials", str(path), "--backend", "userspace",
-             "--remove-interface-on-exit"],
+             "--gateway-id", gateway_id, "--remove-interface-on-exit"],
             self.child_env(),
         )
         gateway.start()
@@ -226,6 +238,7 @@ class Supervisor:
         os.chmod(self.state_dir, 0o700)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        self.nats.authorization = self.bus_credentials.ensure().authorization()
         try:
             self.nats.start()
         except NatsServerError as exc:
@@ -235,7 +248,7 @@ class Supervisor:
         for child in self.children:
             child.start()
         try:
-            version = asyncio.run(wait_for_core(self.nats.url, 60))
+            version = asyncio.run(wait_for_core(self.nats.url, self.bus_credentials.seed(permissions.ADMIN), 60))
         except BusUnavailable as exc:
             self.shutdown()
             return fail(f"the core did not start: {exc}")

@@ -1,0 +1,431 @@
+"""Who may do what on the bus, against a real nats-server with wgmfa's generated
+configuration: `wgmfa up`'s (embedded) and deploy/'s (a three-node cluster with TLS and
+mutually authenticated routes). For every role what it does succeeds, and a
+representative set of what it must not do is refused by the server."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+import pytest_asyncio
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from events import permissions, streams, subjects
+from events.bus import Bus, BusUnavailable
+from events.clock import FakeClock
+from events.sealing import generate_keypair, generate_psk, seal
+from events.server import nats_server_binary
+from events.signing import PeerSigner
+from gateway_worker.app import Gateway
+from gateway_worker.backend import PeerConfig
+from gateway_worker.backends.fake import FakeBackend
+from gateway_worker.settings import GatewaySettings
+from reaper_worker.app import Reaper, ReaperSettings
+from schemas import rpc
+from schemas.common import RevokeReason, utcnow, uuid7
+from schemas.events import PeerAuthorized, PeerRevoked, StatsSample, UserCreated
+from tests.support.stack import REPO, SecuredNats, eventually, free_port, secured_nats_server
+from wgmfa import credentials as creds
+
+LOCATION = 1
+GATEWAY = "office-a"  # deploy/nats/gateways admits it
+OTHER_LOCATION = 2
+
+
+@dataclass
+class Bed:
+    """A server (or cluster) with wgmfa's roles, and a way to connect as each."""
+
+    kind: str
+    url: str  # for the roles
+    seeds: dict[str, str]
+    ca_file: Path | None = None
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    async def connect(self, role: str) -> Bus:
+        return await Bus.connect(self.url, f"test-{role}", wait_s=20, nkey_seed=self.seeds[role],
+                                 inbox_prefix=permissions.inbox_prefix(role), ca_file=self.ca_file)
+
+    async def raw(self, role: str | None, errors: list[str], seed: str | None = None) -> nats.NATS:
+        """A bare connection that records the server's permission errors."""
+
+        async def note(error: Exception) -> None:
+            errors.append(str(error).lower())
+
+        options: dict = {"error_cb": note, "allow_reconnect": False, "connect_timeout": 3}
+        if role is not None or seed is not None:
+            options["nkeys_seed_str"] = seed or self.seeds[role]  # type: ignore[index]
+        if role is not None:
+            options["inbox_prefix"] = permissions.inbox_prefix(role)
+        if self.ca_file is not None:
+            import ssl
+
+            options["tls"] = ssl.create_default_context(cafile=str(self.ca_file))
+        return await nats.connect(servers=self.url.split(","), **options)
+
+
+async def refused_publish(nc: nats.NATS, errors: list[str], subject: str, payload: bytes = b"{}") -> None:
+    await nc.publish(subject, payload)
+    await nc.flush()
+    await eventually(lambda: any("permissions violation for publish" in e and f'"{subject.lower()}"' in e for e in errors),
+                     timeout=5, what=f"the server to refuse publishing on {subject}")
+
+
+async def refused_subscribe(nc: nats.NATS, errors: list[str], subject: str) -> None:
+    await nc.subscribe(subject)
+    await nc.flush()
+    await eventually(lambda: any("permissions violation for subscription" in e and f'"{subject.lower()}"' in e for e in errors),
+                     timeout=5, what=f"the server to refuse subscribing to {subject}")
+
+
+def create_request(stream: str, name: str, filter_subject: str, *, durable: bool = False) -> tuple[str, bytes]:
+    """The JetStream API request nats-py sends to create (or change) a named consumer."""
+    config: dict = {"name": name, "filter_subject": filter_subject, "ack_policy": "explicit", "deliver_policy": "all"}
+    if durable:
+        config["durable_name"] = name
+    body = json.dumps({"stream_name": stream, "config": config}).encode()
+    return f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter_subject}", body
+
+
+async def refused_create(nc: nats.NATS, errors: list[str], stream: str, name: str, filter_subject: str) -> None:
+    subject, body = create_request(stream, name, filter_subject, durable=True)
+    await refused_publish(nc, errors, subject, body)
+    # and by the nameless form, where the body names the consumer
+    await refused_publish(nc, errors, f"$JS.API.CONSUMER.CREATE.{stream}", body)
+
+
+# --- the two configurations --------------------------------------------------------------
+
+
+@pytest.fixture
+def embedded() -> Iterator[Bed]:
+    with secured_nats_server() as server:
+        roles = server.credentials
+        roles.add_gateway(LOCATION, GATEWAY)
+        roles.add_gateway(OTHER_LOCATION, "branch")
+        server.server.reload(server.authorization())
+        seeds = {role: roles.seed(role) for role in roles.roles()}
+        yield Bed("embedded", server.plain_url, seeds)
+
+
+def start_deploy_cluster(work: Path) -> Bed:
+    """deploy/'s generated configuration on three local nodes, with certificates made by
+    deploy/make-certs.sh and NKeys as `python -m wgmfa.credentials env` makes them."""
+    certs = work / "certs"
+    subprocess.run([str(REPO / "deploy" / "make-certs.sh"), str(certs)], check=True, capture_output=True)
+    gateways = creds.deploy_gateways()
+    env_lines = creds.deploy_env(gateways).splitlines()
+    env = dict(line.split("=", 1) for line in env_lines)
+    client_ports = [free_port() for _ in creds.DEPLOY_NODES]
+    cluster_ports = [free_port() for _ in creds.DEPLOY_NODES]
+    routes = tuple(f"nats-route://127.0.0.1:{p}" for p in cluster_ports)
+    files = creds.deploy_files(gateways)
+    processes = []
+    for index, name in enumerate(creds.DEPLOY_NODES):
+        node_dir = work / name
+        node_dir.mkdir()
+        layout = creds.NodeLayout(client_listen=f"127.0.0.1:{client_ports[index]}",
+                                  cluster_listen=f"127.0.0.1:{cluster_ports[index]}", routes=routes,
+                                  cert_dir=str(certs), store_dir=str(node_dir / "jetstream"))
+        (node_dir / "authorization.conf").write_text(files["authorization.conf"])
+        (node_dir / "nats.conf").write_text(creds.deploy_node_config(name, layout))
+        log = open(node_dir / "nats.log", "wb")
+        processes.append(subprocess.Popen([nats_server_binary(), "-c", str(node_dir / "nats.conf")],
+                                          env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    seeds = {role: env[creds.env_name(role)] for role in creds.deploy_roles(gateways)}
+    url = ",".join(f"tls://127.0.0.1:{p}" for p in client_ports)
+    return Bed("deploy", url, seeds, ca_file=certs / "ca.pem", processes=processes)
+
+
+@pytest.fixture
+def deploy(tmp_path: Path) -> Iterator[Bed]:
+    bed = start_deploy_cluster(tmp_path)
+    try:
+        yield bed
+    finally:
+        for process in bed.processes:
+            process.terminate()
+            process.wait(10)
+
+
+@pytest_asyncio.fixture(params=["embedded", "deploy"])
+async def bed(request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
+    bed: Bed = request.getfixturevalue(request.param)
+    core = await bed.connect(permissions.CORE)
+    try:
+        await core.ensure_streams(3 if bed.kind == "deploy" else 1)
+        # the core's durables exist, as in a running system
+        await core.js.pull_subscribe(subjects.PEER_ALL, durable="core-peers", stream=streams.PEERS.name)
+        await core.js.pull_subscribe(subjects.STATS_ALL, durable="core-stats", stream=streams.STATS.name)
+    finally:
+        await core.close()
+    yield bed
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_the_checked_in_deploy_configuration_is_the_generated_one() -> None:
+    for name, text in creds.deploy_files().items():
+        assert (REPO / "deploy" / "nats" / name).read_text() == text, f"deploy/nats/{name} is stale: run python -m wgmfa.credentials deploy"
+
+
+async def test_no_credentials_or_unknown_keys_are_refused(bed: Bed) -> None:
+    errors: list[str] = []
+    with pytest.raises(Exception) as no_credentials:
+        await bed.raw(None, errors)
+    assert "authorization" in str(no_credentials.value).lower() or any("authorization" in e for e in errors)
+    errors.clear()
+    with pytest.raises(Exception):
+        await bed.raw(None, errors, seed=creds.new_seed())  # a well-formed key the server does not know
+    with pytest.raises(BusUnavailable):
+        await Bus.connect(bed.url, "nobody", wait_s=1, ca_file=bed.ca_file)
+
+
+async def test_core_serves_rpc_owns_streams_and_publishes_peer_state(bed: Bed) -> None:
+    core = await bed.connect(permissions.CORE)
+    admin = await bed.connect(permissions.ADMIN)
+    errors: list[str] = []
+    raw = await bed.raw(permissions.CORE, errors)
+    try:
+        await core.serve_rpc(subjects.RPC_CORE_HELLO, rpc.CoreHello, lambda _r: asyncio.sleep(0, rpc.Empty()))
+        await core.nc.flush()
+        await admin.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.Empty, timeout=5)
+        signer = PeerSigner(b"k" * 32)
+        state = signer.sign(authorization(1))
+        assert await core.publish_peer_state(state)
+        assert (await core.last_peer_state(LOCATION, 1)).state == state  # type: ignore[union-attr]
+        await core.publish_event(UserCreated(user_id=1, username="alice"))
+        # it does not call admin RPC, read others' inboxes, or delete consumers or streams
+        await refused_publish(raw, errors, subjects.admin_rpc("user_add"))
+        await refused_subscribe(raw, errors, "_INBOX_proxy.>")
+        await refused_publish(raw, errors, f"$JS.API.CONSUMER.DELETE.{streams.PEERS.name}.core-peers")
+        await refused_publish(raw, errors, f"$JS.API.STREAM.DELETE.{streams.EVENTS.name}")
+    finally:
+        await raw.close()
+        await asyncio.gather(core.close(), admin.close())
+
+
+async def test_proxy_requests_client_rpc_only(bed: Bed) -> None:
+    proxy = await bed.connect(permissions.PROXY)
+    core = await bed.connect(permissions.CORE)
+    errors: list[str] = []
+    raw = await bed.raw(permissions.PROXY, errors)
+    try:
+        async def hello(_req: rpc.CoreHello) -> rpc.Empty:
+            return rpc.Empty()
+
+        for subject in (subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device", f"{subjects.RPC_OIDC_PREFIX}.callback"):
+            await core.serve_rpc(subject, rpc.CoreHello, hello)  # type: ignore[arg-type]
+        await core.nc.flush()
+        for subject in (subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device", f"{subjects.RPC_OIDC_PREFIX}.callback"):
+            await proxy.call(subject, rpc.CoreHello(), rpc.Empty, timeout=5)
+        notified = await proxy.nc.subscribe(subjects.notify_login("x1"))
+        await proxy.nc.flush()
+        await core.nc.publish(subjects.notify_login("x1"), b"{}")
+        assert (await notified.next_msg(timeout=5)).data == b"{}"
+        # never admin, never answering in the core's place, never the peer stream
+        await refused_publish(raw, errors, subjects.admin_rpc("gateway_credentials"))
+        await refused_subscribe(raw, errors, subjects.RPC_ALL)
+        await refused_publish(raw, errors, subjects.peer(LOCATION, 1))
+        await refused_subscribe(raw, errors, "_INBOX_admin.>")
+    finally:
+        await raw.close()
+        await asyncio.gather(proxy.close(), core.close())
+
+
+async def test_admin_requests_admin_rpc_only(bed: Bed) -> None:
+    admin = await bed.connect(permissions.ADMIN)
+    core = await bed.connect(permissions.CORE)
+    errors: list[str] = []
+    raw = await bed.raw(permissions.ADMIN, errors)
+    try:
+        async def answer(_req: rpc.CoreHello) -> rpc.Empty:
+            return rpc.Empty()
+
+        await core.serve_rpc(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello, answer)  # type: ignore[arg-type]
+        await core.nc.flush()
+        await admin.call(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello(), rpc.Empty, timeout=5)
+        await refused_publish(raw, errors, subjects.peer(LOCATION, 1))
+        await refused_publish(raw, errors, subjects.RPC_MFA_FINISH)
+        await refused_subscribe(raw, errors, subjects.RPC_ALL)
+        await refused_subscribe(raw, errors, subjects.EVENTS_ALL)
+    finally:
+        await raw.close()
+        await asyncio.gather(admin.close(), core.close())
+
+
+async def test_only_the_admin_role_reaches_gateway_credentials(bed: Bed) -> None:
+    core = await bed.connect(permissions.CORE)
+    answered: list[str] = []
+
+    async def answer(_req: rpc.CoreHello) -> rpc.Empty:
+        answered.append("yes")
+        return rpc.Empty()
+
+    await core.serve_rpc(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello, answer)  # type: ignore[arg-type]
+    await core.nc.flush()
+    try:
+        for role in (permissions.PROXY, permissions.REAPER, permissions.OPERATOR,
+                     permissions.gateway_role_name(LOCATION, GATEWAY)):
+            bus = await bed.connect(role)
+            try:
+                with pytest.raises(BusUnavailable):
+                    await bus.request(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello(), timeout=1)
+            finally:
+                await bus.close()
+        assert answered == []
+    finally:
+        await core.close()
+
+
+def authorization(device: int, *, generation: int = 1, location: int = LOCATION) -> PeerAuthorized:
+    return PeerAuthorized(location_id=location, device_id=device, generation=generation, session_id=device,
+                          pubkey=generate_keypair()[1], allowed_ips=[f"10.{location}.0.{device + 1}/32"], keepalive_s=25,
+                          psk_sealed=seal(generate_keypair()[1], generate_psk()), authorized_at=utcnow(), threshold_s=300)
+
+
+async def test_reaper_reads_peers_and_stats_and_publishes_revokes(bed: Bed) -> None:
+    core = await bed.connect(permissions.CORE)
+    state = PeerSigner(b"k" * 32).sign(authorization(1))
+    await core.publish_peer_state(state)
+    settings = ReaperSettings(nats_url=bed.url, nats_nkey_seed=bed.seeds[permissions.REAPER], nats_ca_file=bed.ca_file,
+                              sweep_interval_s=3600)
+    reaper = Reaper(settings, clock=FakeClock())
+    errors: list[str] = []
+    raw = await bed.raw(permissions.REAPER, errors)
+    try:
+        await reaper.start()  # replays both streams and announces itself
+        assert (LOCATION, 1) in reaper.liveness.authorizations
+        revoke = PeerRevoked(location_id=LOCATION, device_id=1, generation=1, session_id=1, pubkey=state.pubkey,
+                             reason=RevokeReason.IDLE)
+        assert reaper.bus is not None
+        await reaper.bus.publish(subjects.peer(LOCATION, 1), revoke)
+        assert isinstance((await core.last_peer_state(LOCATION, 1)).state, PeerRevoked)  # type: ignore[union-attr]
+        # no RPC, no answering the core's calls, no touching the core's consumers
+        await refused_publish(raw, errors, subjects.admin_rpc("revoke"))
+        await refused_subscribe(raw, errors, subjects.RPC_ALL)
+        await refused_publish(raw, errors, f"$JS.API.CONSUMER.DELETE.{streams.PEERS.name}.core-peers")
+        await refused_create(raw, errors, streams.PEERS.name, "core-peers", subjects.peers_of_location(9))
+        await refused_create(raw, errors, streams.PEERS.name, permissions.gateway_durable(LOCATION, GATEWAY),
+                             subjects.peers_of_location(9))
+        info = await core.js.consumer_info(streams.PEERS.name, "core-peers")
+        assert info.config.filter_subject == subjects.PEER_ALL
+    finally:
+        await raw.close()
+        await reaper.stop()
+        await core.close()
+
+
+async def test_operator_tails_events_but_changes_nothing(bed: Bed) -> None:
+    core = await bed.connect(permissions.CORE)
+    await core.publish_event(UserCreated(user_id=1, username="alice"))
+    await core.publish_peer_state(PeerSigner(b"k" * 32).sign(authorization(1)))
+    operator = await bed.connect(permissions.OPERATOR)
+    errors: list[str] = []
+    raw = await bed.raw(permissions.OPERATOR, errors)
+    try:
+        for filter_subject, stream in ((subjects.EVENTS_ALL, streams.EVENTS.name), (subjects.STATS_ALL, streams.STATS.name),
+                                       (subjects.DLQ_ALL, streams.DLQ.name)):
+            sub = await operator.ordered_subscribe(filter_subject, stream, ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+            if stream == streams.EVENTS.name:
+                assert json.loads((await sub.next_msg(timeout=5)).data)["username"] == "alice"
+            await sub.unsubscribe()
+        # peers, RPC, durables and streams are out of reach
+        await refused_create(raw, errors, streams.PEERS.name, "mine", subjects.PEER_ALL)
+        await refused_publish(raw, errors, subjects.RPC_CORE_HELLO)
+        await refused_publish(raw, errors, subjects.peer(LOCATION, 1))
+        await refused_subscribe(raw, errors, subjects.EVENTS_ALL)  # only through its own consumers
+        await refused_publish(raw, errors, f"$JS.API.CONSUMER.DELETE.{streams.STATS.name}.core-stats")
+        await refused_create(raw, errors, streams.STATS.name, "core-stats", "wgmfa.stats.9.x")
+        await refused_publish(raw, errors, f"$JS.API.STREAM.DELETE.{streams.EVENTS.name}")
+        await refused_publish(raw, errors, f"$JS.API.STREAM.PURGE.{streams.DLQ.name}")
+        info = await core.js.consumer_info(streams.STATS.name, "core-stats")
+        assert info.config.filter_subject == subjects.STATS_ALL
+    finally:
+        await raw.close()
+        await asyncio.gather(operator.close(), core.close())
+
+
+async def test_a_gateway_reads_its_location_and_cannot_issue_or_revoke_peers(bed: Bed) -> None:
+    """A stolen gateway credential: it reads its own location, and that is all."""
+    core = await bed.connect(permissions.CORE)
+    signer = PeerSigner(b"k" * 32)
+    sealing_private, sealing_public = generate_keypair()
+    psk = generate_psk()
+    mine = signer.sign(authorization(1).model_copy(update={"psk_sealed": seal(sealing_public, psk)}))
+    theirs = signer.sign(authorization(1, location=OTHER_LOCATION))
+    await core.publish_peer_state(mine)
+    await core.publish_peer_state(theirs)
+    credentials = rpc.GatewayCredentials(location_id=LOCATION, location_name="office", private_key=generate_keypair()[0],
+                                         sealing_private_key=sealing_private, listen_port=51820, address="10.1.0.1/24",
+                                         network="10.1.0.0/24", mfa_required=True, core_signing_key=signer.public_key)
+    role = permissions.gateway_role_name(LOCATION, GATEWAY)
+    settings = GatewaySettings(nats_url=bed.url, nats_nkey_seed=bed.seeds[role], nats_ca_file=bed.ca_file,
+                               gateway_id=GATEWAY, stats_interval=3600)
+    backend = FakeBackend()
+    gateway = Gateway(settings, credentials, backend)
+    errors: list[str] = []
+    raw = await bed.raw(role, errors)
+    try:
+        await gateway.start()  # resync from its snapshot, then its durable
+        assert backend.peers[mine.pubkey].config() == PeerConfig(mine.pubkey, psk, tuple(mine.allowed_ips))
+        await gateway.publish_stats()
+        newer = signer.sign(authorization(2).model_copy(update={"psk_sealed": seal(sealing_public, psk)}))
+        await core.publish_peer_state(newer)
+        await eventually(lambda: newer.pubkey in backend.peers, timeout=10, what="the gateway to follow its stream")
+        assert gateway.bus is not None
+        # it cannot issue or revoke peers, here or elsewhere
+        forged = authorization(3)
+        await refused_publish(raw, errors, subjects.peer(LOCATION, 3), forged.model_dump_json().encode())
+        revoke = PeerRevoked(location_id=LOCATION, device_id=1, generation=1, pubkey=mine.pubkey, reason=RevokeReason.ADMIN)
+        await refused_publish(raw, errors, subjects.peer(LOCATION, 1), revoke.model_dump_json().encode())
+        assert (await core.last_peer_state(LOCATION, 1)).state == mine  # type: ignore[union-attr]
+        # nor read another location's peers, by subscription or by consumer
+        await refused_subscribe(raw, errors, subjects.peers_of_location(OTHER_LOCATION))
+        await refused_create(raw, errors, streams.PEERS.name, permissions.gateway_snapshot_consumer(LOCATION, GATEWAY),
+                             subjects.peers_of_location(OTHER_LOCATION))
+        await refused_create(raw, errors, streams.PEERS.name, "core-peers", subjects.peers_of_location(LOCATION))
+        await refused_publish(raw, errors, f"$JS.API.STREAM.MSG.GET.{streams.PEERS.name}",
+                              json.dumps({"last_by_subj": subjects.peer(OTHER_LOCATION, 1)}).encode())
+        # nor speak for another gateway, call admin RPC, or touch another's consumer
+        sample = StatsSample(location_id=OTHER_LOCATION, gateway_id="branch", sample_id=uuid7(), sampled_at=utcnow(), peers=[])
+        await refused_publish(raw, errors, subjects.stats(OTHER_LOCATION, "branch"), sample.model_dump_json().encode())
+        await refused_publish(raw, errors, subjects.admin_rpc("gateway_credentials"))
+        await refused_subscribe(raw, errors, subjects.RPC_ALL)
+        await refused_publish(raw, errors, f"$JS.API.CONSUMER.DELETE.{streams.PEERS.name}.core-peers")
+    finally:
+        await raw.close()
+        await gateway.stop()
+        await core.close()
+
+
+async def test_a_gateway_added_later_is_admitted_by_a_reload(tmp_path: Path) -> None:
+    """`wgmfa up` admits the gateway of a location created while it runs by regenerating
+    the server's authorization and reloading it; the server never restarts."""
+    with secured_nats_server() as server:
+        role = permissions.gateway_role_name(5, "late")
+        pid = server.server.process.pid  # type: ignore[union-attr]
+        server.allow_gateway(5, "late")
+
+        async def admitted() -> bool:
+            try:
+                bus = await Bus.connect(server.plain_url, "late", wait_s=0.5, nkey_seed=server.seed(role))
+            except BusUnavailable:
+                return False
+            await bus.close()
+            return True
+
+        await eventually(admitted, timeout=10, what="the reloaded server to admit the new gateway")
+        assert server.server.process.pid == pid  # type: ignore[union-attr]
