@@ -34,44 +34,13 @@ from reaper_worker.app import Reaper, ReaperSettings
 from schemas import rpc
 from schemas.common import RevokeReason, utcnow, uuid7
 from schemas.events import PeerAuthorized, PeerRevoked, StatsSample, UserCreated
-from tests.support.stack import REPO, SecuredNats, eventually, free_port, secured_nats_server
+from tests.support.deploy import Bed, start_deploy_cluster
+from tests.support.stack import REPO, eventually, secured_nats_server
 from wgmfa import credentials as creds
 
 LOCATION = 1
 GATEWAY = "office-a"  # deploy/nats/gateways admits it
 OTHER_LOCATION = 2
-
-
-@dataclass
-class Bed:
-    """A server (or cluster) with wgmfa's roles, and a way to connect as each."""
-
-    kind: str
-    url: str  # for the roles
-    seeds: dict[str, str]
-    ca_file: Path | None = None
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    async def connect(self, role: str) -> Bus:
-        return await Bus.connect(self.url, f"test-{role}", wait_s=20, nkey_seed=self.seeds[role],
-                                 inbox_prefix=permissions.inbox_prefix(role), ca_file=self.ca_file)
-
-    async def raw(self, role: str | None, errors: list[str], seed: str | None = None) -> nats.NATS:
-        """A bare connection that records the server's permission errors."""
-
-        async def note(error: Exception) -> None:
-            errors.append(str(error).lower())
-
-        options: dict = {"error_cb": note, "allow_reconnect": False, "connect_timeout": 3}
-        if role is not None or seed is not None:
-            options["nkeys_seed_str"] = seed or self.seeds[role]  # type: ignore[index]
-        if role is not None:
-            options["inbox_prefix"] = permissions.inbox_prefix(role)
-        if self.ca_file is not None:
-            import ssl
-
-            options["tls"] = ssl.create_default_context(cafile=str(self.ca_file))
-        return await nats.connect(servers=self.url.split(","), **options)
 
 
 async def refused_publish(nc: nats.NATS, errors: list[str], subject: str, payload: bytes = b"{}") -> None:
@@ -118,45 +87,13 @@ def embedded() -> Iterator[Bed]:
         yield Bed("embedded", server.plain_url, seeds)
 
 
-def start_deploy_cluster(work: Path) -> Bed:
-    """deploy/'s generated configuration on three local nodes, with certificates made by
-    deploy/make-certs.sh and NKeys as `python -m wgmfa.credentials env` makes them."""
-    certs = work / "certs"
-    subprocess.run([str(REPO / "deploy" / "make-certs.sh"), str(certs)], check=True, capture_output=True)
-    gateways = creds.deploy_gateways()
-    env_lines = creds.deploy_env(gateways).splitlines()
-    env = dict(line.split("=", 1) for line in env_lines)
-    client_ports = [free_port() for _ in creds.DEPLOY_NODES]
-    cluster_ports = [free_port() for _ in creds.DEPLOY_NODES]
-    routes = tuple(f"nats-route://127.0.0.1:{p}" for p in cluster_ports)
-    files = creds.deploy_files(gateways)
-    processes = []
-    for index, name in enumerate(creds.DEPLOY_NODES):
-        node_dir = work / name
-        node_dir.mkdir()
-        layout = creds.NodeLayout(client_listen=f"127.0.0.1:{client_ports[index]}",
-                                  cluster_listen=f"127.0.0.1:{cluster_ports[index]}", routes=routes,
-                                  cert_dir=str(certs), store_dir=str(node_dir / "jetstream"))
-        (node_dir / "authorization.conf").write_text(files["authorization.conf"])
-        (node_dir / "nats.conf").write_text(creds.deploy_node_config(name, layout))
-        log = open(node_dir / "nats.log", "wb")
-        processes.append(subprocess.Popen([nats_server_binary(), "-c", str(node_dir / "nats.conf")],
-                                          env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT))
-        log.close()
-    seeds = {role: env[creds.env_name(role)] for role in creds.deploy_roles(gateways)}
-    url = ",".join(f"tls://127.0.0.1:{p}" for p in client_ports)
-    return Bed("deploy", url, seeds, ca_file=certs / "ca.pem", processes=processes)
-
-
 @pytest.fixture
 def deploy(tmp_path: Path) -> Iterator[Bed]:
     bed = start_deploy_cluster(tmp_path)
     try:
         yield bed
     finally:
-        for process in bed.processes:
-            process.terminate()
-            process.wait(10)
+        bed.stop()
 
 
 @pytest_asyncio.fixture(params=["embedded", "deploy"])

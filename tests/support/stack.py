@@ -27,6 +27,7 @@ from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
 from events.sealing import generate_keypair
 from events.server import NatsServer
+from events.settings import BusSettings
 from schemas import rpc
 from schemas.common import utcnow
 from wgmfa.admin import AdminClient
@@ -232,15 +233,22 @@ class Stack:
         self.proxy.start()
         await self.wait_core()
         await eventually(self._proxy_healthy, timeout=20, what="proxy health")
-        if self.secured is not None:
-            bus = await self.secured.connect(permissions.ADMIN)
-        else:
-            bus = await Bus.connect(self.nats_url, "test-admin", wait_s=5)
-        self.admin = AdminClient(bus, timeout_s=10)
+        self.admin = AdminClient(await self.connect(permissions.ADMIN), timeout_s=10)
         return self
 
+    async def connect(self, role: str) -> Bus:
+        """A connection as `role`, with the credentials this stack's services use (none on
+        a server without authentication)."""
+        settings = BusSettings(
+            nats_url=self.env["WGMFA_NATS_URL"],
+            state_dir=self.state_dir,
+            nats_credentials_dir=self.env.get("WGMFA_NATS_CREDENTIALS_DIR"),
+            nats_ca_file=self.env.get("WGMFA_NATS_CA_FILE"),
+        )
+        return await Bus.connect_as(settings, role, f"test-{role}", wait_s=10)
+
     async def wait_core(self, timeout: float = 30) -> None:
-        bus = await Bus.connect(self.nats_url, "test-wait", wait_s=5)
+        bus = await self.connect(permissions.ADMIN)
         try:
 
             async def answered() -> bool:
