@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
@@ -18,13 +17,13 @@ import nats.errors
 import nats.js.errors
 import pytest
 import pytest_asyncio
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
 from events.clock import FakeClock
 from events.sealing import generate_keypair, generate_psk, seal
-from events.server import nats_server_binary
+from events.server import NatsServer
 from events.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backend import PeerConfig
@@ -37,6 +36,7 @@ from schemas.events import PeerAuthorized, PeerRevoked, StatsSample, UserCreated
 from tests.support.deploy import Bed, start_deploy_cluster
 from tests.support.stack import REPO, eventually, secured_nats_server
 from wgmfa import credentials as creds
+from wgmfa.credentials import BusCredentials
 
 LOCATION = 1
 GATEWAY = "office-a"  # deploy/nats/gateways admits it
@@ -366,3 +366,32 @@ async def test_a_gateway_added_later_is_admitted_by_a_reload(tmp_path: Path) -> 
 
         await eventually(admitted, timeout=10, what="the reloaded server to admit the new gateway")
         assert server.server.process.pid == pid  # type: ignore[union-attr]
+
+
+async def test_a_gateway_outside_up_gets_its_credential_from_the_state_directory(tmp_path: Path) -> None:
+    """`python -m wgmfa.credentials gateway L G`, run by the owner of `wgmfa up`'s state
+    directory, admits one more gateway on the running server and says where its seed is."""
+    state = tmp_path / "state"
+    roles = BusCredentials(state / "nats-credentials").ensure()
+    server = NatsServer(state / "nats", authorization=roles.authorization())  # as `wgmfa up` runs it
+    server.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WGMFA_")} | {"WGMFA_STATE_DIR": str(state)}
+        done = subprocess.run([sys.executable, "-m", "wgmfa.credentials", "gateway", "3", "remote"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        seed_file = state / "nats-credentials" / "gateway-3-remote.nk"
+        assert str(seed_file) in done.stdout and "reloaded" in done.stdout
+        assert seed_file.stat().st_mode & 0o777 == 0o600
+
+        async def admitted() -> bool:
+            try:
+                bus = await Bus.connect(server.url, "remote", wait_s=0.5, nkey_seed=seed_file.read_text().strip())
+            except BusUnavailable:
+                return False
+            await bus.close()
+            return True
+
+        await eventually(admitted, timeout=10, what="the server to admit the new gateway")
+    finally:
+        server.stop()

@@ -6,6 +6,8 @@ nothing in the server's config is a secret. `wgmfa up` keeps every role's seed i
 <state dir>/nats-credentials/<role>.nk (directory 0700, files 0600), where each process it
 starts, and `wgmfa admin` / `wgmfa events tail` run by the same user, find theirs.
 
+    python -m wgmfa.credentials gateway LOCATION_ID GATEWAY_ID   # admit a gateway (embedded)
+    python -m wgmfa.credentials rotate ROLE        # a new seed for a role (embedded)
     python -m wgmfa.credentials deploy [--check]   # (re)generate deploy/nats/*.conf
     python -m wgmfa.credentials env                # fresh NKeys for .env (deploy)
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from nacl.utils import random
 
 from events import permissions
 from events.permissions import FIXED_ROLES
+from events.settings import BusSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_NATS = REPO / "deploy" / "nats"
@@ -198,13 +202,50 @@ def deploy_env(gateways: list[tuple[int, str]] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reload_embedded_server(credentials: BusCredentials, nats_dir: Path) -> bool:
+    """Write the embedded server's authorization (where `wgmfa up` keeps it) and make the
+    running nats-server reload it; False when none is running."""
+    (nats_dir / "authorization.conf").write_text(credentials.authorization())
+    for ports in nats_dir.glob("nats-server_*.ports"):
+        pid = int(ports.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, signal.SIGHUP)  # nats-server --signal reload=<pid>
+            return True
+        except ProcessLookupError:
+            continue
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wgmfa.credentials")
     sub = parser.add_subparsers(dest="command", required=True)
+    gateway = sub.add_parser("gateway", help="admit a gateway of a location to the embedded server (wgmfa up)")
+    gateway.add_argument("location_id", type=int)
+    gateway.add_argument("gateway_id")
+    rotate = sub.add_parser("rotate", help="replace a role's seed on the embedded server (wgmfa up)")
+    rotate.add_argument("role", help="core, proxy, reaper, admin, operator or gateway-<location>-<gateway>")
     deploy = sub.add_parser("deploy", help="write deploy/nats/*.conf from events/permissions.py")
     deploy.add_argument("--check", action="store_true", help="only say whether the files are current")
     sub.add_parser("env", help="print fresh NKeys for every role of the deployment (.env lines)")
     args = parser.parse_args(argv)
+    if args.command in ("gateway", "rotate"):
+        settings = BusSettings()
+        state_dir = settings.state_dir.resolve()
+        credentials = BusCredentials(settings.nats_credentials_dir or state_dir / "nats-credentials").ensure()
+        try:
+            if args.command == "gateway":
+                role = credentials.add_gateway(args.location_id, args.gateway_id)
+            else:
+                role = args.role
+                credentials.rotate(role)
+        except ValueError as exc:
+            print(f"wgmfa: {exc}", file=sys.stderr)
+            return 2
+        running = reload_embedded_server(credentials, state_dir / "nats")
+        print(f"{role}: seed in {credentials.path(role)} (give it to the process as WGMFA_NATS_NKEY_FILE or "
+              f"WGMFA_NATS_NKEY_SEED); " + ("the running nats-server reloaded its authorization"
+                                           if running else "applies when `wgmfa up` starts"))
+        return 0
     if args.command == "env":
         sys.stdout.write(deploy_env())
         return 0
