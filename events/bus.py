@@ -45,7 +45,7 @@ T = TypeVar("T")
 Req = TypeVar("Req", bound=BaseModel)
 
 WRONG_LAST_SEQUENCE = 10071
-JETSTREAM_NOT_READY = {10008, 10074}  # temporarily unavailable; insufficient resources (peers not up yet)
+JETSTREAM_NOT_READY = {10005, 10008, 10074}  # no peers for placement yet; temporarily unavailable; insufficient resources (a cluster still forming)
 MAX_DLQ_PAYLOAD = 8192
 _SECRET_KEYS = re.compile(r"code|token|psk|preshared|secret|password|private|signature|sealed", re.I)
 _SECRET_PAIRS = re.compile(

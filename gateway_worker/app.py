@@ -211,22 +211,17 @@ class Gateway:
                                                state.model_dump_json().encode(), None, str(exc))
         async with self._lock:
             status = await self.backend.status()
-            # A refused state leaves its device as the interface has it: its peer (the
-            # key this gateway last applied for it, or the refused state's key) stays.
-            present = {peer.public_key: peer for peer in status.peers}
-            for device, state in refused.items():
-                for key in {state.pubkey, getattr(self.applied.get(device), "pubkey", None)}:
-                    if key in present and key not in desired:
-                        desired[key] = present[key].config()
+            # A refused last state hides the device's true one (the stream keeps one
+            # message per subject), so a resync fails closed: the device gets no peer
+            # until the core authorizes it again. Keeping what the interface has would let
+            # a forgery over a revoke keep a revoked peer alive.
             todo = plan(desired, status.peers)
             await self.backend.apply(todo.add + todo.update, todo.remove)
-            previous = self.applied
             self.applied = {
                 device: Applied(peer_state_order(state), state.pubkey)
                 for device, state in states.items()
                 if device not in refused
             }
-            self.applied.update({d: previous[d] for d in refused if d in previous})
         event = GatewaySynced(
             location_id=self.location_id,
             gateway_id=self.gateway_id,

@@ -57,6 +57,20 @@ async def refused_subscribe(nc: nats.NATS, errors: list[str], subject: str) -> N
                      timeout=5, what=f"the server to refuse subscribing to {subject}")
 
 
+async def call_when_served(bus: Bus, subject: str) -> None:
+    """A call that succeeds once the responder's interest has reached the caller's node
+    (across the cluster's routes that takes a moment)."""
+
+    async def answered() -> bool:
+        try:
+            await bus.call(subject, rpc.CoreHello(), rpc.Empty, timeout=2)
+            return True
+        except BusUnavailable:
+            return False
+
+    await eventually(answered, timeout=15, interval=0.1, what=f"an answer on {subject}")
+
+
 def create_request(stream: str, name: str, filter_subject: str, *, durable: bool = False) -> tuple[str, bytes]:
     """The JetStream API request nats-py sends to create (or change) a named consumer."""
     config: dict = {"name": name, "filter_subject": filter_subject, "ack_policy": "explicit", "deliver_policy": "all"}
@@ -138,7 +152,7 @@ async def test_core_serves_rpc_owns_streams_and_publishes_peer_state(bed: Bed) -
     try:
         await core.serve_rpc(subjects.RPC_CORE_HELLO, rpc.CoreHello, lambda _r: asyncio.sleep(0, rpc.Empty()))
         await core.nc.flush()
-        await admin.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.Empty, timeout=5)
+        await call_when_served(admin, subjects.RPC_CORE_HELLO)
         signer = PeerSigner(b"k" * 32)
         state = signer.sign(authorization(1))
         assert await core.publish_peer_state(state)
@@ -167,11 +181,18 @@ async def test_proxy_requests_client_rpc_only(bed: Bed) -> None:
             await core.serve_rpc(subject, rpc.CoreHello, hello)  # type: ignore[arg-type]
         await core.nc.flush()
         for subject in (subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device", f"{subjects.RPC_OIDC_PREFIX}.callback"):
-            await proxy.call(subject, rpc.CoreHello(), rpc.Empty, timeout=5)
+            await call_when_served(proxy, subject)
         notified = await proxy.nc.subscribe(subjects.notify_login("x1"))
         await proxy.nc.flush()
-        await core.nc.publish(subjects.notify_login("x1"), b"{}")
-        assert (await notified.next_msg(timeout=5)).data == b"{}"
+
+        async def heard() -> bool:
+            await core.nc.publish(subjects.notify_login("x1"), b"{}")
+            try:
+                return (await notified.next_msg(timeout=0.5)).data == b"{}"
+            except nats.errors.TimeoutError:
+                return False
+
+        await eventually(heard, timeout=15, what="the login notification")
         # never admin, never answering in the core's place, never the peer stream
         await refused_publish(raw, errors, subjects.admin_rpc("gateway_credentials"))
         await refused_subscribe(raw, errors, subjects.RPC_ALL)
@@ -193,7 +214,7 @@ async def test_admin_requests_admin_rpc_only(bed: Bed) -> None:
 
         await core.serve_rpc(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello, answer)  # type: ignore[arg-type]
         await core.nc.flush()
-        await admin.call(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello(), rpc.Empty, timeout=5)
+        await call_when_served(admin, subjects.admin_rpc("gateway_credentials"))
         await refused_publish(raw, errors, subjects.peer(LOCATION, 1))
         await refused_publish(raw, errors, subjects.RPC_MFA_FINISH)
         await refused_subscribe(raw, errors, subjects.RPC_ALL)
@@ -213,7 +234,10 @@ async def test_only_the_admin_role_reaches_gateway_credentials(bed: Bed) -> None
 
     await core.serve_rpc(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello, answer)  # type: ignore[arg-type]
     await core.nc.flush()
+    admin = await bed.connect(permissions.ADMIN)
     try:
+        await call_when_served(admin, subjects.admin_rpc("gateway_credentials"))  # the admin is answered
+        answered.clear()
         for role in (permissions.PROXY, permissions.REAPER, permissions.OPERATOR,
                      permissions.gateway_role_name(LOCATION, GATEWAY)):
             bus = await bed.connect(role)
@@ -224,7 +248,7 @@ async def test_only_the_admin_role_reaches_gateway_credentials(bed: Bed) -> None
                 await bus.close()
         assert answered == []
     finally:
-        await core.close()
+        await asyncio.gather(admin.close(), core.close())
 
 
 def authorization(device: int, *, generation: int = 1, location: int = LOCATION) -> PeerAuthorized:
