@@ -80,6 +80,9 @@ def _ephemeral_reader(stream: str) -> list[str]:
 
 def core() -> Role:
     owned = [subjects.PEER_ALL, subjects.EVENTS_ALL, subjects.DLQ_ALL, f"{subjects.NOTIFY_LOGIN_PREFIX}.>"]
+    # Its callers' inboxes, besides `allow_responses`: a configuration reload forgets which
+    # replies are pending, and an answer in flight would be refused.
+    owned += [f"{inbox_prefix(caller)}.>" for caller in (PROXY, ADMIN)]
     for stream in (PEERS, STATS, EVENTS, DLQ):
         owned += [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.STREAM.INFO.{stream}"]
     owned += [f"$JS.API.STREAM.MSG.GET.{PEERS}"]  # the last state of a peer subject, for compare-and-set

@@ -419,3 +419,31 @@ async def test_a_gateway_outside_up_gets_its_credential_from_the_state_directory
         await eventually(admitted, timeout=10, what="the server to admit the new gateway")
     finally:
         server.stop()
+
+
+async def test_an_answer_in_flight_during_a_reload_still_arrives() -> None:
+    """Admitting a gateway reloads the server, which forgets which replies are pending:
+    the core's answer to a request it got before the reload must still get through."""
+    with secured_nats_server() as server:
+        core = await server.connect(permissions.CORE)
+        admin = await server.connect(permissions.ADMIN)
+        received, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(_req: rpc.CoreHello) -> rpc.Empty:
+            received.set()
+            await release.wait()
+            return rpc.Empty()
+
+        try:
+            await core.serve_rpc(subjects.RPC_CORE_HELLO, rpc.CoreHello, slow)
+            await core.nc.flush()
+            call = asyncio.create_task(admin.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.Empty, timeout=10))
+            await asyncio.wait_for(received.wait(), 10)
+            log_before = server.log_file.read_text().count("Reloaded server configuration")
+            server.allow_gateway(9, "new")
+            await eventually(lambda: server.log_file.read_text().count("Reloaded server configuration") > log_before,
+                             timeout=10, what="the reload")
+            release.set()
+            assert await call == rpc.Empty()
+        finally:
+            await asyncio.gather(core.close(), admin.close())
