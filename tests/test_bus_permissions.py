@@ -447,3 +447,14 @@ async def test_an_answer_in_flight_during_a_reload_still_arrives() -> None:
             assert await call == rpc.Empty()
         finally:
             await asyncio.gather(core.close(), admin.close())
+
+
+def test_the_server_configuration_holds_no_secret(tmp_path: Path) -> None:
+    """NKeys: the server knows public keys only; the seeds stay with their processes."""
+    roles = BusCredentials(tmp_path / "credentials").ensure()
+    roles.add_gateway(1, "gw")
+    text = roles.authorization()
+    for role in roles.roles():
+        assert roles.seed(role) not in text and roles.public_key(role) in text
+    assert (tmp_path / "credentials").stat().st_mode & 0o777 == 0o700
+    assert all(roles.path(r).stat().st_mode & 0o777 == 0o600 for r in roles.roles())
