@@ -84,9 +84,9 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
              "allow_reconnect=False, connect_timeout=3))"], capture_output=True, text=True, timeout=30)
         assert refused.returncode != 0 and "authorization" in refused.stderr.lower(), refused.stderr
         # `events tail` (the operator role) finds its key too
-        tail = subprocess.run([sys.executable, "-m", "wgmfa", "events", "tail", "--all", "--count", "1", "--json"],
-                              env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
-        assert tail.returncode == 0 and json.loads(tail.stdout)["type"] == "reaper.started", tail.stderr  # the oldest
+        tail = subprocess.run([sys.executable, "-m", "wgmfa", "events", "tail", "admin.*", "--all", "--count", "1",
+                               "--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert tail.returncode == 0 and json.loads(tail.stdout)["type"] == "admin.location_created", tail.stderr
         assert len(processes_using(str(state))) >= 5  # nats-server, SMTP sink, core, proxy, reaper
         if os.geteuid() == 0:  # the embedded gateway comes up for the first location
             deadline = time.monotonic() + 30
