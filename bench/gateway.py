@@ -15,6 +15,7 @@ from bench.common import nats_server, run_benchmark, wireguard_place
 from events import subjects
 from events.bus import Bus
 from events.sealing import generate_keypair, generate_psk, seal
+from events.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backends.fake import FakeBackend
 from gateway_worker.backends.uapi import UserspaceBackend
@@ -30,20 +31,24 @@ async def timed(coro) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - began
 
 
+SIGNER = PeerSigner(b"b" * 32)  # plays the core's key
+
+
 async def run_size(url: str, size: int, location_id: int, backend_kind: str, netns: str | None) -> dict:
     bus = await Bus.connect(url, "bench", wait_s=5)
     await bus.ensure_streams()
     sealing_private, sealing_public = generate_keypair()
     credentials = GatewayCredentials(location_id=location_id, location_name=f"bench{size}", private_key=generate_keypair()[0],
                                      sealing_private_key=sealing_private, listen_port=40000 + location_id,
-                                     address="10.200.0.1/16")
+                                     address="10.200.0.1/16", network="10.200.0.0/14", mfa_required=True,
+                                     core_signing_key=SIGNER.public_key)
     keys = [generate_keypair()[1] for _ in range(size)]
 
     async def authorize(device: int, generation: int) -> None:
-        state = PeerAuthorized(location_id=location_id, device_id=device, generation=generation, pubkey=keys[device],
+        state = SIGNER.sign(PeerAuthorized(location_id=location_id, device_id=device, generation=generation, pubkey=keys[device],
                                allowed_ips=[f"10.{200 + device // 65000}.{device // 250 % 256}.{device % 250 + 2}/32"],
                                keepalive_s=25, psk_sealed=seal(sealing_public, generate_psk()), authorized_at=utcnow(),
-                               threshold_s=300)
+                               threshold_s=300))
         await bus.publish(subjects.peer(location_id, device), state)
 
     for device in range(size):

@@ -19,6 +19,7 @@ from events import streams, subjects
 from events.bus import Bus
 from events.clock import FakeClock
 from events.sealing import generate_keypair, generate_psk, seal
+from events.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backends.fake import FakeBackend
 from gateway_worker.backends.uapi import UserspaceBackend
@@ -60,8 +61,10 @@ async def measure(url: str, peers: int, backend_kind: str, netns: str | None) ->
 
     # the real path: reaper sweep -> peer.revoked -> gateway -> interface
     sealing_private, sealing_public = generate_keypair()
+    signer = PeerSigner(b"r" * 32)  # plays the core's key
     credentials = GatewayCredentials(location_id=1, location_name="bench", private_key=generate_keypair()[0],
-                                     sealing_private_key=sealing_private, listen_port=41001, address="10.201.0.1/16")
+                                     sealing_private_key=sealing_private, listen_port=41001, address="10.201.0.1/16",
+                                     network="10.201.0.0/16", mfa_required=True, core_signing_key=signer.public_key)
     backend = UserspaceBackend() if backend_kind == "userspace" else FakeBackend()
     settings = GatewaySettings(nats_url=url, gateway_id="bench", stats_interval=3600,
                                netns=netns, interface=f"wgr{os.getpid() % 10000}")
@@ -77,11 +80,11 @@ async def measure(url: str, peers: int, backend_kind: str, netns: str | None) ->
     await gateway.start()
     keys = [generate_keypair()[1] for _ in range(peers)]
     for device, key in enumerate(keys):
-        await bus.publish(subjects.peer(1, device), PeerAuthorized(
+        await bus.publish(subjects.peer(1, device), signer.sign(PeerAuthorized(
             location_id=1, device_id=device, generation=1, session_id=device, pubkey=key,
             allowed_ips=[f"10.201.{device // 250}.{device % 250 + 2}/32"], keepalive_s=25,
             psk_sealed=seal(sealing_public, generate_psk()), authorized_at=utcnow(),
-            expires_at=utcnow() + timedelta(hours=12), threshold_s=THRESHOLD))
+            expires_at=utcnow() + timedelta(hours=12), threshold_s=THRESHOLD)))
     while len((await backend.status()).peers) < peers:
         await asyncio.sleep(0.05)
     clock = FakeClock()

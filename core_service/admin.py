@@ -378,6 +378,9 @@ class Admin:
             sealing_private_key=self.ctx.vault.decrypt(location.sealing_private_key_enc),
             listen_port=location.listen_port,
             address=location.gateway_address,
+            network=location.network,
+            mfa_required=location.mfa_mode != MfaMode.DISABLED,
+            core_signing_key=self.ctx.vault.peer_signer.public_key,
         )
         try:
             return seal(reply_key, credentials.model_dump_json())

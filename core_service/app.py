@@ -17,7 +17,7 @@ from core_service.mfa import Mfa
 from core_service.oidc import OidcAdmin, RelyingParty
 from core_service.outbox import OutboxRelay
 from core_service.settings import CoreSettings
-from events import streams, subjects
+from events import permissions, streams, subjects
 from events.bus import Bus
 from events.clock import Clock, SystemClock
 from events.service import cancel_all, every, run_until_signalled
@@ -46,9 +46,8 @@ class Core:
     async def start(self) -> None:
         if self.settings.auto_migrate:
             await self.db.migrate()
-        self.bus = await Bus.connect(
-            self.settings.nats_url, "core", publish_timeout_s=self.settings.publish_timeout_s
-        )
+        self.bus = await Bus.connect_as(self.settings, permissions.CORE, "core")
+        self.bus.peer_signing_key = self.vault.peer_signer.public_key
         await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
         relay = self._relay = OutboxRelay(self.db, self.bus, self.clock)
         ctx = CoreContext(settings=self.settings, db=self.db, vault=self.vault, clock=self.clock, relay=relay)

@@ -15,6 +15,7 @@ from nacl.secret import SecretBox
 from nacl.utils import random
 
 from events.sealing import b64encode, unseal
+from events.signing import PeerSigner
 
 _PREFIX = "v1:"
 
@@ -69,6 +70,8 @@ class Vault:
         }
         # the deployment's identity for mobile apps: stable for as long as the key is
         self.instance_id = str(uuid.UUID(bytes=_derive(master, b"wgmfa-instance")[:16], version=4))
+        # signs every peer.authorized; gateways hold the public half (their credentials)
+        self.peer_signer = PeerSigner(_derive(master, b"wgmfa-peer-sign"))
 
     def code_hash(self, login_id: uuid.UUID, code: str) -> str:
         """A keyed hash of an emailed code, bound to its login: a database dump alone does

@@ -82,7 +82,7 @@ def peer_authorized(
     expires_at: datetime | None,
 ) -> PeerAuthorized:
     mfa = location.mfa_mode != MfaMode.DISABLED
-    return PeerAuthorized(
+    state = PeerAuthorized(
         location_id=location.id,  # type: ignore[arg-type]
         device_id=device.id,  # type: ignore[arg-type]
         generation=placement.generation,
@@ -95,6 +95,7 @@ def peer_authorized(
         expires_at=expires_at,
         threshold_s=location.peer_disconnect_threshold_s if mfa else None,
     )
+    return ctx.vault.peer_signer.sign(state)
 
 
 async def revoke(

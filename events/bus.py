@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import re
+import ssl
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
@@ -22,7 +26,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from pydantic import BaseModel, ValidationError
 
 from events import headers as hdr
-from events import streams, subjects
+from events import permissions, signing, streams, subjects
+from events.settings import BusSettings
 from schemas.events import (
     PEER_STATE_ADAPTER,
     DeadLetter,
@@ -40,7 +45,7 @@ T = TypeVar("T")
 Req = TypeVar("Req", bound=BaseModel)
 
 WRONG_LAST_SEQUENCE = 10071
-JETSTREAM_NOT_READY = {10008, 10074}  # temporarily unavailable; insufficient resources (peers not up yet)
+JETSTREAM_NOT_READY = {10005, 10008, 10074}  # no peers for placement yet; temporarily unavailable; insufficient resources (a cluster still forming)
 MAX_DLQ_PAYLOAD = 8192
 _SECRET_KEYS = re.compile(r"code|token|psk|preshared|secret|password|private|signature|sealed", re.I)
 _SECRET_PAIRS = re.compile(
@@ -90,6 +95,21 @@ def redact_payload(data: bytes) -> tuple[str, str]:
 
 
 @dataclass
+class _FreshlyNamed(ConsumerConfig):
+    """A consumer config that takes a new random name every time a consumer is created
+    from it (nats-py copies the config with `evolve` on each create, including when an
+    ordered consumer recreates itself after a gap). Consumers are created by name
+    (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`) because the nameless form lets
+    the body name any consumer, another role's durable included; the permissions allow
+    the named form and deny the names of every durable."""
+
+    def evolve(self, **params: Any) -> "_FreshlyNamed":
+        fresh = dataclasses.replace(self, **params)
+        fresh.name = f"ephemeral-{uuid.uuid4().hex[:16]}"
+        return fresh
+
+
+@dataclass
 class PeerStateRecord:
     sequence: int
     state: PeerAuthorized | PeerRevoked | None  # None: the last message does not decode
@@ -105,6 +125,9 @@ class Bus:
         self._subscriptions: list[Any] = []
         self._consumers: list[asyncio.Task[Any]] = []
         self.closing = False
+        # The core's: a last authorization that this key did not sign (a forgery by a
+        # credential that may publish revokes) does not hold back the true next state.
+        self.peer_signing_key: str | None = None
 
     # --- connection -------------------------------------------------------------------
 
@@ -117,13 +140,22 @@ class Bus:
         publish_timeout_s: float = 5.0,
         wait_s: float | None = None,
         inbox_prefix: str = "_INBOX",
+        nkey_seed: str | None = None,
+        ca_file: Path | None = None,
     ) -> "Bus":
-        """Connect, retrying until `wait_s` (None: forever); reconnect forever afterwards."""
+        """Connect, retrying until `wait_s` (None: forever); reconnect forever afterwards.
+        With `nkey_seed`, authenticate with that NKey (the server sends a nonce, the seed
+        signs it: no secret crosses the wire); `ca_file` trusts a private CA for tls:// URLs."""
         loop = asyncio.get_running_loop()
         deadline = None if wait_s is None else loop.time() + wait_s
         delay = 0.2
 
         bus: Bus | None = None
+        auth: dict[str, Any] = {}
+        if nkey_seed:
+            auth["nkeys_seed_str"] = nkey_seed
+        if ca_file is not None:
+            auth["tls"] = ssl.create_default_context(cafile=str(ca_file))
 
         async def on_disconnected() -> None:
             if bus is not None and not bus.closing:
@@ -152,6 +184,7 @@ class Bus:
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
                     error_cb=on_error,
+                    **auth,
                 )
                 nc.options["max_reconnect_attempts"] = -1
                 bus = cls(nc, service, publish_timeout_s=publish_timeout_s)
@@ -162,6 +195,48 @@ class Bus:
                 log.warning("waiting for NATS at %s: %s", url, exc or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    @classmethod
+    async def connect_as(
+        cls, settings: BusSettings, role: str, service: str | None = None, *, wait_s: float | None = None
+    ) -> "Bus":
+        """Connect as `role` (events.permissions) with this process's credentials and the
+        role's own inbox prefix, as the settings find them."""
+        try:
+            seed = settings.nkey_seed(role)
+        except OSError as exc:
+            raise BusUnavailable(f"cannot read the NATS credentials of {role}: {exc}") from None
+        try:
+            return await cls.connect(
+                settings.nats_url,
+                service or role,
+                publish_timeout_s=settings.publish_timeout_s,
+                wait_s=wait_s,
+                inbox_prefix=settings.inbox_prefix or permissions.inbox_prefix(role),
+                nkey_seed=seed,
+                ca_file=settings.nats_ca_file,
+            )
+        except BusUnavailable as exc:
+            if seed is None:
+                where = settings.nats_nkey_file or settings.credentials_dir / f"{role}.nk"
+                raise BusUnavailable(f"{exc}; no NATS credentials for {role} (none in {where})") from None
+            raise
+
+    async def wait_for_streams(self, *names: str, wait_s: float | None = None) -> None:
+        """Wait until the core has declared these streams (only the core may create them)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if wait_s is None else loop.time() + wait_s
+        for name in names:
+            while True:
+                try:
+                    await self.js.stream_info(name)
+                    break
+                except (nats.js.errors.NotFoundError, nats.errors.TimeoutError, asyncio.TimeoutError,
+                        nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+                    if deadline is not None and loop.time() > deadline:
+                        raise BusUnavailable(f"stream {name} is not there: {exc or type(exc).__name__}") from None
+                    log.info("waiting for stream %s (the core declares it)", name)
+                    await asyncio.sleep(1)
 
     async def ensure_streams(
         self, replicas: int = 1, *, limits: streams.StreamLimits | None = None, wait_s: float = 60.0
@@ -253,6 +328,17 @@ class Bus:
             return PeerStateRecord(sequence=raw.seq or 0, state=None)
         return PeerStateRecord(sequence=raw.seq or 0, state=state)
 
+    def _forged(self, state: PeerAuthorized | PeerRevoked) -> bool:
+        if self.peer_signing_key is None or not isinstance(state, PeerAuthorized):
+            return False
+        try:
+            signing.verify(state, self.peer_signing_key)
+        except signing.SignatureInvalid:
+            log.warning("the last state of device %s at location %s is not the core's; replacing it",
+                        state.device_id, state.location_id)
+            return True
+        return False
+
     async def publish_peer_state(self, state: PeerAuthorized | PeerRevoked, *, attempts: int = 10) -> bool:
         """Compare-and-set: publish only over an older state (by generation), with the
         subject's last sequence expected, so that concurrent writers cannot put an older
@@ -260,7 +346,7 @@ class Bus:
         subject = subjects.peer(state.location_id, state.device_id)
         for _ in range(attempts):
             last = await self.last_peer_state(state.location_id, state.device_id)
-            if last is not None and last.state is not None:
+            if last is not None and last.state is not None and not self._forged(last.state):
                 if last.state.event_id == state.event_id:
                     return True
                 if peer_state_order(last.state) >= peer_state_order(state):
@@ -352,6 +438,13 @@ class Bus:
         self._subscriptions.append(await self.nc.subscribe(subject, queue=queue, cb=on_message))
 
     # --- JetStream consumers ----------------------------------------------------------
+
+    async def ordered_subscribe(
+        self, subject: str, stream: str, config: ConsumerConfig, cb: Callable[[Msg], Awaitable[None]] | None = None
+    ) -> Any:
+        """An ordered (ephemeral) consumer of `stream` for this process alone."""
+        named = _FreshlyNamed(**{f.name: getattr(config, f.name) for f in dataclasses.fields(ConsumerConfig)})
+        return await self.js.subscribe(subject, stream=stream, ordered_consumer=True, config=named, cb=cb)
 
     async def dead_letter(self, subject: str, data: bytes, headers: dict[str, str] | None, reason: str) -> None:
         payload, encoding = redact_payload(data or b"")

@@ -61,12 +61,14 @@ class NatsServer:
         log_file: Path | None = None,
         extra_config: str = "",
         die_with_parent: bool = False,
+        authorization: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port
         self.log_file = log_file or self.data_dir / "nats-server.log"
-        self.extra_config = extra_config  # e.g. a cluster block, or an include of authorization
+        self.extra_config = extra_config  # e.g. a cluster block
+        self.authorization = authorization  # an `authorization { … }` block; None: no authentication
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.die_with_parent = die_with_parent
@@ -86,6 +88,7 @@ class NatsServer:
                 "  sync_interval: always",
                 "}",
                 self.extra_config,
+                "include ./authorization.conf" if self.authorization is not None else "",
                 "",
             ]
         )
@@ -93,6 +96,7 @@ class NatsServer:
     def start(self, timeout_s: float = 15.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "nats-server.conf"
+        self._write_authorization()
         config.write_text(self.config_text())
         for stale in self.data_dir.glob("nats-server_*.ports"):
             stale.unlink()
@@ -121,6 +125,20 @@ class NatsServer:
             time.sleep(0.02)
         self.stop()
         raise NatsServerError(f"nats-server did not become ready within {timeout_s:g} s")
+
+    def _write_authorization(self) -> None:
+        if self.authorization is not None:
+            path = self.data_dir / "authorization.conf"  # includes are relative to the config file
+            path.write_text(self.authorization)
+
+    def reload(self, authorization: str | None = None) -> None:
+        """Apply a new authorization without a restart (SIGHUP: nats-server reloads its
+        configuration; connections of users that are gone are closed)."""
+        if authorization is not None:
+            self.authorization = authorization
+        self._write_authorization()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

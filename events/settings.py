@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.streams import StreamLimits
@@ -25,9 +25,9 @@ class BusSettings(BaseSettings):
     """How long a JetStream publish waits for its acknowledgement."""
     stream_replicas: int = Field(1, ge=1, le=5)
     """Replicas of each JetStream stream (3 on a three-node cluster)."""
-    inbox_prefix: str = "_INBOX"
-    """Subject prefix for replies and push consumers; operators' accounts may be limited
-    to their own (e.g. _INBOX_operator)."""
+    inbox_prefix: str | None = None
+    """Subject prefix for replies and push consumers; default the process's role's own
+    (`_INBOX_<role>`), the only one its NATS permissions let it read."""
     events_max_age_s: int = Field(90 * 86400, gt=0)
     events_max_bytes: int = Field(1 << 30, ge=1 << 16)
     """The audit trail keeps at most this many bytes (the oldest go first)."""
@@ -37,6 +37,15 @@ class BusSettings(BaseSettings):
     stats_max_bytes: int = Field(256 << 20, ge=1 << 16)
     peers_max_bytes: int = Field(256 << 20, ge=1 << 16)
     """Peer state is never dropped: beyond this a new authorization is refused."""
+    nats_nkey_seed: SecretStr | None = None
+    """This process's NATS NKey seed (S…); else WGMFA_NATS_NKEY_FILE, else the role's file
+    in the credentials directory."""
+    nats_nkey_file: Path | None = None
+    """A file holding this process's NKey seed."""
+    nats_credentials_dir: Path | None = None
+    """Where `wgmfa up` keeps every role's seed (<role>.nk); default <state dir>/nats-credentials."""
+    nats_ca_file: Path | None = None
+    """CA certificate that signed the servers' TLS certificates (tls:// URLs)."""
 
     def stream_limits(self) -> StreamLimits:
         return StreamLimits(
@@ -45,6 +54,22 @@ class BusSettings(BaseSettings):
             stats_max_age_s=self.stats_max_age_s, stats_max_bytes=self.stats_max_bytes,
             peers_max_bytes=self.peers_max_bytes,
         )
+
+    @property
+    def credentials_dir(self) -> Path:
+        return self.nats_credentials_dir or self.state_dir / "nats-credentials"
+
+    def nkey_seed(self, role: str) -> str | None:
+        """The NKey seed this process authenticates with as `role`, if it has one."""
+        if self.nats_nkey_seed is not None:
+            return self.nats_nkey_seed.get_secret_value().strip()
+        path = self.nats_nkey_file or self.credentials_dir / f"{role}.nk"
+        try:
+            return path.read_text().strip() or None
+        except OSError:
+            if self.nats_nkey_file is not None:
+                raise
+            return None  # not the state directory's owner: the server will say no
 
 
 class LivenessSettings(BusSettings):

@@ -24,6 +24,10 @@ RPC_ENROLL_CREATE_DEVICE: Final = "wgmfa.rpc.enroll.create_device"
 RPC_ENROLL_NETWORK_INFO: Final = "wgmfa.rpc.enroll.network_info"
 RPC_ENROLL_POLL: Final = "wgmfa.rpc.enroll.poll"
 RPC_ADMIN_PREFIX: Final = "wgmfa.rpc.admin"
+# prefixes the bus permissions are written by: any new call under one fits its role
+RPC_MFA_PREFIX: Final = "wgmfa.rpc.mfa"
+RPC_ENROLL_PREFIX: Final = "wgmfa.rpc.enroll"
+RPC_OIDC_PREFIX: Final = "wgmfa.rpc.oidc"
 RPC_ALL: Final = "wgmfa.rpc.>"
 
 # streams

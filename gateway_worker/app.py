@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from events import streams, subjects
+from events import permissions, signing, streams, subjects
 from events.bus import Bus, PermanentFailure
 from events.clock import Clock, SystemClock
 from events.sealing import SealError, unseal
@@ -80,15 +82,18 @@ class Gateway:
         self.synced = asyncio.Event()
 
     @property
+    def role(self) -> str:
+        """Its NATS role: this location's peers only, its own consumers and stats subject."""
+        return permissions.gateway_role_name(self.location_id, self.gateway_id)
+
+    @property
     def durable(self) -> str:
-        return f"gateway-{self.location_id}-{subjects.token(self.gateway_id)}"
+        return permissions.gateway_durable(self.location_id, self.gateway_id)
 
     async def start(self) -> None:
         if self.bus is None:
-            self.bus = await Bus.connect(
-                self.settings.nats_url, f"gateway {self.gateway_id}", publish_timeout_s=self.settings.publish_timeout_s
-            )
-        await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
+            self.bus = await Bus.connect_as(self.settings, self.role, f"gateway {self.gateway_id}")
+        await self.bus.wait_for_streams(streams.PEERS.name)
         await self.backend.ensure_interface(self.interface)
         await self.resync()
         self._tasks.append(
@@ -115,13 +120,22 @@ class Gateway:
     async def snapshot(self) -> dict[int, PeerAuthorized | PeerRevoked]:
         """The last state of every device of the location, read from the stream alone."""
         assert self.bus is not None
-        psub = await self.bus.js.pull_subscribe(
-            subjects.peers_of_location(self.location_id),
-            stream=streams.PEERS.name,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=JsAckPolicy.NONE, inactive_threshold=60
+        # A consumer with a name of its own: the gateway's permissions allow exactly this
+        # one, filtered to its location (a leftover of a crashed run is replaced).
+        name = permissions.gateway_snapshot_consumer(self.location_id, self.gateway_id)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.bus.js.delete_consumer(streams.PEERS.name, name)
+        await self.bus.js.add_consumer(
+            streams.PEERS.name,
+            ConsumerConfig(
+                name=name,
+                filter_subject=subjects.peers_of_location(self.location_id),
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                ack_policy=JsAckPolicy.NONE,
+                inactive_threshold=60,
             ),
         )
+        psub = await self.bus.js.pull_subscribe_bind(name, stream=streams.PEERS.name)
         states: dict[int, PeerAuthorized | PeerRevoked] = {}
         try:
             remaining = (await psub.consumer_info()).num_pending
@@ -138,6 +152,8 @@ class Gateway:
         finally:
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self.bus.js.delete_consumer(streams.PEERS.name, name)
         return states
 
     def _psk(self, state: PeerAuthorized) -> str | None:
@@ -148,7 +164,30 @@ class Gateway:
         except SealError as exc:
             raise PermanentFailure(f"cannot open the PSK of device {state.device_id}: {exc} (wrong credentials?)") from None
 
+    def check(self, state: PeerAuthorized) -> None:
+        """Refuse (PermanentFailure, with the reason) an authorization the core did not
+        sign, or one this location must not take whoever signed it."""
+        if state.location_id != self.location_id:
+            raise PermanentFailure(f"an authorization for location {state.location_id} on this location's subject")
+        try:
+            signing.verify(state, self.credentials.core_signing_key)
+        except signing.SignatureInvalid as exc:
+            raise PermanentFailure(f"refused: {exc}") from None
+        network = ipaddress.ip_network(self.credentials.network, strict=False)
+        for allowed in state.allowed_ips:
+            try:
+                inside = ipaddress.ip_network(allowed, strict=False).subnet_of(network)  # type: ignore[arg-type]
+            except (ValueError, TypeError):
+                inside = False
+            if not inside:
+                raise PermanentFailure(f"refused: allowed IP {allowed} is outside the location's network {network}")
+        if self.credentials.mfa_required and state.psk_sealed is None:
+            raise PermanentFailure("refused: no PSK at an MFA location")
+        if self.credentials.mfa_required and state.threshold_s is None:
+            raise PermanentFailure("refused: no disconnect threshold at an MFA location")
+
     def _peer(self, state: PeerAuthorized) -> PeerConfig:
+        self.check(state)
         return PeerConfig(public_key=state.pubkey, preshared_key=self._psk(state), allowed_ips=tuple(state.allowed_ips))
 
     # --- resync ---------------------------------------------------------------------------
@@ -160,18 +199,28 @@ class Gateway:
         began = time.perf_counter()
         states = await self.snapshot()
         desired: dict[str, PeerConfig] = {}
+        refused: dict[int, PeerAuthorized] = {}
         for state in states.values():
             if isinstance(state, PeerAuthorized):
                 try:
                     desired[state.pubkey] = self._peer(state)
                 except PermanentFailure as exc:
+                    refused[state.device_id] = state
                     await self._apply_failed(state, "sync", str(exc), 1)
+                    await self.bus.dead_letter(subjects.peer(self.location_id, state.device_id),
+                                               state.model_dump_json().encode(), None, str(exc))
         async with self._lock:
             status = await self.backend.status()
+            # A refused last state hides the device's true one (the stream keeps one
+            # message per subject), so a resync fails closed: the device gets no peer
+            # until the core authorizes it again. Keeping what the interface has would let
+            # a forgery over a revoke keep a revoked peer alive.
             todo = plan(desired, status.peers)
             await self.backend.apply(todo.add + todo.update, todo.remove)
             self.applied = {
-                device: Applied(peer_state_order(state), state.pubkey) for device, state in states.items()
+                device: Applied(peer_state_order(state), state.pubkey)
+                for device, state in states.items()
+                if device not in refused
             }
         event = GatewaySynced(
             location_id=self.location_id,
@@ -197,7 +246,10 @@ class Gateway:
 
     async def on_peer_state(self, state: PeerAuthorized | PeerRevoked, msg: Msg) -> None:
         if state.location_id != self.location_id:
-            raise PermanentFailure(f"a state for location {state.location_id} on this location's subject")
+            reason = f"a state for location {state.location_id} on this location's subject"
+            await self._apply_failed(state, "authorize" if isinstance(state, PeerAuthorized) else "revoke", reason,
+                                     msg.metadata.num_delivered)
+            raise PermanentFailure(reason)
         current = self.applied.get(state.device_id)
         if current is not None and peer_state_order(state) <= current.order:
             return  # stale or already applied (a resync got there first)

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from events import permissions
 from events.bus import Bus, BusUnavailable
 from proxy_service import enrollment
 from proxy_service.core_client import BusHolder, CoreClient
@@ -89,7 +90,7 @@ def create_app(
         if bus is None:
 
             async def connect() -> None:
-                holder.bus = await Bus.connect(settings.nats_url, "proxy", publish_timeout_s=settings.publish_timeout_s)
+                holder.bus = await Bus.connect_as(settings, permissions.PROXY, "proxy")
                 log.info("connected to NATS")
 
             connector = asyncio.create_task(connect())

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import Field, ValidationError
 
-from events import streams, subjects
+from events import permissions, streams, subjects
 from events.bus import WRONG_LAST_SEQUENCE, Bus, describe_validation_error
 from events.clock import Clock, SystemClock
 from events.service import cancel_all, every, run_until_signalled
@@ -55,8 +55,8 @@ class Reaper:
 
     async def start(self) -> None:
         if self.bus is None:
-            self.bus = await Bus.connect(self.settings.nats_url, "reaper", publish_timeout_s=self.settings.publish_timeout_s)
-        await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
+            self.bus = await Bus.connect_as(self.settings, permissions.REAPER, "reaper")
+        await self.bus.wait_for_streams(streams.PEERS.name, streams.STATS.name)
         peers = await self._subscribe(subjects.PEER_ALL, streams.PEERS.name, DeliverPolicy.LAST_PER_SUBJECT)
         stats = await self._subscribe(subjects.STATS_ALL, streams.STATS.name, DeliverPolicy.ALL)
         await self._replay([(peers, streams.PEERS.name), (stats, streams.STATS.name)])
@@ -71,9 +71,7 @@ class Reaper:
     async def _subscribe(self, subject: str, stream: str, policy: DeliverPolicy) -> Any:
         assert self.bus is not None
         # each reaper its own ordered consumer: every reaper reads every sample
-        sub = await self.bus.js.subscribe(
-            subject, stream=stream, ordered_consumer=True, config=ConsumerConfig(deliver_policy=policy)
-        )
+        sub = await self.bus.ordered_subscribe(subject, stream, ConsumerConfig(deliver_policy=policy))
         self._subscriptions.append(sub)
         return sub
 

@@ -44,6 +44,11 @@ class PeerAuthorized(Event):
     authorized_at: AwareDatetime
     expires_at: AwareDatetime | None = None
     threshold_s: Int32 | None = Field(None, description="peer disconnect threshold; None: never reaped")
+    signature: str | None = Field(
+        None,
+        description="the core's Ed25519 signature (base64) over every field above but the envelope; "
+        "gateways apply nothing else",
+    )
 
 
 class PeerRevoked(Event):

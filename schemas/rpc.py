@@ -269,6 +269,9 @@ class GatewayCredentials(_Model):
     sealing_private_key: str = Field(description="opens the PSKs sealed in peer.authorized")
     listen_port: Int32
     address: str
+    network: str = Field(description="the location's VPN network: every allowed IP must lie in it")
+    mfa_required: bool = Field(description="an MFA location: a peer needs a PSK and a threshold")
+    core_signing_key: str = Field(description="the core's Ed25519 public key (base64) peer authorizations are signed with")
 
 
 class LocationAddResult(_Model):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from events.server import NatsServer, temporary_nats_server
+from tests.support.stack import SecuredNats, secured_nats_server
 from tests.support.postgres import PostgresCluster, PostgresUnavailable
 
 
@@ -22,17 +22,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip_root)
 
 
-running_nats = temporary_nats_server  # a real nats-server with JetStream, fresh store
+# a real nats-server with JetStream, fresh store, and wgmfa's authentication: services
+# started through tests.support.stack run with their own roles; `url` logs in as the
+# test harness, which may play any part
+running_nats = secured_nats_server
 
 
 @pytest.fixture
-def nats_server() -> Iterator[NatsServer]:
+def nats_server() -> Iterator[SecuredNats]:
     with running_nats() as server:
         yield server
 
 
 @pytest.fixture
-def nats_url(nats_server: NatsServer) -> str:
+def nats_url(nats_server: SecuredNats) -> str:
     return nats_server.url
 
 

@@ -225,7 +225,7 @@ async def test_an_operator_offboards_a_user_and_changes_a_location(stack: Stack)
     watch = await wgmfa(stack, "admin", "sessions", "--watch")
     assert watch.returncode == 1 and "--watch needs --live" in watch.stderr
 
-    events = await read_stream(stack.admin.bus, "wgmfa.events.admin.>")
+    events = await stack.read("wgmfa.events.admin.>")
     actors = {e["type"]: e["actor"] for e in events if e.get("username") == "dan" or e.get("location_name") == "branch"}
     assert actors["admin.user_deleted"] == "helpdesk"
     assert actors["admin.user_disabled"] == "hr"

@@ -1,27 +1,22 @@
-"""The distributed deployment: compose.yaml, the NATS cluster and its permissions."""
+"""The distributed deployment: compose.yaml and the NATS cluster deploy/ configures."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import nats
-import nats.errors
+import nats as nats_client
 import pyotp
-import pytest
 import yaml
 
-from events import subjects
-from events.bus import Bus, BusUnavailable
-from events.server import NatsServer, nats_server_binary
-from schemas import rpc
-from tests.support.stack import REPO, Stack, eventually, free_port, read_stream
+from events import permissions, subjects
+from events.server import nats_server_binary
+from schemas.events import UserCreated
+from tests.support.deploy import start_deploy_cluster
+from tests.support.stack import REPO, Stack, eventually, free_port
+from wgmfa import credentials as creds
 
 DEPLOY = REPO / "deploy"
-PASSWORDS = {"WGMFA_NATS_SERVICE_PASSWORD": "service-secret", "WGMFA_NATS_OPERATOR_PASSWORD": "operator-secret"}
 
 
 def test_compose_runs_the_embedded_commands_with_other_settings() -> None:
@@ -33,7 +28,9 @@ def test_compose_runs_the_embedded_commands_with_other_settings() -> None:
         command = service.get("command") or service.get("entrypoint")
         if command and command[:2] == ["python", "-m"]:
             assert (REPO / command[2] / "__main__.py").exists(), name
-            assert service["environment"]["WGMFA_NATS_URL"].count("nats://service:") == 3, name
+            environment = service["environment"]
+            assert environment["WGMFA_NATS_URL"].count("tls://") == 3, name
+            assert environment["WGMFA_NATS_CA_FILE"] == "/certs/ca.pem", name
         if name.startswith("nats-"):
             assert command == ["nats-server", "-c", f"/etc/nats/{name}.conf"]
     assert services["core-1"]["environment"]["WGMFA_DATABASE_URL"].startswith("postgresql+asyncpg://")
@@ -43,75 +40,34 @@ def test_compose_runs_the_embedded_commands_with_other_settings() -> None:
     assert (DEPLOY / "Dockerfile").exists()
 
 
-@pytest.mark.parametrize("node", [1, 2, 3])
-def test_cluster_node_configs_are_valid(node: int, tmp_path: Path) -> None:
-    shutil.copytree(DEPLOY / "nats", tmp_path / "nats")
-    result = subprocess.run([nats_server_binary(), "-t", "-c", str(tmp_path / "nats" / f"nats-{node}.conf")],
-                            capture_output=True, text=True, env={**os.environ, **PASSWORDS})
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.fixture
-def secured_nats(tmp_path: Path) -> Iterator[tuple[NatsServer, int]]:
-    shutil.copy(DEPLOY / "nats" / "authorization.conf", tmp_path / "authorization.conf")
-    os.environ.update(PASSWORDS)
-    server = NatsServer(tmp_path, extra_config="include ./authorization.conf")  # relative to the config file
-    server.start()
-    yield server, int(server.url.rsplit(":", 1)[1])
-    server.stop()
-    for key in PASSWORDS:
-        os.environ.pop(key, None)
-
-
-async def test_operators_read_events_but_cannot_call_services(secured_nats: tuple[NatsServer, int]) -> None:
-    _, port = secured_nats
-    service = await Bus.connect(f"nats://service:service-secret@127.0.0.1:{port}", "svc", wait_s=5)
-    await service.ensure_streams()
-    from schemas.events import UserCreated
-
-    await service.publish_event(UserCreated(user_id=1, username="alice"))
-
-    operator = await Bus.connect(f"nats://operator:operator-secret@127.0.0.1:{port}", "ops", wait_s=5,
-                                 inbox_prefix="_INBOX_operator")
-    try:
-        assert [e["username"] for e in await read_stream(operator, subjects.EVENTS_ALL)] == ["alice"]
-        with pytest.raises(BusUnavailable):  # the request is refused (no reply arrives)
-            await operator.request(subjects.RPC_CORE_HELLO, rpc.CoreHello(), timeout=1)
-        errors: list[Exception] = []
-
-        async def note(error: Exception) -> None:
-            errors.append(error)
-
-        spy = await nats.connect(f"nats://operator:operator-secret@127.0.0.1:{port}", error_cb=note)
-        await spy.subscribe("_INBOX.>")
-        await spy.subscribe(subjects.RPC_ALL)
-        await spy.flush()
-        await asyncio.sleep(0.3)
-        assert sum("permissions violation for subscription" in str(e).lower() for e in errors) == 2
-        await spy.close()
-    finally:
-        await operator.close()
-        await service.close()
-    with pytest.raises(BusUnavailable):
-        await Bus.connect(f"nats://operator:wrong@127.0.0.1:{port}", "ops", wait_s=1)
+def test_every_process_in_compose_has_the_nkey_of_its_own_role() -> None:
+    """Each service gets its role's seed from .env, and every node every role's public key."""
+    services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    expected = {"core-1": permissions.CORE, "core-2": permissions.CORE, "proxy-1": permissions.PROXY,
+                "proxy-2": permissions.PROXY, "reaper-1": permissions.REAPER, "reaper-2": permissions.REAPER,
+                "admin": permissions.ADMIN, "events": permissions.OPERATOR}
+    for location, gateway_id in creds.deploy_gateways():
+        expected[f"gateway-office-{gateway_id.rsplit('-', 1)[1]}"] = permissions.gateway_role_name(location, gateway_id)
+    for name, role in expected.items():
+        seed = services[name]["environment"]["WGMFA_NATS_NKEY_SEED"]
+        assert seed.startswith("${" + creds.env_name(role) + ":?") or seed == "${" + creds.env_name(role) + "}", name
+    env_example = (DEPLOY / "env.example").read_text()
+    for role in creds.deploy_roles(creds.deploy_gateways()):
+        assert f"{creds.env_name(role)}=" in env_example and f"{creds.env_name(role)}_PUB=" in env_example
+        for node in ("nats-1", "nats-2", "nats-3"):
+            assert f"{creds.env_name(role)}_PUB" in services[node]["environment"], (node, role)
 
 
 async def test_a_three_node_cluster_with_replicated_streams_survives_a_node(tmp_path: Path) -> None:
-    client_ports = [free_port() for _ in range(3)]
-    cluster_ports = [free_port() for _ in range(3)]
-    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in cluster_ports)
-    nodes = [
-        NatsServer(tmp_path / f"n{i}", port=client_ports[i],
-                   extra_config=f"server_name: n{i}\ncluster {{ name: wgmfa, listen: 127.0.0.1:{cluster_ports[i]}, routes: [{routes}] }}")
-        for i in range(3)
-    ]
-    for node in nodes:
-        node.start()
-    url = ",".join(f"nats://127.0.0.1:{p}" for p in client_ports)
-    stack = Stack(url, tmp_path / "stack", stream_replicas="3", rate_limit_per_s="0")
+    """deploy/'s cluster (TLS, authenticated routes, every service in its role) loses a node
+    and logins go on."""
+    cluster = start_deploy_cluster(tmp_path / "cluster")
+    credentials = cluster.write_credentials(tmp_path / "credentials")
+    stack = Stack(cluster.url, tmp_path / "stack", stream_replicas="3", rate_limit_per_s="0",
+                  nats_credentials_dir=str(credentials), nats_ca_file=str(cluster.ca_file))
     try:
         await stack.start()
-        bus = await Bus.connect(url, "test", wait_s=10)
+        bus = await stack.connect(permissions.CORE)
         info = await bus.js.stream_info("WGMFA_PEERS")
         assert info.config.num_replicas == 3 and len(info.cluster.replicas or []) == 2
         await bus.close()
@@ -119,7 +75,7 @@ async def test_a_three_node_cluster_with_replicated_streams_survives_a_node(tmp_
         location = await stack.add_location("hq")
         secret = await stack.add_user_with_totp("alice")
         _, device = await stack.add_device("alice", "laptop", "hq")
-        nodes[0].kill()  # one node of three gone: quorum stays, clients move to the others
+        cluster.processes[0].kill()  # one node of three gone: quorum stays, clients move to the others
         body = {"location_id": location.location.id, "pubkey": device.pubkey, "method": 0}
 
         async def started() -> str | None:
@@ -129,15 +85,67 @@ async def test_a_three_node_cluster_with_replicated_streams_survives_a_node(tmp_
             assert response.status_code == 200, response.text
             return response.json()["token"]
 
-        token = await eventually(started, timeout=20, interval=0.5, what="the services to reconnect")
+        token = await eventually(started, timeout=30, interval=0.5, what="the services to reconnect")
 
         async def finished() -> bool:  # a client retries a 503 with the same token
             response = await stack.http.post("/api/v1/client-mfa/finish", json={"token": token, "code": pyotp.TOTP(secret).now()})
             assert response.status_code in (200, 503), response.text
             return response.status_code == 200
 
-        await eventually(finished, timeout=20, interval=0.5, what="the login to finish")
+        await eventually(finished, timeout=30, interval=0.5, what="the login to finish")
     finally:
         await stack.stop()
-        for node in nodes:
-            node.stop()
+        cluster.stop()
+
+
+async def test_a_node_without_the_deployments_certificate_cannot_join_the_cluster(tmp_path: Path) -> None:
+    """Route authentication: the nodes accept routes only with a certificate of their CA."""
+    cluster = start_deploy_cluster(tmp_path / "cluster")
+    rogue_certs = tmp_path / "rogue-certs"
+    subprocess.run([str(DEPLOY / "make-certs.sh"), str(rogue_certs), "rogue"], check=True, capture_output=True)
+    routes = [line.split()[0] for line in (tmp_path / "cluster" / "nats-1" / "nats.conf").read_text().splitlines()
+              if line.strip().startswith("nats-route://")]
+    rogue_port = free_port()
+    config = tmp_path / "rogue.conf"
+    config.write_text(
+        f"listen: 127.0.0.1:{rogue_port}\n"
+        f"cluster {{\n  name: wgmfa\n  listen: 127.0.0.1:{free_port()}\n"
+        f'  tls {{ cert_file: "{rogue_certs}/rogue.pem", key_file: "{rogue_certs}/rogue-key.pem", '
+        f'ca_file: "{rogue_certs}/ca.pem", verify: true }}\n'
+        f"  routes: [{', '.join(routes)}]\n}}\n"
+    )
+    rogue = subprocess.Popen([nats_server_binary(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    core = None
+    listener = None
+    try:
+        core = await cluster.connect(permissions.CORE)
+        await core.ensure_streams(3)
+
+        async def refused_in_logs() -> bool:
+            logs = "".join((tmp_path / "cluster" / n / "nats.log").read_text(errors="replace") for n in creds.DEPLOY_NODES)
+            return "tls route handshake error" in logs.lower()
+
+        await eventually(refused_in_logs, timeout=15, interval=0.2, what="the nodes to refuse the rogue route")
+        listener = await nats_client.connect(f"nats://127.0.0.1:{rogue_port}")
+        heard = await listener.subscribe(">")
+        await listener.flush()
+        await core.publish_event(UserCreated(user_id=1, username="alice"))
+        await core.nc.publish(subjects.notify_login("x"), b"{}")
+        await core.nc.flush()
+        assert not [m async for m in _drain(heard)], "a message crossed to the rogue node"
+    finally:
+        if listener is not None:
+            await listener.close()
+        if core is not None:
+            await core.close()
+        rogue.terminate()
+        rogue.wait(10)
+        cluster.stop()
+
+
+async def _drain(sub):  # type: ignore[no-untyped-def]
+    while True:
+        try:
+            yield await sub.next_msg(timeout=1)
+        except (asyncio.TimeoutError, Exception):
+            return

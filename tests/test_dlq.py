@@ -96,7 +96,9 @@ async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_cons
     await reaper.start()
     backend = FakeBackend()
     credentials = GatewayCredentials(location_id=1, location_name="x", private_key=generate_keypair()[0],
-                                     sealing_private_key=generate_keypair()[0], listen_port=51820, address="10.1.0.1/24")
+                                     sealing_private_key=generate_keypair()[0], listen_port=51820, address="10.1.0.1/24",
+                                     network="10.1.0.0/24", mfa_required=False,
+                                     core_signing_key=core.vault.peer_signer.public_key)
     gateway = Gateway(GatewaySettings(nats_url=nats_url, gateway_id="gw", stats_interval=3600), credentials, backend,
                       clock=FakeClock(datetime.now(timezone.utc)))
     await gateway.start()
@@ -110,8 +112,9 @@ async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_cons
         await bus.nc.flush()
         peer_subject, stats_subject = subjects.peer(1, 1), subjects.stats(1, "gw")
         pubkey = generate_keypair()[1]
-        valid = PeerAuthorized(location_id=1, device_id=1, generation=1, pubkey=pubkey, allowed_ips=["10.1.0.2/32"],
-                               keepalive_s=25, authorized_at=utcnow(), threshold_s=300)
+        valid = core.vault.peer_signer.sign(PeerAuthorized(
+            location_id=1, device_id=1, generation=1, pubkey=pubkey, allowed_ips=["10.1.0.2/32"], keepalive_s=25,
+            authorized_at=utcnow(), threshold_s=300))
         await bus.publish(peer_subject, valid)
         now = datetime.now(timezone.utc)
         await bus.publish(stats_subject, StatsSample(location_id=1, gateway_id="gw", sample_id=uuid7(), sampled_at=now,

@@ -27,9 +27,7 @@ from events.server import NatsServer
 from schemas import rpc
 from schemas.common import utcnow
 from tests.conftest import running_nats
-from tests.support.stack import (
-    REPO, BusCapture, ServiceProcess, Stack, assert_no_secret, eventually, free_port, read_stream,
-)
+from tests.support.stack import REPO, BusCapture, ServiceProcess, Stack, assert_no_secret, eventually, free_port
 from wgmfa.smtp_sink import MailSink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -197,7 +195,7 @@ async def test_unknown_reused_expired_and_revoked_tokens_are_refused(world: Worl
     response = await world.post("/api/v1/enrollment/start", {"token": revoked})
     assert (response.status_code, response.json()) == (401, {"error": "invalid token"})
 
-    events = await read_stream(world.stack.admin.bus, "wgmfa.events.enrollment.failed")
+    events = await world.stack.read("wgmfa.events.enrollment.failed")
     reasons = {e["reason"] for e in events}
     assert {"unknown_token", "reused_token", "expired_token", "revoked_token"} <= reasons
 
@@ -271,7 +269,7 @@ async def test_self_service_totp_then_device_then_login(world: World) -> None:
     assert psk.status_code == 200, psk.text
     await capture.stop()
 
-    events = await read_stream(world.stack.admin.bus, "wgmfa.events.>")
+    events = await world.stack.read("wgmfa.events.>")
     mine = [e for e in events if e.get("username") == username]
     kinds = [e["type"] for e in mine]
     assert "enrollment.started" in kinds and "enrollment.device_created" in kinds

@@ -6,22 +6,27 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import pytest
 import pytest_asyncio
 
 from events import subjects
 from events.bus import Bus
 from events.clock import FakeClock
 from events.sealing import generate_keypair, generate_psk, seal
+from events.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backend import PeerConfig
 from gateway_worker.backends.fake import FakeBackend
 from gateway_worker.settings import GatewaySettings
-from schemas.common import RevokeReason, utcnow
+from schemas.common import RevokeReason, utcnow, uuid7
 from schemas.events import PeerAuthorized, PeerRevoked
 from schemas.rpc import GatewayCredentials
 from tests.support.stack import eventually, read_stream
 
 LOCATION = 7
+
+
+SIGNER = PeerSigner(b"c" * 32)  # the core's key in these tests
 
 
 @dataclass
@@ -41,9 +46,10 @@ class Setup:
         state = PeerAuthorized(
             location_id=LOCATION, device_id=device, generation=generation, session_id=device * 10 + generation,
             pubkey=self.pubkey(device), allowed_ips=[f"10.7.0.{device}/32"], keepalive_s=25,
-            psk_sealed=seal(self.sealing_public, key) if key else None, authorized_at=utcnow(), threshold_s=300,
+            psk_sealed=seal(self.sealing_public, key) if key else None, authorized_at=utcnow(),
+            threshold_s=300 if key else None,
         )
-        return state, key
+        return SIGNER.sign(state), key
 
     def revoke(self, device: int, generation: int = 1) -> PeerRevoked:
         return PeerRevoked(location_id=LOCATION, device_id=device, generation=generation, pubkey=self.pubkey(device),
@@ -73,7 +79,8 @@ async def setup(nats_url: str) -> AsyncIterator[Setup]:
     await bus.ensure_streams()
     sealing_private, sealing_public = generate_keypair()
     credentials = GatewayCredentials(location_id=LOCATION, location_name="lab", private_key=generate_keypair()[0],
-                                     sealing_private_key=sealing_private, listen_port=51820, address="10.7.0.1/24")
+                                     sealing_private_key=sealing_private, listen_port=51820, address="10.7.0.1/24",
+                                     network="10.7.0.0/24", mfa_required=False, core_signing_key=SIGNER.public_key)
     yield Setup(bus, nats_url, credentials, sealing_public, FakeBackend(), {})
     await bus.close()
 
@@ -150,7 +157,7 @@ async def test_a_psk_sealed_to_another_key_is_dead_lettered(setup: Setup) -> Non
     gateway = setup.gateway()
     await gateway.start()
     try:
-        wrong = PeerAuthorized(**{**setup.authorize(1)[0].model_dump(), "psk_sealed": seal(generate_keypair()[1], generate_psk())})
+        wrong = SIGNER.sign(setup.authorize(1)[0].model_copy(update={"psk_sealed": seal(generate_keypair()[1], generate_psk())}))
         await setup.put(wrong)
         good, _ = setup.authorize(2)
         await setup.put(good)
@@ -220,5 +227,72 @@ async def test_a_lost_interface_is_recreated_and_resynced(setup: Setup) -> None:
         assert await gateway.publish_stats() is None
         assert setup.peer(1) == PeerConfig(setup.pubkey(1), psk, ("10.7.0.1/32",))
         assert len(await setup.events("gateway.synced")) == 2
+    finally:
+        await gateway.stop()
+
+
+def forgeries(genuine: PeerAuthorized) -> dict[str, PeerAuthorized]:
+    """Authorizations a gateway of an MFA location must refuse, each with what gives it away."""
+    unsigned = genuine.model_copy(update={"signature": None, "generation": genuine.generation + 1, "event_id": uuid7()})
+    other_key = PeerSigner(b"x" * 32)
+    return {
+        "unsigned": unsigned,
+        "signed with another key": other_key.sign(unsigned),
+        "altered after signing": genuine.model_copy(update={"event_id": uuid7(), "allowed_ips": ["10.7.0.0/24"],
+                                                            "generation": genuine.generation + 1}),
+        "no PSK": SIGNER.sign(unsigned.model_copy(update={"psk_sealed": None})),
+        "no threshold": SIGNER.sign(unsigned.model_copy(update={"threshold_s": None})),
+        "allowed IPs outside the network": SIGNER.sign(unsigned.model_copy(update={"allowed_ips": ["10.99.0.5/32"]})),
+    }
+
+
+REFUSAL_REASONS = {
+    "unsigned": "unsigned",
+    "signed with another key": "not the core's",
+    "altered after signing": "not the core's",
+    "no PSK": "no PSK",
+    "no threshold": "threshold",
+    "allowed IPs outside the network": "outside the location's network",
+}
+
+
+@pytest.mark.parametrize("forgery", list(REFUSAL_REASONS))
+async def test_a_forged_or_unfit_authorization_is_refused_and_the_device_keeps_its_peer(setup: Setup, forgery: str) -> None:
+    setup.credentials = setup.credentials.model_copy(update={"mfa_required": True})
+    genuine, psk = setup.authorize(1)
+    await setup.put(genuine)
+    gateway = setup.gateway()
+    await gateway.start()
+    try:
+        assert setup.peer(1) == PeerConfig(setup.pubkey(1), psk, ("10.7.0.1/32",))
+        bad = forgeries(genuine)[forgery]
+        await setup.put(bad)
+        failures = await eventually(lambda: setup.events("gateway.apply_failed"), timeout=10, what="the refusal")
+        assert REFUSAL_REASONS[forgery] in failures[0]["reason"] and failures[0]["device_id"] == 1
+        letters = await eventually(lambda: read_stream(setup.bus, subjects.DLQ_ALL), what="the DLQ copy")
+        assert letters[0]["original_subject"] == subjects.peer(LOCATION, 1)
+        assert setup.peer(1) == PeerConfig(setup.pubkey(1), psk, ("10.7.0.1/32",))  # as it was
+        # a restart finds the refused state last, the true one gone: it fails closed
+        await gateway.stop()
+        gateway = setup.gateway()
+        await gateway.start()
+        assert setup.peer(1) is None
+        # and the core's next authorization of the device applies
+        newer, newer_psk = setup.authorize(1, generation=genuine.generation + 5)
+        await setup.put(newer)
+        await eventually(lambda: setup.peer(1) == PeerConfig(setup.pubkey(1), newer_psk, ("10.7.0.1/32",)),
+                         timeout=10, what="the next genuine authorization")
+    finally:
+        await gateway.stop()
+
+
+async def test_an_unsigned_authorization_for_a_new_key_never_reaches_the_interface(setup: Setup) -> None:
+    gateway = setup.gateway()
+    await gateway.start()
+    try:
+        forged, _ = setup.authorize(2)
+        await setup.put(forged.model_copy(update={"signature": None, "event_id": uuid7()}))
+        await eventually(lambda: setup.events("gateway.apply_failed"), timeout=10, what="the refusal")
+        assert setup.peer(2) is None
     finally:
         await gateway.stop()

@@ -12,7 +12,7 @@ import pyotp
 import pytest
 import pytest_asyncio
 
-from events import subjects
+from events import signing, subjects
 from events.bus import Bus
 from events.sealing import generate_keypair, unseal
 from events.server import NatsServer
@@ -102,6 +102,9 @@ async def test_totp_login_gives_a_fresh_psk_and_authorizes_the_peer(stack: Stack
     assert state.allowed_ips == [d["config"].address.split("/")[0] + "/32"]
     assert state.generation == 1 and state.threshold_s == 300
     assert unseal(credentials["sealing_private_key"], state.psk_sealed).decode() == psk
+    # signed by the core, with the key the gateway credentials carry, over what it applies
+    signing.verify(state, credentials["core_signing_key"])
+    assert credentials["mfa_required"] is True and credentials["network"] == d["location"].location.network
 
     # Another user's login gets another key.
     other = await setup_device(stack)

@@ -88,6 +88,7 @@ def pubkey(device: int) -> str:
 @pytest_asyncio.fixture
 async def world(nats_url: str) -> AsyncIterator[World]:
     bus = await Bus.connect(nats_url, "test", wait_s=5)
+    await bus.ensure_streams()  # the core's job; the reaper waits for them
     clock = FakeClock()
     reaper = Reaper(ReaperSettings(nats_url=nats_url, sweep_interval_s=3600), clock=clock, bus=bus)
     await reaper.start()

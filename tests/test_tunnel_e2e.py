@@ -19,14 +19,18 @@ import pyotp
 import pytest
 import pytest_asyncio
 
-from events.sealing import generate_keypair
+from events import subjects
+from events.bus import Bus
+from events.sealing import generate_keypair, generate_psk, seal
+from events.signing import PeerSigner
 from gateway_worker.backend import InterfaceConfig, PeerConfig
 from gateway_worker.backends.uapi import UserspaceBackend
 from schemas import rpc
-from schemas.common import utcnow
+from schemas.common import utcnow, uuid7
+from schemas.events import PeerAuthorized
 from tests.conftest import running_nats
 from tests.support.netns import Topology
-from tests.support.stack import REPO, ServiceProcess, Stack, eventually
+from tests.support.stack import REPO, ServiceProcess, Stack, eventually, read_stream
 from wgmfa.client import client_config, interface_name
 from wgmfa.smtp_sink import MailSink
 
@@ -65,6 +69,7 @@ class World:
     def gateway(self, location: rpc.LocationAddResult, gateway_id: str = "gw1") -> ServiceProcess:
         credentials = self.work / f"gateway-{location.location.id}.json"
         credentials.write_text(self.stack.admin.reply_key.open(location.credentials_sealed))
+        self.stack.allow_gateway(location.location.id, gateway_id)
         process = ServiceProcess(
             "gateway_worker", self.stack.env, self.work / f"gateway-{location.location.id}-{gateway_id}.log",
             args=["--credentials", str(credentials), "--netns", self.net.gateway, "--gateway-id", gateway_id,
@@ -242,6 +247,61 @@ async def test_a_gateway_restart_converges_and_keeps_live_sessions(world: World)
     assert after.preshared_key == before.preshared_key
     assert after.latest_handshake >= before.latest_handshake and after.rx_bytes >= before.rx_bytes  # not re-added
     assert net.ping(client_net.netns, "10.68.0.1", count=2)
+
+
+async def test_a_forged_authorization_never_reaches_the_interface(world: World) -> None:
+    """Someone who can publish on the peer subjects but is not the core (a stolen reaper
+    key, say): unsigned, re-signed, altered and unfit authorizations are refused by the
+    gateway, and the real interface keeps the device exactly as it was."""
+    net, stack = world.net, world.stack
+    client_net = net.add_client()
+    location = await stack.add_location("forged", network="10.70.0.0/24", endpoint_port=51824, threshold_s=300)
+    location_id = location.location.id
+    secret = await stack.add_user_with_totp("fred")
+    config_path = await world.device_config("fred", "laptop", "forged")
+    config = json.loads(config_path.read_text())
+    world.gateway(location).start()
+    connected = world.wgmfa("client", "connect", "--config", str(config_path), "--code", pyotp.TOTP(secret).now(),
+                            "--netns", client_net.netns, "--interface", net.name("c7"))
+    assert connected.returncode == 0, connected.stderr + connected.stdout
+    before = await world.peer_at_gateway(location_id, config["pubkey"])
+    assert before is not None and before.preshared_key is not None
+
+    publisher = await Bus.connect(stack.nats_url, "test-forger", wait_s=5)  # may publish anything
+    try:
+        record = await publisher.last_peer_state(location_id, config["device_id"])
+        genuine = record.state
+        assert isinstance(genuine, PeerAuthorized) and genuine.signature
+        stranger = generate_keypair()[1]
+        next_generation = genuine.generation + 1
+        unsigned = genuine.model_copy(update={"event_id": uuid7(), "generation": next_generation, "signature": None,
+                                              "psk_sealed": seal(location.location.sealing_pubkey, generate_psk())})
+        forged = {
+            "unsigned": unsigned,
+            "signed with another key": PeerSigner(b"f" * 32).sign(unsigned),
+            "altered after signing": genuine.model_copy(update={"event_id": uuid7(), "generation": next_generation,
+                                                                "allowed_ips": ["10.70.0.0/24"]}),
+            "a stranger's key, no PSK": unsigned.model_copy(update={"pubkey": stranger, "psk_sealed": None,
+                                                                    "threshold_s": None}),
+        }
+        for what, state in forged.items():
+            failures_before = len(await read_stream(publisher, subjects.event("gateway.apply_failed")))
+            state = state.model_copy(update={"event_id": uuid7()})  # each its own message (not in the signature)
+            await publisher.publish(subjects.peer(location_id, state.device_id), state)
+
+            async def refused() -> bool:
+                return len(await read_stream(publisher, subjects.event("gateway.apply_failed"))) > failures_before
+
+            await eventually(refused, timeout=20, what=f"the gateway to refuse the {what} authorization")
+            now = await world.peer_at_gateway(location_id, config["pubkey"])
+            assert now is not None, what
+            assert (now.preshared_key, now.allowed_ips) == (before.preshared_key, before.allowed_ips), what
+            assert await world.peer_at_gateway(location_id, stranger) is None, what
+        letters = await read_stream(publisher, subjects.DLQ_ALL)
+        assert {l["original_subject"] for l in letters} >= {subjects.peer(location_id, config["device_id"])}
+        assert net.ping(client_net.netns, "10.70.0.1", count=2)  # the real session lives on
+    finally:
+        await publisher.close()
 
 
 async def read_until(process: asyncio.subprocess.Process, needle: str, timeout: float = 30) -> str:

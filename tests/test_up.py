@@ -105,6 +105,19 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
         # state lives under the state directory
         assert (state / "core.db").exists() and (state / "nats" / "jetstream").is_dir()
         assert (state / "core-secret.key").stat().st_mode & 0o777 == 0o600
+        # every connection authenticates: each role's NKey seed is only the owner's to read
+        credentials = state / "nats-credentials"
+        assert credentials.stat().st_mode & 0o777 == 0o700
+        assert {p.stem for p in credentials.glob("*.nk")} >= {"core", "proxy", "reaper", "admin", "operator"}
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in credentials.glob("*.nk"))
+        refused = subprocess.run(
+            [sys.executable, "-c", f"import asyncio, nats; asyncio.run(nats.connect('{env['WGMFA_NATS_URL']}', "
+             "allow_reconnect=False, connect_timeout=3))"], capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0 and "authorization" in refused.stderr.lower(), refused.stderr
+        # `events tail` (the operator role) finds its key too
+        tail = subprocess.run([sys.executable, "-m", "wgmfa", "events", "tail", "admin.*", "--all", "--count", "1",
+                               "--json"], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert tail.returncode == 0 and json.loads(tail.stdout)["type"] == "admin.location_created", tail.stderr
         assert len(processes_using(str(state))) >= 5  # nats-server, SMTP sink, core, proxy, reaper
         if os.geteuid() == 0:  # the embedded gateway comes up for the first location, on an interface of its own
             interface = interface_name(state, 1)

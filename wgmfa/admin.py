@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 import segno
 
-from events import subjects
+from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
 from events.sealing import ReplyKey, generate_keypair, seal
 from events.settings import BusSettings
@@ -45,7 +45,7 @@ class AdminClient:
     @classmethod
     async def connect(cls, settings: BusSettings, actor: str | None = None) -> "AdminClient":
         try:
-            bus = await Bus.connect(settings.nats_url, "wgmfa-admin", wait_s=3)
+            bus = await Bus.connect_as(settings, permissions.ADMIN, "wgmfa-admin", wait_s=3)
         except BusUnavailable as exc:
             raise BusUnavailable(f"{exc} (is `wgmfa up` running? set WGMFA_NATS_URL)") from None
         return cls(bus, settings.rpc_timeout_s, actor)

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from events import streams, subjects
+from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
 from events.settings import BusSettings
 from wgmfa.output import fail
@@ -65,7 +65,7 @@ async def tail(args: argparse.Namespace) -> int:
         return fail(str(exc), 2)
     try:
         settings = BusSettings()
-        bus = await Bus.connect(settings.nats_url, "wgmfa-tail", wait_s=3, inbox_prefix=settings.inbox_prefix)
+        bus = await Bus.connect_as(settings, permissions.OPERATOR, "wgmfa-tail", wait_s=3)
     except BusUnavailable as exc:
         return fail(f"{exc} (is `wgmfa up` running? set WGMFA_NATS_URL)", 3)
     if args.all:
@@ -81,7 +81,7 @@ async def tail(args: argparse.Namespace) -> int:
         await queue.put(msg)
 
     try:
-        await bus.js.subscribe(filter_subject, stream=stream, ordered_consumer=True, config=config, cb=on_message)
+        await bus.ordered_subscribe(filter_subject, stream, config, cb=on_message)
         if not args.json:
             print(f"# following {filter_subject} on {stream} (Ctrl-C to stop)", flush=True)
         shown = 0

@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from events import subjects
+from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
 from events.sealing import ReplyKey
 from events.server import NatsServer, NatsServerError, tie_to_parent
 from events.settings import BusSettings, load_settings
 from schemas import rpc
+from gateway_worker.settings import default_gateway_id
+from wgmfa.credentials import BusCredentials
 from wgmfa.output import fail
 
 MAX_BACKOFF_S = 30.0
@@ -176,8 +178,13 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-async def wait_for_core(url: str, timeout_s: float) -> str:
-    bus = await Bus.connect(url, "wgmfa-up", wait_s=timeout_s)
+async def connect_as_admin(url: str, seed: str, wait_s: float) -> Bus:
+    return await Bus.connect(url, "wgmfa-up", wait_s=wait_s, nkey_seed=seed,
+                             inbox_prefix=permissions.inbox_prefix(permissions.ADMIN))
+
+
+async def wait_for_core(url: str, seed: str, timeout_s: float) -> str:
+    bus = await connect_as_admin(url, seed, timeout_s)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -192,9 +199,9 @@ async def wait_for_core(url: str, timeout_s: float) -> str:
         await bus.close()
 
 
-async def first_location_credentials(url: str) -> dict | None:
+async def first_location_credentials(url: str, seed: str) -> dict | None:
     """The gateway credentials of the location with the lowest id, if any exists."""
-    bus = await Bus.connect(url, "wgmfa-up", wait_s=5)
+    bus = await connect_as_admin(url, seed, 5)
     try:
         locations = await bus.call(subjects.admin_rpc("location_list"), rpc.Empty(), rpc.LocationListResult, timeout=5)
         if not locations.locations:
@@ -229,6 +236,7 @@ class Supervisor:
         self.state_dir = settings.state_dir.resolve()
         self.nats = NatsServer(self.state_dir / "nats", port=settings.nats_port, log_file=self.state_dir / "nats-server.log",
                                die_with_parent=True)
+        self.bus_credentials = BusCredentials(settings.nats_credentials_dir or self.state_dir / "nats-credentials")
         self.lock = StateLock(self.state_dir)
         self.stopped = False
         self.children: list[Child] = []
@@ -279,7 +287,7 @@ class Supervisor:
             return
         self.next_location_check = time.monotonic() + 2.0
         try:
-            credentials = asyncio.run(first_location_credentials(self.nats.url))
+            credentials = asyncio.run(first_location_credentials(self.nats.url, self.bus_credentials.seed(permissions.ADMIN)))
         except Exception as exc:
             say(f"wgmfa: looking for a location: {exc}", error=True)
             return
@@ -289,11 +297,15 @@ class Supervisor:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(credentials, handle)
+        # its own NATS role, admitted by a configuration reload (no restart)
+        gateway_id = default_gateway_id()
         interface = interface_name(self.state_dir, credentials["location_id"])
+        self.bus_credentials.add_gateway(credentials["location_id"], gateway_id)
+        self.nats.reload(self.bus_credentials.authorization())
         gateway = Child(
             "gateway",
             [sys.executable, "-m", "gateway_worker", "--credentials", str(path), "--backend", "userspace",
-             "--interface", interface, "--remove-interface-on-exit"],
+             "--gateway-id", gateway_id, "--interface", interface, "--remove-interface-on-exit"],
             self.child_env(),
         )
         gateway.start()
@@ -328,6 +340,7 @@ class Supervisor:
             return fail(f"port {s.proxy_port} on {s.proxy_host} is in use (set WGMFA_PROXY_PORT)")
         if s.runs_sink and not port_free("127.0.0.1", s.smtp_sink_port):
             return fail(f"port {s.smtp_sink_port} is in use (set WGMFA_SMTP_SINK_PORT, or WGMFA_SMTP_HOST for a real server)")
+        self.nats.authorization = self.bus_credentials.ensure().authorization()
         try:
             self.nats.start()
         except NatsServerError as exc:
@@ -337,7 +350,7 @@ class Supervisor:
         for child in self.children:
             child.start()
         try:
-            version = asyncio.run(wait_for_core(self.nats.url, 60))
+            version = asyncio.run(wait_for_core(self.nats.url, self.bus_credentials.seed(permissions.ADMIN), 60))
         except BusUnavailable as exc:
             self.shutdown()
             return fail(f"the core did not start: {exc}")
@@ -385,6 +398,8 @@ class Supervisor:
             if self.nats.process is not None and self.nats.process.poll() is not None and not self.stopping:
                 say("wgmfa: nats-server exited; restarting it", error=True)
                 try:
+                    # read again: gateways admitted from elsewhere (`wgmfa.credentials gateway`)
+                    self.nats.authorization = self.bus_credentials.authorization()
                     self.nats.start()
                 except NatsServerError as exc:
                     say(f"wgmfa: {exc}", error=True)

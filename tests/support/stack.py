@@ -3,27 +3,35 @@ clients and operators do."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pyotp
 
-from events import subjects
+from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
 from events.sealing import generate_keypair
+from events.server import NatsServer
+from events.settings import BusSettings
 from schemas import rpc
 from schemas.common import utcnow
 from wgmfa.admin import AdminClient
+from wgmfa.credentials import BusCredentials
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,6 +86,82 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+# --- a nats-server with authentication, as `wgmfa up` runs it --------------------------------
+
+
+@dataclass
+class SecuredNats:
+    """A test nats-server with wgmfa's roles (credentials in `credentials`), plus a
+    `harness` user allowed everything, which tests use to play any part and to look at
+    the whole bus. `url` carries the harness login; services get `plain_url` and their own
+    role's NKey."""
+
+    server: NatsServer
+    credentials: BusCredentials
+    harness_password: str
+
+    @property
+    def log_file(self) -> Path:
+        return self.server.log_file
+
+    @property
+    def plain_url(self) -> str:
+        return self.server.url
+
+    @property
+    def url(self) -> str:
+        return self.server.url.replace("nats://", f"nats://harness:{self.harness_password}@", 1)
+
+    def authorization(self) -> str:
+        harness = (
+            "    # tests only: plays any part\n"
+            f'    {{ user: "harness", password: "{self.harness_password}", permissions: {{ publish: ">", subscribe: ">" }} }}'
+        )
+        return self.credentials.authorization([harness])
+
+    def allow_gateway(self, location_id: int, gateway_id: str) -> str:
+        """Admit a gateway's role (a configuration reload, as `wgmfa up` does); its name."""
+        role = self.credentials.add_gateway(location_id, gateway_id)
+        self.server.reload(self.authorization())
+        return role
+
+    def seed(self, role: str) -> str:
+        return self.credentials.seed(role)
+
+    def stop(self) -> None:
+        """NATS goes away, as an outage would."""
+        self.server.stop()
+
+    async def connect(self, role: str, **kw: Any) -> Bus:
+        """A connection as `role`, the way the role's process makes it."""
+        return await Bus.connect(self.plain_url, f"test-{role}", wait_s=5, nkey_seed=self.seed(role),
+                                 inbox_prefix=permissions.inbox_prefix(role), **kw)
+
+
+_SECURED: dict[str, SecuredNats] = {}  # by harness URL: what Stack needs to give services their roles
+
+
+def secured(nats_url: str) -> SecuredNats | None:
+    return _SECURED.get(nats_url)
+
+
+@contextlib.contextmanager
+def secured_nats_server(prefix: str = "wgmfa-nats-") -> Iterator[SecuredNats]:
+    """A nats-server with JetStream on a free port, a fresh store and authentication on."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    credentials = BusCredentials(directory / "credentials").ensure()
+    secured_server = SecuredNats(NatsServer(directory / "server"), credentials, secrets.token_hex(16))
+    secured_server.server.authorization = secured_server.authorization()
+    secured_server.server.start()
+    _SECURED[secured_server.url] = secured_server
+    try:
+        yield secured_server
+    finally:
+        _SECURED.pop(secured_server.url, None)
+        secured_server.server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def service_env(nats_url: str, state_dir: Path, **settings: Any) -> dict[str, str]:
@@ -136,7 +220,12 @@ class Stack:
         common = dict(settings)
         if database_url:
             common["database_url"] = database_url
-        self.env = service_env(nats_url, self.state_dir, proxy_port=str(self.proxy_port), **common)
+        # Services run with their own roles when the server has wgmfa's authentication.
+        self.secured = secured(nats_url)
+        if self.secured is not None:
+            common["nats_credentials_dir"] = str(self.secured.credentials.directory)
+        service_url = self.secured.plain_url if self.secured else nats_url
+        self.env = service_env(service_url, self.state_dir, proxy_port=str(self.proxy_port), **common)
         self.core = ServiceProcess("core_service", self.env, work_dir / "core.log")
         self.proxy = ServiceProcess("proxy_service", self.env, work_dir / "proxy.log")
         self.admin: AdminClient | None = None
@@ -148,12 +237,22 @@ class Stack:
         self.proxy.start()
         await self.wait_core()
         await eventually(self._proxy_healthy, timeout=20, what="proxy health")
-        bus = await Bus.connect(self.nats_url, "test-admin", wait_s=5)
-        self.admin = AdminClient(bus, timeout_s=10)
+        self.admin = AdminClient(await self.connect(permissions.ADMIN), timeout_s=10)
         return self
 
+    async def connect(self, role: str) -> Bus:
+        """A connection as `role`, with the credentials this stack's services use (none on
+        a server without authentication)."""
+        settings = BusSettings(
+            nats_url=self.env["WGMFA_NATS_URL"],
+            state_dir=self.state_dir,
+            nats_credentials_dir=self.env.get("WGMFA_NATS_CREDENTIALS_DIR"),
+            nats_ca_file=self.env.get("WGMFA_NATS_CA_FILE"),
+        )
+        return await Bus.connect_as(settings, role, f"test-{role}", wait_s=10)
+
     async def wait_core(self, timeout: float = 30) -> None:
-        bus = await Bus.connect(self.nats_url, "test-wait", wait_s=5)
+        bus = await self.connect(permissions.ADMIN)
         try:
 
             async def answered() -> bool:
@@ -191,6 +290,11 @@ class Stack:
 
         await eventually(healthy, timeout=20, what="the second proxy")
         return process, url
+
+    def allow_gateway(self, location_id: int, gateway_id: str) -> None:
+        """Give a gateway process of this stack its NATS role (before starting it)."""
+        if self.secured is not None:
+            self.secured.allow_gateway(location_id, gateway_id)
 
     async def stop(self) -> None:
         await self.http.aclose()
@@ -240,6 +344,15 @@ class Stack:
             "device_add", rpc.DeviceAddRequest(username=username, name=name, location=location, pubkey=public), rpc.DeviceConfig
         )
         return private, config
+
+    async def read(self, filter_subject: str) -> list[dict[str, Any]]:
+        """Every stored message on `filter_subject`, read as the harness (no role of the
+        system may read every stream)."""
+        bus = await Bus.connect(self.nats_url, "test-reader", wait_s=5)
+        try:
+            return await read_stream(bus, filter_subject)
+        finally:
+            await bus.close()
 
     async def allow_mobile(self, username: str, device_name: str) -> str:
         """An admin's allowance for the device's phone app; returns its one-time code."""
