@@ -73,7 +73,8 @@ class BusSettings(BaseSettings):
 
 
 class LivenessSettings(BusSettings):
-    """The rules of DESIGN §6 that the core, the gateways and the reaper must agree on."""
+    """The liveness rules (README, *Liveness*) that the core, the gateways and the reaper must
+    agree on."""
 
     stats_interval: float = Field(30.0, gt=0)
     """Seconds between a gateway's handshake samples (WGMFA_STATS_INTERVAL)."""
