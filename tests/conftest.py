@@ -34,6 +34,13 @@ def nats_server() -> Iterator[SecuredNats]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def nats_for_module() -> Iterator[SecuredNats]:
+    """One server for all the tests of a module that share one running system."""
+    with running_nats() as server:
+        yield server
+
+
 @pytest.fixture
 def nats_url(nats_server: SecuredNats) -> str:
     return nats_server.url

@@ -23,11 +23,11 @@ import pytest_asyncio
 from nacl.signing import SigningKey
 
 from events.sealing import generate_keypair
-from events.server import NatsServer
 from schemas import rpc
 from schemas.common import utcnow
-from tests.conftest import running_nats
-from tests.support.stack import REPO, BusCapture, ServiceProcess, Stack, assert_no_secret, eventually, free_port
+from tests.support.stack import (
+    REPO, BusCapture, SecuredNats, ServiceProcess, Stack, assert_no_secret, eventually, free_port,
+)
 from wgmfa.smtp_sink import MailSink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -105,14 +105,8 @@ class World:
             db.execute(statement, args)
 
 
-@pytest.fixture(scope="module")
-def nats_for_module() -> NatsServer:
-    with running_nats() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(nats_for_module: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+async def world(nats_for_module: SecuredNats, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     sink = MailSink().start()
     work = tmp_path_factory.mktemp("enrollment")
     stack = Stack(nats_for_module.url, work, rate_limit_per_s="0", smtp_host="127.0.0.1", smtp_port=str(sink.port),

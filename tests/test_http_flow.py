@@ -15,25 +15,18 @@ import pytest_asyncio
 from events import signing, subjects
 from events.bus import Bus
 from events.sealing import generate_keypair, unseal
-from events.server import NatsServer
 from schemas.events import PeerAuthorized
 from schemas.rpc import RpcFailure
 from tests.conftest import running_nats
-from tests.support.stack import BusCapture, Stack, assert_no_secret
+from tests.support.stack import BusCapture, SecuredNats, Stack, assert_no_secret
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 LOGIN_TTL_S = 4
 
 
-@pytest.fixture(scope="module")
-def nats_for_module() -> NatsServer:
-    with running_nats() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(nats_for_module: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+async def stack(nats_for_module: SecuredNats, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     running = Stack(
         nats_for_module.url,
         tmp_path_factory.mktemp("http-flow"),
@@ -265,7 +258,7 @@ async def test_absurd_numbers_and_unparseable_bodies_get_400_and_big_chunked_bod
     assert (await start(stack, d["location"].location.id, d["pubkey"])).status_code == 200
 
 
-async def test_no_secret_in_clear_on_the_bus_or_in_logs(stack: Stack, nats_for_module: NatsServer) -> None:
+async def test_no_secret_in_clear_on_the_bus_or_in_logs(stack: Stack, nats_for_module: SecuredNats) -> None:
     capture = await BusCapture().start(stack.nats_url)
     d = await setup_device(stack)
     totp = pyotp.TOTP(d["secret"])

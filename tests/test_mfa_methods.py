@@ -19,11 +19,10 @@ from nacl.signing import SigningKey
 
 from events.bus import Bus
 from events.sealing import generate_keypair, unseal
-from events.server import NatsServer
 from schemas import rpc
 from schemas.events import PeerAuthorized
 from tests.conftest import running_nats
-from tests.support.stack import BusCapture, Stack, assert_no_secret, free_port, read_stream
+from tests.support.stack import BusCapture, SecuredNats, Stack, assert_no_secret, free_port, read_stream
 from wgmfa.smtp_sink import MailSink
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -33,7 +32,7 @@ CODE = re.compile(r"Your code: (\d{6})")
 
 
 class World:
-    def __init__(self, stack: Stack, sink: MailSink, nats: NatsServer) -> None:
+    def __init__(self, stack: Stack, sink: MailSink, nats: SecuredNats) -> None:
         self.stack = stack
         self.sink = sink
         self.nats = nats
@@ -96,14 +95,8 @@ def ws_url(proxy: str, token: str) -> str:
     return proxy.replace("http://", "ws://") + f"/api/v1/client-mfa/remote?token={token}"
 
 
-@pytest.fixture(scope="module")
-def nats_for_module() -> NatsServer:
-    with running_nats() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(nats_for_module: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+async def world(nats_for_module: SecuredNats, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     sink = MailSink().start()
     stack = Stack(nats_for_module.url, tmp_path_factory.mktemp("methods"), login_ttl_s=str(LOGIN_TTL_S),
                   rate_limit_per_s="0", smtp_host="127.0.0.1", smtp_port=str(sink.port))

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from events.server import NatsServer
 from schemas import rpc
-from tests.conftest import running_nats
 from tests.support.oidc import OTHER_CLIENT_ID, Account, Browser, Provider, configure, with_query
 from events.bus import BusUnavailable
-from tests.support.stack import REPO, BusCapture, ServiceProcess, Stack, assert_no_secret, eventually, read_stream
+from tests.support.stack import (
+    REPO, BusCapture, SecuredNats, ServiceProcess, Stack, assert_no_secret, eventually, read_stream,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -85,14 +85,8 @@ class World:
         return next(u for u in users if u.username == username)
 
 
-@pytest.fixture(scope="module")
-def nats_for_module() -> NatsServer:
-    with running_nats() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(nats_for_module: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+async def world(nats_for_module: SecuredNats, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     work = tmp_path_factory.mktemp("oidc")
     stack = Stack(nats_for_module.url, work, rate_limit_per_s="0")
     provider = Provider(f"{stack.proxy_url}/openid/mfa/callback", work / "provider.log", ACCOUNTS).start()

@@ -9,11 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from events.server import NatsServer
 from schemas import rpc
-from tests.conftest import running_nats
 from tests.support.oidc import Browser, configure
-from tests.support.stack import Stack
+from tests.support.stack import SecuredNats, Stack
 from tests.support.token_issuer import TokenIssuer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -54,14 +52,8 @@ class World:
         return response.status_code, response.json().get("preshared_key") or response.json().get("error")
 
 
-@pytest.fixture(scope="module")
-def nats_for_module() -> NatsServer:
-    with running_nats() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(nats_for_module: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+async def world(nats_for_module: SecuredNats, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
     stack = Stack(nats_for_module.url, tmp_path_factory.mktemp("oidc-tokens"), rate_limit_per_s="0",
                   oidc_timeout_s=str(OIDC_TIMEOUT_S))
     issuer = TokenIssuer().start()
