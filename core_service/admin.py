@@ -82,11 +82,11 @@ from schemas.rpc import (
     UserListResult,
     UserRef,
     UserSetRequest,
+    actor_of,
 )
 
 
 MIN_LIFETIME_S = 60
-UNKNOWN_ACTOR = "unknown"
 MOBILE_CODE_BYTES = 16  # 128 bits
 
 
@@ -127,10 +127,6 @@ def location_info(location: Location) -> LocationInfo:
         allowed_ips=list(location.allowed_ips),
         dns=list(location.dns),
     )
-
-
-def actor_of(req: object) -> str:
-    return getattr(req, "actor", None) or UNKNOWN_ACTOR
 
 
 def tombstone_name(name: str, row_id: object, what: str) -> str:
@@ -444,13 +440,15 @@ class Admin:
                 )
         return user_info(user)
 
-    async def oidc_unlink(self, req: UserRef) -> UserInfo:
+    async def oidc_unlink(self, req: UserChangeRequest) -> UserInfo:
         """Forget the user's OpenID identity: the next OIDC login binds again (by verified email)."""
         async with self.ctx.transaction() as session:
-            user = await find_user(session, req.username)
+            user = await find_user(session, req.username, lock=True)
+            changes = {"oidc_identity": FieldChange(old=f"{user.oidc_subject} at {user.oidc_issuer}" if user.oidc_subject else None)}
             user.oidc_issuer = None
             user.oidc_subject = None
             session.add(user)
+            enqueue_event(session, self._user_event("admin.oidc_unlinked", req, user, changes=changes))
         return user_info(user)
 
     async def email_mfa(self, req: EmailMfaRequest) -> UserInfo:

@@ -104,7 +104,7 @@ class Core:
             (subjects.RPC_OIDC_CALLBACK, rpc.OidcCallbackRequest, mfa.oidc.callback),
             (subjects.admin_rpc("oidc_set"), rpc.OidcProviderSetRequest, self.oidc_admin.set),
             (subjects.admin_rpc("oidc_show"), rpc.Empty, lambda _req: self.oidc_admin.show()),
-            (subjects.admin_rpc("oidc_unlink"), rpc.UserRef, admin.oidc_unlink),
+            (subjects.admin_rpc("oidc_unlink"), rpc.UserChangeRequest, admin.oidc_unlink),
             (subjects.admin_rpc("location_add"), rpc.LocationAddRequest, admin.location_add),
             (subjects.admin_rpc("location_list"), rpc.Empty, lambda _req: admin.location_list()),
             (subjects.admin_rpc("gateway_credentials"), rpc.GatewayCredentialsRequest, admin.gateway_credentials),

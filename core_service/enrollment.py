@@ -63,6 +63,7 @@ from schemas.rpc import (
     PollRequest,
     RegisterMobileRequest,
     RpcFailure,
+    actor_of,
 )
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class Enrollments:
             enqueue_event(
                 session,
                 EnrollmentIssued(enrollment_id=enrollment.id, user_id=user.id, username=user.username,  # type: ignore[arg-type]
-                                 expires_at=enrollment.expires_at),
+                                 expires_at=enrollment.expires_at, actor=actor_of(req)),
             )
         return EnrollCreateResult(enrollment=enrollment_info(enrollment, user, now), token_sealed=seal(req.reply_key, token))
 
@@ -230,7 +231,7 @@ class Enrollments:
                 enrollment.email_code_hash = None
                 session.add(enrollment)
                 enqueue_event(session, EnrollmentRevoked(enrollment_id=enrollment.id, user_id=user.id,  # type: ignore[arg-type]
-                                                         username=user.username))
+                                                         username=user.username, actor=actor_of(req)))
         return EnrollRevokeResult(revoked=[enrollment_info(e, u, now) for e, u in rows])
 
     # --- failures -----------------------------------------------------------------------

@@ -25,8 +25,10 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service.context import CoreContext
 from core_service.models import OidcProvider, User
+from core_service.outbox import enqueue_event
 from events.sealing import SealError
-from schemas.rpc import ErrorStatus, OidcProviderInfo, OidcProviderSetRequest, RpcFailure
+from schemas.events import OidcProviderSet
+from schemas.rpc import ErrorStatus, OidcProviderInfo, OidcProviderSetRequest, RpcFailure, actor_of
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +325,12 @@ class OidcAdmin:
                     if field != "id":
                         setattr(provider, field, getattr(fresh, field))
             session.add(provider)
+            enqueue_event(
+                session,
+                OidcProviderSet(actor=actor_of(req), issuer=provider.issuer, client_id=provider.client_id,
+                                display_name=provider.display_name, scopes=provider.scopes,
+                                redirect_uri=provider.redirect_uri),
+            )
         log.info("OpenID provider set to %s (client %s)", provider.issuer, provider.client_id)
         return provider_info(provider)
 

@@ -290,6 +290,7 @@ class EnrollmentIssued(Event):
     """An admin issued an enrollment token (the token itself is never in an event)."""
 
     type: Literal["enrollment.issued"] = "enrollment.issued"
+    actor: str | None = Field(None, description="the acting admin")
     enrollment_id: UUID
     user_id: _Id
     username: str
@@ -331,6 +332,7 @@ class EnrollmentFailed(Event):
 
 class EnrollmentRevoked(Event):
     type: Literal["enrollment.revoked"] = "enrollment.revoked"
+    actor: str | None = Field(None, description="the acting admin")
     enrollment_id: UUID
     user_id: _Id
     username: str
@@ -354,7 +356,8 @@ class _AdminChange(Event):
 
 class UserChanged(_AdminChange):
     type: Literal[
-        "admin.user_disabled", "admin.user_enabled", "admin.user_deleted", "admin.user_unlocked", "admin.user_updated"
+        "admin.user_disabled", "admin.user_enabled", "admin.user_deleted", "admin.user_unlocked", "admin.user_updated",
+        "admin.oidc_unlinked",
     ]
     user_id: Int32
     username: str
@@ -377,6 +380,17 @@ class DeviceChanged(_AdminChange):
     device_id: Int32
     device_name: str
     session_id: Int32 | None = None
+
+
+class OidcProviderSet(_AdminChange):
+    """An admin set the company's OpenID provider (never its secret)."""
+
+    type: Literal["admin.oidc_provider_set"] = "admin.oidc_provider_set"
+    issuer: str
+    client_id: str
+    display_name: str
+    scopes: str
+    redirect_uri: str
 
 
 class LocationChanged(_AdminChange):
@@ -427,6 +441,7 @@ AuditEvent = Annotated[
         FactorChanged,
         DeviceChanged,
         LocationChanged,
+        OidcProviderSet,
     ],
     Field(discriminator="type"),
 ]
@@ -461,6 +476,7 @@ AnyEvent = Annotated[
         FactorChanged,
         DeviceChanged,
         LocationChanged,
+        OidcProviderSet,
         LoginApproved,
         StatsSample,
         DeadLetter,

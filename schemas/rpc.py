@@ -166,7 +166,22 @@ class OidcCallbackRequest(_Model):
     client: ClientInfo = Field(default_factory=ClientInfo)
 
 
-class OidcProviderSetRequest(_Model):
+UNKNOWN_ACTOR = "unknown"
+
+
+class _AdminChange(_Model):
+    """A request that changes something: the acting admin goes into its `admin.*` event.
+    `wgmfa admin` fills it with the operating-system user or `--actor`."""
+
+    actor: str | None = Field(None, max_length=128)
+
+
+def actor_of(request: object) -> str:
+    """The acting admin a request names (`wgmfa admin` always fills it in)."""
+    return getattr(request, "actor", None) or UNKNOWN_ACTOR
+
+
+class OidcProviderSetRequest(_AdminChange):
     issuer: str = Field(min_length=1, max_length=512)
     client_id: str = Field(min_length=1, max_length=255)
     client_secret_sealed: str
@@ -195,13 +210,6 @@ class OidcProviderInfo(_Model):
 # --- admin ------------------------------------------------------------------------------
 
 MAX_SECONDS = 10 * 365 * 86400  # bounds every duration an admin may set
-
-
-class _AdminChange(_Model):
-    """A request that changes something: the acting admin goes into its `admin.*` event.
-    `wgmfa admin` fills it with the operating-system user or `--actor`."""
-
-    actor: str | None = Field(None, max_length=128)
 
 
 class LocationAddRequest(_AdminChange):
@@ -491,7 +499,7 @@ class UserDetail(_Model):
 MAX_TTL_S = 30 * 86400
 
 
-class EnrollCreateRequest(_Model):
+class EnrollCreateRequest(_AdminChange):
     """`wgmfa admin enroll USERNAME`: a single-use token the user's app starts with."""
 
     username: str = Field(max_length=64)
@@ -524,7 +532,7 @@ class EnrollListResult(_Model):
     enrollments: list[EnrollmentInfo]
 
 
-class EnrollRevokeRequest(_Model):
+class EnrollRevokeRequest(_AdminChange):
     enrollment: str = Field(max_length=64, description="an enrollment id, or a username: all of its open ones")
 
 

@@ -211,6 +211,7 @@ async def test_an_operator_offboards_a_user_and_changes_a_location(stack: Stack)
     changed = await ok("location", "set", "branch", "--allowed-ips", "192.168.1.0/24,10.99.0.0/16", "--keepalive", "20")
     assert "allowed_ips: [] -> ['192.168.1.0/24', '10.99.0.0/16']" in changed and "keepalive_s: 25 -> 20" in changed
 
+    await ok("enroll", "dan", "--actor", "onboarding")
     assert "dan disabled" in await ok("user", "disable", "dan", "--actor", "hr")
     again = await wgmfa(stack, "admin", "user", "disable", "dan")
     assert (again.returncode, again.stderr.strip()) == (1, "wgmfa: user dan is already disabled")
@@ -225,8 +226,9 @@ async def test_an_operator_offboards_a_user_and_changes_a_location(stack: Stack)
     watch = await wgmfa(stack, "admin", "sessions", "--watch")
     assert watch.returncode == 1 and "--watch needs --live" in watch.stderr
 
-    events = await stack.read("wgmfa.events.admin.>")
-    actors = {e["type"]: e["actor"] for e in events if e.get("username") == "dan" or e.get("location_name") == "branch"}
+    events = await stack.read("wgmfa.events.>")
+    actors = {e["type"]: e.get("actor") for e in events if e.get("username") == "dan" or e.get("location_name") == "branch"}
     assert actors["admin.user_deleted"] == "helpdesk"
+    assert actors["enrollment.issued"] == "onboarding"
     assert actors["admin.user_disabled"] == "hr"
     assert actors["admin.location_changed"] == actors["admin.totp_reset"] == os_user()

@@ -114,6 +114,9 @@ async def test_a_provider_is_read_from_its_discovery_document_or_refused(world: 
     info = await stack.admin.call("oidc_show", rpc.Empty(), rpc.OidcProviderInfo)  # the refusals changed nothing
     assert info.issuer == world.provider.issuer and info.iss_parameter_supported
     assert info.signing_algs == ["RS256"] and info.token_endpoint == f"{world.provider.issuer}/token"
+    changes = [e for e in await stack.read("wgmfa.events.admin.>") if e["type"] == "admin.oidc_provider_set"]
+    assert changes and changes[-1]["issuer"] == world.provider.issuer and changes[-1]["actor"]
+    assert "wgmfa-test-client-secret" not in json.dumps(changes)
 
 
 async def test_the_browser_login_completes_the_apps_polling_once(world: World) -> None:
@@ -290,8 +293,12 @@ async def test_only_the_users_own_identity_completes_the_login(world: World) -> 
     assert await world.finish(token) == GONE
 
     # after `oidc unlink` the next login binds again, by verified email
-    unlinked = await world.stack.admin.call("oidc_unlink", rpc.UserRef(username="kim"), rpc.UserInfo)
+    unlinked = await world.stack.admin.call("oidc_unlink", rpc.UserChangeRequest(username="kim", actor="helpdesk"),
+                                            rpc.UserInfo)
     assert unlinked.oidc_issuer is None and unlinked.oidc_subject is None
+    audit = [e for e in await world.stack.read("wgmfa.events.admin.>") if e["type"] == "admin.oidc_unlinked"]
+    assert [(e["username"], e["actor"]) for e in audit] == [("kim", "helpdesk")]
+    assert audit[0]["changes"]["oidc_identity"]["old"] == f"kim at {world.provider.issuer}"
     token = await world.start(await world.device("kim", "tablet"))
     fourth = world.browser()
     assert (await fourth.callback(await fourth.log_in(await world.authorize_url(fourth, token), "kim"))).status_code == 200

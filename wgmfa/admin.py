@@ -605,7 +605,7 @@ async def oidc_show(client: AdminClient, args: argparse.Namespace) -> int:
 
 
 async def oidc_unlink(client: AdminClient, args: argparse.Namespace) -> int:
-    user: rpc.UserInfo = await client.call("oidc_unlink", rpc.UserRef(username=args.username), rpc.UserInfo)
+    user: rpc.UserInfo = await client.call("oidc_unlink", rpc.UserChangeRequest(username=args.username), rpc.UserInfo)
     if args.json:
         print_json(user)
     else:
