@@ -477,7 +477,7 @@ async def test_the_company_login_in_a_real_browser_opens_a_real_tunnel(world: Wo
                         {"olaf": Account("olaf@example.com")}).start()
     try:
         await configure(stack.admin, provider.issuer, provider.redirect_uri)
-        location = await stack.add_location("sso", mfa="external", network="10.70.0.0/24", endpoint_port=51824)
+        location = await stack.add_location("sso", mfa="external", network="10.72.0.0/24", endpoint_port=51826)
         world.gateway(location).start()
         await stack.admin.call("user_add", rpc.UserAddRequest(username="olaf", email="olaf@example.com"), rpc.UserInfo)
         config = await world.device_config("olaf", "laptop", "sso")
@@ -489,7 +489,7 @@ async def test_the_company_login_in_a_real_browser_opens_a_real_tunnel(world: Wo
         assert "VPN login succeeded" in page, page
         output = await finished(client)
         assert client.returncode == 0 and "connected" in output, output
-        assert net.ping(client_net.netns, "10.70.0.1", count=2)
+        assert net.ping(client_net.netns, "10.72.0.1", count=2)
         sessions = (await stack.admin.call("sessions", rpc.SessionsRequest(location="sso"), rpc.SessionsResult)).sessions
         assert [(s.username, s.method) for s in sessions] == [("olaf", "oidc")]
         world.wgmfa("client", "disconnect", "--interface", net.name("o1"))
@@ -501,7 +501,7 @@ async def test_a_failed_connect_removes_what_it_brought_up_and_names_stay_per_na
     net, stack = world.net, world.stack
     first_net, second_net = net.add_client(), net.add_client()
     # a location whose gateway never comes: no handshake
-    await stack.add_location("silent", mfa="disabled", network="10.70.0.0/24", endpoint_port=51829)
+    await stack.add_location("silent", mfa="disabled", network="10.73.0.0/24", endpoint_port=51829)
     await stack.admin.call("user_add", rpc.UserAddRequest(username="nils", email="nils@example.com"), rpc.UserInfo)
     config_path = await world.device_config("nils", "desktop", "silent")
     name = net.name("f1")
