@@ -48,11 +48,29 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
+STOP_TIMEOUT_S = 10.0
+
+
 async def run_until_signalled(name: str, settings: BusSettings, service: Service) -> None:
-    """The `main` of a service process: log set-up, start, wait for SIGTERM/Ctrl-C, stop."""
+    """The `main` of a service process: log set-up, start, wait for SIGTERM/Ctrl-C, stop.
+    A signal during the start ends it too: a start can wait a long time (for NATS, for the
+    core's streams), and a process told to stop, for instance because `wgmfa up` died and
+    NATS with it, must not wait for ever."""
     configure_logging(name, settings.log_level)
+    log = logging.getLogger(name)
     stop = stop_event()
-    await service.start()
-    await stop.wait()
-    logging.getLogger(name).info("%s stopping", name)
-    await service.stop()
+    starting = asyncio.create_task(service.start())
+    signalled = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # a failed start fails the process
+        await signalled
+    else:
+        log.info("%s stopping before it finished starting", name)
+        await cancel_all([starting])
+    signalled.cancel()
+    log.info("%s stopping", name)
+    try:
+        await asyncio.wait_for(service.stop(), STOP_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        log.warning("%s did not stop within %g s; exiting anyway", name, STOP_TIMEOUT_S)

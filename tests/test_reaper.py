@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -16,7 +18,8 @@ from reaper_worker.app import Reaper, ReaperSettings
 from reaper_worker.liveness import Liveness
 from schemas.common import RevokeReason, uuid7
 from schemas.events import PeerAuthorized, PeerRevoked, PeerSample, StatsSample
-from tests.support.stack import eventually, read_stream
+from tests.conftest import running_nats
+from tests.support.stack import ServiceProcess, eventually, read_stream, service_env
 
 THRESHOLD = 300
 GATEWAY_CLOCK_SKEW = timedelta(minutes=-7)  # gateways' clocks need not agree with anyone's
@@ -227,3 +230,25 @@ async def test_a_gateway_sampling_at_another_interval_is_reported_once(world: Wo
     await asyncio.sleep(0.5)  # and nothing more comes
     found = await reported()
     assert [(e["gateway_id"], e["gateway_interval_s"], e["reaper_interval_s"]) for e in found] == [("gw-rare", 120.0, 30.0)]
+
+
+def test_a_reaper_told_to_stop_while_it_waits_for_the_streams_stops(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No core has declared the streams yet, so the reaper is still starting: SIGTERM (what
+    it gets when `wgmfa up` dies) must end it all the same, not leave it waiting for ever."""
+    with running_nats() as nats:
+        env = service_env(nats.plain_url, tmp_path / "state",
+                          nats_credentials_dir=str(nats.credentials.directory))
+        reaper = ServiceProcess("reaper_worker", env, tmp_path / "reaper.log")
+        reaper.start()
+        try:
+            deadline = time.monotonic() + 30
+            while "waiting for stream" not in reaper.log():
+                assert reaper.process is not None and reaper.process.poll() is None, reaper.log()
+                assert time.monotonic() < deadline, reaper.log()
+                time.sleep(0.1)
+            assert reaper.process is not None
+            reaper.process.send_signal(signal.SIGTERM)
+            assert reaper.process.wait(15) == 0, reaper.log()
+            assert "stopping before it finished starting" in reaper.log()
+        finally:
+            reaper.stop()
