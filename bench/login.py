@@ -111,6 +111,7 @@ async def main(args: argparse.Namespace) -> dict:
             await run_concurrently(200, args.concurrency, hello)
             floor_http = summary("http no-op (GET /api/v1/health)", args.floor, *await run_concurrently(args.floor, args.concurrency, health))
             floor_nats = summary("nats request/reply no-op (core hello)", args.floor, *await run_concurrently(args.floor, args.concurrency, hello))
+            print(f"{args.users} logins...", file=sys.stderr)
             logins = summary("complete TOTP login (start + finish)", args.users, *await run_concurrently(args.users, args.concurrency, login))
             await bus.close()
         return {
