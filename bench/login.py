@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pyotp
 
-from bench.common import run_benchmark
+from bench.common import nats_server, run_benchmark
 from events import subjects
 from events.bus import Bus
-from events.server import NatsServer
 from schemas import rpc
 from tests.support.postgres import PostgresCluster
 from tests.support.stack import Stack
@@ -141,18 +140,26 @@ def summary(name: str, count: int, elapsed: float, latencies: list[float], clien
 
 
 async def main(args: argparse.Namespace) -> dict:
+    with nats_server() as nats:
+        return await run(args, nats.url)
+
+
+async def run(args: argparse.Namespace, nats_url: str) -> dict:
     work = Path(tempfile.mkdtemp(prefix="wgmfa-bench-"))
-    nats = NatsServer(work / "nats")
-    nats.start()
     cluster = None
     database_url = None
     if args.postgres:
         cluster = PostgresCluster(work / "pg")
         cluster.start()
         database_url = cluster.create_database("bench")
-    stack = Stack(nats.url, work, database_url=database_url, rate_limit_per_s="0", log_level="WARNING")
+    settings = {"rate_limit_per_s": "0", "log_level": "WARNING"}
+    if database_url is None and args.core_processes > 1:
+        settings["sqlite_inline"] = "false"  # processes sharing one SQLite file wait for its lock
+    stack = Stack(nats_url, work, database_url=database_url, **settings)
     try:
         await stack.start()
+        for _ in range(args.core_processes - 1):  # more cores in the RPC queue group
+            await stack.extra_core()
         location = (await stack.add_location("bench", network="10.64.0.0/16")).location
         paced_users = args.users // 2
         total = args.users + paced_users
@@ -186,7 +193,7 @@ async def main(args: argparse.Namespace) -> dict:
             status, _ = await http.request("GET", "/api/v1/health")
             assert status == 200
 
-        bus = await Bus.connect(nats.url, "bench", wait_s=5)
+        bus = await Bus.connect(nats_url, "bench", wait_s=5)
 
         async def hello(_i: int, _connection: object) -> None:
             await bus.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.CoreHelloResult, timeout=10)
@@ -210,13 +217,13 @@ async def main(args: argparse.Namespace) -> dict:
         return {
             "database": "postgresql" if args.postgres else "sqlite",
             "concurrency": args.concurrency,
+            "core_processes": args.core_processes,
             "results": [logins, floor_http, floor_nats, paced],
             "login_vs_http_noop": logins["per_second"] / floor_http["per_second"],
             "login_vs_nats_noop": logins["per_second"] / floor_nats["per_second"],
         }
     finally:
         await stack.stop()
-        nats.stop()
         if cluster:
             cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -228,11 +235,12 @@ def cli() -> None:
     parser.add_argument("--floor", type=int, default=3000, help="no-op requests for each floor")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--postgres", action="store_true", help="core on a throwaway PostgreSQL instead of SQLite")
+    parser.add_argument("--core-processes", type=int, default=1, help="core processes sharing the RPCs")
     run_benchmark(parser, main, show)
 
 
 def show(report: dict) -> None:
-    print(f"database {report['database']}, concurrency {report['concurrency']}")
+    print(f"database {report['database']}, concurrency {report['concurrency']}, core processes {report['core_processes']}")
     for r in report["results"]:
         print(
             f"  {r['name']:<42} {r['per_second']:8.1f}/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"
