@@ -153,8 +153,9 @@ async def run(args: argparse.Namespace, nats_url: str) -> dict:
         cluster.start()
         database_url = cluster.create_database("bench")
     settings = {"rate_limit_per_s": "0", "log_level": "WARNING"}
-    if database_url is None and args.core_processes > 1:
-        settings["sqlite_inline"] = "false"  # processes sharing one SQLite file wait for its lock
+    if database_url is None:
+        # one core owns the file: statements inline; several share it: each waits for its lock
+        settings["sqlite_inline"] = "false" if args.core_processes > 1 or args.sqlite_thread else "true"
     stack = Stack(nats_url, work, database_url=database_url, **settings)
     try:
         await stack.start()
@@ -236,6 +237,7 @@ def cli() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--postgres", action="store_true", help="core on a throwaway PostgreSQL instead of SQLite")
     parser.add_argument("--core-processes", type=int, default=1, help="core processes sharing the RPCs")
+    parser.add_argument("--sqlite-thread", action="store_true", help="SQLite statements on aiosqlite's thread (WGMFA_SQLITE_INLINE=false)")
     run_benchmark(parser, main, show)
 
 

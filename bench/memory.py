@@ -44,7 +44,7 @@ async def main(args: argparse.Namespace) -> dict:
             cluster = PostgresCluster(work / "pg")
             cluster.start()
             database_url = cluster.create_database("bench")
-        stack = Stack(nats.url, work, database_url=database_url, rate_limit_per_s="0", log_level="WARNING")
+        stack = Stack(nats.url, work, database_url=database_url, rate_limit_per_s="0", log_level="WARNING", sqlite_inline="true")
         try:
             await stack.start()
             assert stack.core.process is not None

@@ -41,9 +41,8 @@ class _InlineSqliteConnection(aiosqlite.Connection):
     aiosqlite hands each call (cursor, execute, fetch, close: four per statement) to a
     thread and back; with SQLite in WAL mode a statement takes microseconds, so those hops
     were most of a login's CPU. The price: while SQLite waits for a lock another process
-    holds, the loop waits too. One core process per SQLite file never waits (its writes
-    are serialised in-process), so that is the default; WGMFA_SQLITE_INLINE=false goes
-    back to the thread for deployments that share the file between processes."""
+    holds, the loop waits too, so it is for one core process per SQLite file (whose writes
+    are serialised in-process), chosen with WGMFA_SQLITE_INLINE=true."""
 
     async def _execute(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not self._running or not self._connection:
@@ -65,7 +64,7 @@ def _inline_sqlite_creator(path: str) -> Any:
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, sqlite_inline: bool = True) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, sqlite_inline: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
