@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import aiosqlite
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -27,12 +32,47 @@ def upgrade_schema(url: str) -> None:
     command.upgrade(alembic_config(url), "head")
 
 
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
+class _InlineSqliteConnection(aiosqlite.Connection):
+    """aiosqlite, with every statement run on the event loop's own thread once connected.
+
+    aiosqlite hands each call (cursor, execute, fetch, close: four per statement) to a
+    thread and back; with SQLite in WAL mode a statement takes microseconds, so those hops
+    were most of a login's CPU. The price: while SQLite waits for a lock another process
+    holds, the loop waits too, so it is for one core process per SQLite file (whose writes
+    are serialised in-process), chosen with WGMFA_SQLITE_INLINE=true."""
+
+    async def _execute(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        return partial(fn, *args, **kwargs)()
+
+
+def _inline_sqlite_creator(path: str) -> Any:
+    async def connect() -> aiosqlite.Connection:
+        def connector() -> sqlite3.Connection:
+            # used from the loop's thread after being opened in aiosqlite's
+            return sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False)
+
+        connection = _InlineSqliteConnection(connector, 64)
+        connection._thread.daemon = True
+        return await connection
+
+    return connect
+
+
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, sqlite_inline: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
-            self.engine = create_async_engine(url, connect_args={"timeout": 30})
+            path = make_url(url).database
+            if sqlite_inline and path and path != ":memory:":
+                self.engine = create_async_engine(url, async_creator=_inline_sqlite_creator(path))
+            else:
+                self.engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
             @event.listens_for(self.engine.sync_engine, "connect")
             def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

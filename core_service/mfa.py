@@ -111,6 +111,8 @@ async def lockout_state(session: AsyncSession, ctx: CoreContext, user: User) -> 
 
 
 _FactorFailed = FactorFailed
+# session.info key: {(user id, client address): whether _lockout found a failure counter}
+ADDRESS_COUNTERS_READ = "address_counters_read"
 
 
 class Mfa:
@@ -137,10 +139,21 @@ class Mfa:
             mode = MfaMode(location.mfa_mode)
             if mode == MfaMode.DISABLED:
                 raise _bad(MFA_NOT_ENABLED)
-            device = (await session.exec(select(Device).where(Device.pubkey == req.pubkey))).first()
-            if device is None or await session.get(LocationDevice, (location.id, device.id)) is None:
+            # the device, its place at the location and its user in one statement
+            found = (
+                await session.exec(
+                    select(Device, LocationDevice.device_id, User)
+                    .outerjoin(
+                        LocationDevice,
+                        (col(LocationDevice.location_id) == location.id) & (col(LocationDevice.device_id) == Device.id),
+                    )
+                    .outerjoin(User, col(User.id) == Device.user_id)
+                    .where(Device.pubkey == req.pubkey)
+                )
+            ).first()
+            if found is None or found[1] is None:
                 raise _bad(DEVICE_NOT_FOUND)
-            user = await session.get(User, device.user_id)
+            device, _, user = found
             if user is None:
                 raise _bad(USER_NOT_FOUND)
             if not user.is_active:
@@ -187,6 +200,7 @@ class Mfa:
         if user.mfa_failures >= self.ctx.settings.mfa_hard_lock_failures:
             return RpcFailure(ErrorStatus.PERMISSION_DENIED, HARD_LOCKED)
         counter = await session.get(MfaAddressFailures, (user.id, _address_key(client_ip)))
+        session.info.setdefault(ADDRESS_COUNTERS_READ, {})[(user.id, _address_key(client_ip))] = counter is not None
         if counter is not None and counter.locked_until is not None and counter.locked_until > now:
             wait = int((counter.locked_until - now).total_seconds()) + 1
             return RpcFailure(ErrorStatus.RATE_LIMITED, TEMPORARILY_LOCKED, wait)
@@ -281,9 +295,11 @@ class Mfa:
                 raise _FactorFailed("factor_unavailable")
             await factor.verify(session, login, user, code, now)
             await self._clear_failures(session, user, req.client.ip)
-        location = await session.get(Location, login.location_id)
-        device = await session.get(Device, login.device_id)
-        assert location is not None and device is not None
+        location, device = (
+            await session.exec(
+                select(Location, Device).join(Device, col(Device.id) == login.device_id).where(Location.id == login.location_id)
+            )
+        ).one()
         login.state = LoginState.FINISHED
         login.finished_at = now
         login.challenge = None
@@ -425,13 +441,19 @@ class Mfa:
         return ids
 
     async def _clear_failures(self, session: AsyncSession, user: User, client_ip: str | None) -> None:
-        """A proven factor: the user's run of failures ends, and so does that address's."""
-        await session.exec(update(User).where(col(User.id) == user.id).values(mfa_failures=0, mfa_locked_until=None))
-        await session.exec(
-            delete(MfaAddressFailures).where(
-                col(MfaAddressFailures.user_id) == user.id, col(MfaAddressFailures.client_ip) == _address_key(client_ip)
+        """A proven factor: the user's run of failures ends, and so does that address's.
+        Statements only for what there is to clear, as read in this transaction: the
+        user's counters, and the address's counter when `_lockout` found none (`finish`
+        holds the user's row lock, which recording a failure takes first)."""
+        if user.mfa_failures or user.mfa_locked_until is not None:
+            await session.exec(update(User).where(col(User.id) == user.id).values(mfa_failures=0, mfa_locked_until=None))
+        key = _address_key(client_ip)
+        if session.info.get(ADDRESS_COUNTERS_READ, {}).get((user.id, key), True):
+            await session.exec(
+                delete(MfaAddressFailures).where(
+                    col(MfaAddressFailures.user_id) == user.id, col(MfaAddressFailures.client_ip) == key
+                )
             )
-        )
 
     async def _record_failure(self, login_id: UUID, reason: str, client_ip: str | None) -> None:
         """Count a failed factor against the login (dead once all its attempts failed), the

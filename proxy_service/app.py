@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from events import permissions
 from events.bus import Bus, BusUnavailable
@@ -124,37 +124,62 @@ def create_app(
             user_agent = None
         return ClientInfo(ip=ip, user_agent=user_agent[:512] if user_agent else None)
 
-    @app.middleware("http")
-    async def edge(request: Request, call_next):  # type: ignore[no-untyped-def]
+    async def edge(scope: Scope, receive: Receive, send: Send, routes: ASGIApp) -> None:
+        """Rate limit, `Cache-Control: no-store` on the API, metrics and the access log.
+        Plain ASGI: Starlette's BaseHTTPMiddleware ran every request in a task of its own
+        with its body and answer copied through streams."""
+        if scope["type"] != "http":
+            await routes(scope, receive, send)
+            return
         started = time.perf_counter()
-        route = request.url.path
-        if limiter.enabled and route.startswith("/api/v1/") and not route.endswith("/health"):
-            ip = client_info(request).ip or "unknown"
-            wait = limiter.acquire(ip)
-            if wait > 0:
-                response: Response = error(429, "too many requests", {"Retry-After": retry_after_header(wait)})
-                _record(request, route, response, started)
-                return response
-        try:
-            response = await call_next(request)
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, route)
-            response = error(500, INTERNAL_ERROR)
-        if route.startswith("/api/"):
-            response.headers["Cache-Control"] = "no-store"
-        _record(request, route, response, started)
-        return response
+        route = scope["path"]
+        status = 500
+        answered = False
 
-    def _record(request: Request, route: str, response: Response, started: float) -> None:
+        async def observed(message: Message) -> None:
+            nonlocal status, answered
+            if message["type"] == "http.response.start":
+                status, answered = message["status"], True
+                if route.startswith("/api/"):
+                    message["headers"] = [*message.get("headers", []), (b"cache-control", b"no-store")]
+            await send(message)
+
+        try:
+            if limiter.enabled and route.startswith("/api/v1/") and not route.endswith("/health"):
+                ip = client_info(Request(scope)).ip or "unknown"
+                wait = limiter.acquire(ip)
+                if wait > 0:
+                    await error(429, "too many requests", {"Retry-After": retry_after_header(wait)})(scope, receive, observed)
+                    return
+            try:
+                await routes(scope, receive, observed)
+            except Exception:
+                log.exception("unhandled error on %s %s", scope["method"], route)
+                if answered:
+                    raise
+                await error(500, INTERNAL_ERROR)(scope, receive, observed)
+        finally:
+            _record(scope, route, status, started)
+
+    def _record(scope: Scope, route: str, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
-        matched = request.scope.get("route")
-        label = getattr(matched, "path", "unmatched")
-        requests_total.labels(label, str(response.status_code)).inc()
+        label = getattr(scope.get("route"), "path", "unmatched")
+        requests_total.labels(label, str(status)).inc()
         latency.labels(label).observe(elapsed)
         # the path only: query strings may carry tokens
-        access_log.info(
-            "%s %s %s %.1fms", request.method, route, response.status_code, elapsed * 1000
-        )
+        access_log.info("%s %s %s %.1fms", scope["method"], route, status, elapsed * 1000)
+
+    class Edge:
+        """`edge` inside Starlette's outermost error handler, so that an unhandled error
+        becomes the JSON 500 here."""
+
+        def __init__(self, routes: ASGIApp) -> None:
+            self.routes = routes
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            await edge(scope, receive, send, self.routes)
+
+    app.add_middleware(Edge)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:

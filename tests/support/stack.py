@@ -273,6 +273,21 @@ class Stack:
         except httpx.HTTPError:
             return False
 
+    async def extra_core(self) -> ServiceProcess:
+        """Another core process on the same bus and database, in the RPC queue group."""
+        index = sum(1 for p in self.extra if p.package == "core_service") + 2
+        env = dict(self.env, WGMFA_LOG_LEVEL="INFO")
+        process = ServiceProcess("core_service", env, self.work_dir / f"core-{index}.log")
+        process.start()
+        self.extra.append(process)
+
+        def ready() -> bool:
+            assert process.process and process.process.poll() is None, f"core {index} exited:\n{process.log()}"
+            return "core ready" in process.log()
+
+        await eventually(ready, timeout=30, what=f"core {index}")
+        return process
+
     async def extra_proxy(self) -> tuple[ServiceProcess, str]:
         """Another proxy process on the same bus: (process, its URL)."""
         port = free_port()

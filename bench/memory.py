@@ -1,0 +1,114 @@
+"""The core's memory with many live VPN sessions, each made through the data path: a user
+with TOTP and a device created by the admin RPCs, then a complete login over the proxy's
+HTTP API (not rows inserted by SQL).
+
+    .venv/bin/python -m bench.memory [--sessions 2000] [--concurrency 16] [--postgres]
+
+Reports the core's resident set (VmRSS) after start, after the users exist, and with every
+session live, and the growth per live session.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pyotp
+
+from bench.common import nats_server, run_benchmark
+from bench.login import HttpConnection, run_concurrently
+from schemas import rpc
+from tests.support.postgres import PostgresCluster
+from tests.support.stack import Stack
+
+
+LISTED = 200  # sessions the administrator's listing checks (a larger listing is slow)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def main(args: argparse.Namespace) -> dict:
+    with nats_server() as nats:
+        work = Path(tempfile.mkdtemp(prefix="wgmfa-bench-"))
+        cluster = None
+        database_url = None
+        if args.postgres:
+            cluster = PostgresCluster(work / "pg")
+            cluster.start()
+            database_url = cluster.create_database("bench")
+        stack = Stack(nats.url, work, database_url=database_url, rate_limit_per_s="0", log_level="WARNING", sqlite_inline="true")
+        try:
+            await stack.start()
+            assert stack.core.process is not None
+            pid = stack.core.process.pid
+            location = (await stack.add_location("bench", network="10.64.0.0/12")).location
+            started_mib = rss_mib(pid)
+            print(f"creating {args.sessions} users with TOTP and a device...", file=sys.stderr)
+            users: list[tuple[str, str]] = [("", "")] * args.sessions
+
+            async def create(i: int, _connection: object) -> None:
+                secret = await stack.add_user_with_totp(f"u{i}")
+                _, device = await stack.add_device(f"u{i}", "laptop", "bench")
+                users[i] = (secret, device.pubkey)
+
+            await run_concurrently(args.sessions, args.concurrency, create)
+            users_mib = rss_mib(pid)
+            print(f"{args.sessions} logins...", file=sys.stderr)
+
+            async def login(i: int, http: HttpConnection) -> None:
+                secret, pubkey = users[i]
+                status, body = await http.request(
+                    "POST", "/api/v1/client-mfa/start", {"location_id": location.id, "pubkey": pubkey, "method": 0}
+                )
+                token = json.loads(body)["token"]
+                status, body = await http.request("POST", "/api/v1/client-mfa/finish", {"token": token, "code": pyotp.TOTP(secret).now()})
+                if status != 200:
+                    raise RuntimeError(f"login {i} failed: {status} {body!r}")
+
+            await run_concurrently(args.sessions, args.concurrency, login, stack.proxy_url)
+            sessions_mib = rss_mib(pid)
+            assert stack.admin is not None
+            listed = await stack.admin.call(
+                "sessions", rpc.SessionsRequest(include_revoked=False, limit=min(args.sessions, LISTED)), rpc.SessionsResult
+            )
+            return {
+                "database": "postgresql" if args.postgres else "sqlite",
+                "live_sessions": args.sessions,
+                # the newest ones, as the administrator lists them: all live
+                "newest_listed_live": sum(1 for s in listed.sessions if s.state == "authorized"),
+                "core_rss_mib": sessions_mib,
+                "core_rss_started_mib": started_mib,
+                "core_rss_with_users_mib": users_mib,
+                "bytes_per_live_session": (sessions_mib - users_mib) * 1024 * 1024 / args.sessions,
+            }
+        finally:
+            await stack.stop()
+            if cluster:
+                cluster.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=2000, help="live sessions to create (one user and device each)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--postgres", action="store_true", help="core on a throwaway PostgreSQL instead of SQLite")
+    run_benchmark(parser, main, show)
+
+
+def show(report: dict) -> None:
+    print(f"database {report['database']}: core RSS {report['core_rss_mib']:.1f} MiB with {report['live_sessions']} live sessions")
+    print(f"  at start {report['core_rss_started_mib']:.1f} MiB, with the users {report['core_rss_with_users_mib']:.1f} MiB,"
+          f" {report['bytes_per_live_session']:.0f} bytes per live session")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,67 @@
+"""Every benchmark runs once at a tiny size, so that none of them rots. Nothing about
+speed is asserted here (that is what the benchmarks report); only that each runs through
+and reports its figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.postgres import PostgresUnavailable, _bin_dir
+from tests.support.stack import REPO
+
+TINY = {
+    "login": ["--users", "4", "--floor", "20", "--concurrency", "2"],
+    "reaper": ["--peers", "50", "--samples", "2"],
+    "revoke": ["--peers", "3", "--backend", "fake"],
+    "gateway": ["--sizes", "20", "--backend", "fake"],
+    "memory": ["--sessions", "20", "--concurrency", "4"],
+}
+
+
+def run_bench(name: str, *extra: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", *TINY[name], *extra, "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, f"bench.{name} failed:\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def test_login_bench_runs_logins_and_both_floors() -> None:
+    report = run_bench("login")
+    names = [r["name"] for r in report["results"]]
+    assert names[0] == "complete TOTP login (start + finish)" and len(names) == 4
+    assert all(r["operations"] > 0 and r["per_second"] > 0 for r in report["results"])
+    assert 0 < report["login_vs_http_noop"] and 0 < report["login_vs_nats_noop"]
+
+
+def test_login_bench_runs_on_postgresql_with_two_cores() -> None:
+    try:
+        _bin_dir()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    report = run_bench("login", "--postgres", "--core-processes", "2")
+    assert report["database"] == "postgresql" and report["core_processes"] == 2
+
+
+def test_reaper_bench_ingests_every_sample() -> None:
+    report = run_bench("reaper")
+    assert report["peer_samples"] == 50 * 2 and report["reaper_replay_per_s"] > 0
+
+
+def test_revoke_bench_removes_every_peer() -> None:
+    report = run_bench("revoke")
+    assert report["peers"] == 3 and report["all_removed_after_s"] > 0
+
+
+def test_gateway_bench_resyncs() -> None:
+    report = run_bench("gateway")
+    assert [r["peers"] for r in report["results"]] == [20]
+
+
+def test_memory_bench_holds_the_sessions_it_made() -> None:
+    report = run_bench("memory")
+    assert report["newest_listed_live"] == 20 and report["core_rss_mib"] > 0
