@@ -17,11 +17,9 @@ from events.bus import Bus
 from gateway_worker.backend import InterfaceConfig
 from gateway_worker.backends.uapi import UserspaceBackend
 from schemas import rpc
-from tests.conftest import running_nats
 from tests.support.netns import Topology, sh
-from tests.support.stack import ServiceProcess, Stack, eventually
-from tests.test_tunnel_e2e import SETTINGS, World
-from wgmfa.smtp_sink import MailSink
+from tests.support.stack import ServiceProcess, eventually
+from tests.test_tunnel_e2e import World, running_world
 
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
 
@@ -30,19 +28,8 @@ CUT_WITHIN_S = 2.0
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    work = tmp_path_factory.mktemp("lifecycle")
-    sink = MailSink().start()
-    with running_nats() as nats, Topology() as net:
-        stack = Stack(nats.url, work, smtp_host="127.0.0.1", smtp_port=str(sink.port), **SETTINGS)
-        await stack.start()
-        w = World(stack, net, work, sink)
-        w.reaper.start()
+    async with running_world(tmp_path_factory.mktemp("lifecycle")) as w:
         yield w
-        for process in w.gateways.values():
-            process.stop()
-        w.reaper.stop()
-        await stack.stop()
-    sink.stop()
 
 
 async def connected_device(world: World, username: str, device: str, location: rpc.LocationAddResult,

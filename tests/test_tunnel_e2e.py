@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import subprocess
@@ -102,9 +103,10 @@ class World:
                               capture_output=True, text=True, timeout=90)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
-    work = tmp_path_factory.mktemp("e2e")
+@contextlib.asynccontextmanager
+async def running_world(work: Path) -> AsyncIterator[World]:
+    """The whole system with a reaper, an SMTP sink and network namespaces; gateways are
+    started by the tests, and stopped here."""
     sink = MailSink().start()
     with running_nats() as nats, Topology() as net:
         stack = Stack(nats.url, work, smtp_host="127.0.0.1", smtp_port=str(sink.port), **SETTINGS)
@@ -117,6 +119,12 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         w.reaper.stop()
         await stack.stop()
     sink.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    async with running_world(tmp_path_factory.mktemp("e2e")) as w:
+        yield w
 
 
 def allowed_code(allowed: subprocess.CompletedProcess[str]) -> str:

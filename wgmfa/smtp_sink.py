@@ -72,7 +72,7 @@ class MailSink:
     def received(self) -> list[ReceivedMail]:
         return list(self.handler.received)
 
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedMail]:
+    def wait_for(self, count: int, timeout: float = 60.0) -> list[ReceivedMail]:
         """Block until `count` mails arrived in total; returns them all."""
         with self.handler.arrived:
             if not self.handler.arrived.wait_for(lambda: len(self.handler.received) >= count, timeout):
