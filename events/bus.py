@@ -115,6 +115,9 @@ class PeerStateRecord:
     state: PeerAuthorized | PeerRevoked | None  # None: the last message does not decode
 
 
+SUBSCRIPTION_DRAIN_TIMEOUT_S = 5.0
+
+
 class Bus:
     def __init__(self, nc: Client, service: str, *, publish_timeout_s: float = 5.0) -> None:
         self.nc = nc
@@ -267,9 +270,12 @@ class Bus:
         await asyncio.gather(*self._consumers, return_exceptions=True)
         for sub in self._subscriptions:
             try:
-                await sub.drain()
-            except Exception:  # connection already gone
-                pass
+                # bounded: a subscription's drain waits for its queue to empty, and a queue
+                # whose reader has already gone never does
+                await asyncio.wait_for(sub.drain(), SUBSCRIPTION_DRAIN_TIMEOUT_S)
+            except Exception:  # connection already gone, or the queue never emptied
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         if not self.nc.is_closed:
