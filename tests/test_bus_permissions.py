@@ -115,7 +115,8 @@ async def bed(request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
     bed: Bed = request.getfixturevalue(request.param)
     core = await bed.connect(permissions.CORE)
     try:
-        await core.ensure_streams(3 if bed.kind == "deploy" else 1)
+        # three TLS nodes elect their JetStream leader at their own pace on a loaded machine
+        await core.ensure_streams(3 if bed.kind == "deploy" else 1, wait_s=180)
         # the core's durables exist, as in a running system
         await core.js.pull_subscribe(subjects.PEER_ALL, durable="core-peers", stream=streams.PEERS.name)
         await core.js.pull_subscribe(subjects.STATS_ALL, durable="core-stats", stream=streams.STATS.name)
