@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Awaitable
 
 from core_service import VERSION
 from core_service.admin import Admin
@@ -28,6 +28,7 @@ from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER
 log = logging.getLogger("core_service")
 
 HOUSEKEEPING_INTERVAL_S = 30
+STOP_STEP_TIMEOUT_S = 10.0
 
 
 class Core:
@@ -146,12 +147,22 @@ class Core:
 
     async def stop(self) -> None:
         await cancel_all(self._tasks)
+        # Each step bounded: what the outbox could not mark is published again (same
+        # message id, deduplicated) by the next core, so a stop never has to wait for ever.
         if self._relay is not None:
-            with contextlib.suppress(Exception):
-                await self._relay.mark_published()
+            await self._bounded(self._relay.mark_published(), "marking the published outbox rows")
         if self.bus is not None:
-            await self.bus.close()
-        await self.db.close()
+            await self._bounded(self.bus.close(), "closing the NATS connection")
+        await self._bounded(self.db.close(), "closing the database")
+
+    @staticmethod
+    async def _bounded(step: Awaitable[None], what: str) -> None:
+        try:
+            await asyncio.wait_for(step, STOP_STEP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("stopping: %s took longer than %g s; going on", what, STOP_STEP_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("stopping: %s failed: %s", what, exc)
 
 
 async def main() -> None:
