@@ -113,15 +113,22 @@ def deploy(tmp_path: Path) -> Iterator[Bed]:
 @pytest_asyncio.fixture(params=["embedded", "deploy"])
 async def bed(request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
     bed: Bed = request.getfixturevalue(request.param)
-    core = await bed.connect(permissions.CORE)
-    try:
-        # three TLS nodes elect their JetStream leader at their own pace on a loaded machine
-        await core.ensure_streams(3 if bed.kind == "deploy" else 1, wait_s=180)
-        # the core's durables exist, as in a running system
-        await core.js.pull_subscribe(subjects.PEER_ALL, durable="core-peers", stream=streams.PEERS.name)
-        await core.js.pull_subscribe(subjects.STATS_ALL, durable="core-stats", stream=streams.STATS.name)
-    finally:
-        await core.close()
+    for attempt in range(3):
+        core = await bed.connect(permissions.CORE)
+        try:
+            # three TLS nodes elect their JetStream leader at their own pace on a loaded machine
+            await core.ensure_streams(3 if bed.kind == "deploy" else 1, wait_s=180)
+            # the core's durables exist, as in a running system
+            await core.js.pull_subscribe(subjects.PEER_ALL, durable="core-peers", stream=streams.PEERS.name)
+            await core.js.pull_subscribe(subjects.STATS_ALL, durable="core-stats", stream=streams.STATS.name)
+            break
+        except nats.errors.ConnectionClosedError:
+            # the embedded server's configuration reload (the gateways just admitted) may
+            # reset a connection made while it runs: connect again
+            if attempt == 2:
+                raise
+        finally:
+            await core.close()
     yield bed
 
 
