@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,6 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core_service import factor_setup, totp
 from core_service.context import CoreContext
 from core_service.dataplane import HANDSHAKE_SLACK
+from core_service.keys import new_token
 from core_service.mfa import lockout_state, reset_failures
 from core_service.models import Device, Location, LocationDevice, MfaLogin, MobileKey, PeerStat, User, VpnSession
 from core_service.oidc import NOT_CONFIGURED, provider_configured
@@ -87,11 +87,11 @@ from schemas.rpc import (
 
 
 MIN_LIFETIME_S = 60
-MOBILE_CODE_BYTES = 16  # 128 bits
+MOBILE_CODE_BITS = 128
 
 
 def new_mobile_code() -> str:
-    return secrets.token_urlsafe(MOBILE_CODE_BYTES)
+    return new_token(MOBILE_CODE_BITS)
 
 
 def mobile_code_hash(ctx: CoreContext, device: Device, code: str) -> str:

@@ -22,7 +22,7 @@ from core_service import factor_setup
 from core_service.admin import client_allowed_ips, mobile_code_hash, place_device
 from core_service.context import CoreContext
 from core_service.factors.base import token_hash
-from core_service.keys import ENROLLMENT_COOKIE
+from core_service.keys import ENROLLMENT_COOKIE, new_token
 from core_service.mailer import MailError, Mailer
 from core_service.models import Device, Enrollment, Location, LocationDevice, MobileKey, PollingToken, User
 from core_service.outbox import enqueue_event
@@ -68,7 +68,7 @@ from schemas.rpc import (
 
 log = logging.getLogger(__name__)
 
-TOKEN_BYTES = 24  # 192 bits, enrollment and polling tokens alike
+TOKEN_BITS = 192  # enrollment and polling tokens alike
 ENROLLMENT_RETENTION = timedelta(days=30)
 
 INVALID_TOKEN = "invalid token"
@@ -174,7 +174,7 @@ class Enrollments:
     async def create(self, req: EnrollCreateRequest) -> EnrollCreateResult:
         if not is_key(req.reply_key):
             raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "reply_key must be an X25519 public key")
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        token = new_token(TOKEN_BITS)
         now = self.ctx.clock.now()
         async with self.ctx.transaction() as session:
             user = await find_user(session, req.username)
@@ -553,7 +553,7 @@ class Enrollments:
 
     async def _new_polling_token(self, session: AsyncSession, device: Device) -> str:
         """A new polling token for the device; the previous one stops working."""
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        token = new_token(TOKEN_BITS)
         await session.exec(delete(PollingToken).where(col(PollingToken.device_id) == device.id))
         await session.flush()
         session.add(PollingToken(token_hash=token_hash(token), device_id=device.id, created_at=self.ctx.clock.now()))  # type: ignore[arg-type]

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
+import secrets
+import string
 import uuid
 from pathlib import Path
 
@@ -18,6 +21,19 @@ from events.sealing import b64encode, unseal
 from events.signing import PeerSigner
 
 _PREFIX = "v1:"
+
+
+_TOKEN_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_token(bits: int) -> str:
+    """A random token of at least `bits` bits, letters and digits only.
+
+    People paste these into shells and the Defguard apps; a URL-safe base64 token may begin
+    with "-", which a command line then reads as an option.
+    """
+    length = math.ceil(bits / math.log2(len(_TOKEN_ALPHABET)))
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(length))
 
 
 class SecretKeyError(ValueError):

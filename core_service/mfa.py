@@ -10,7 +10,6 @@ this class runs the lifecycle they share.
 from __future__ import annotations
 
 import logging
-import secrets
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -22,6 +21,7 @@ from core_service.factors import build_factors
 from core_service.factors.base import FactorFailed, token_hash
 from core_service.factors.challenge import signature_valid
 from core_service.factors.oidc import OidcFactor
+from core_service.keys import new_token
 from core_service.mailer import Mailer
 from core_service.models import Device, Location, LocationDevice, MfaAddressFailures, MfaLogin, MobileKey, User
 from core_service.outbox import enqueue_event, enqueue_notify
@@ -44,7 +44,7 @@ from schemas.rpc import (
 
 log = logging.getLogger(__name__)
 
-TOKEN_BYTES = 24  # 192 bits
+TOKEN_BITS = 192
 MAX_USER_LOCK_S = 3600
 FIRST_USER_LOCK_S = 60
 LOGIN_RETENTION = timedelta(days=7)
@@ -130,7 +130,7 @@ class Mfa:
         if not is_key(req.reply_key):
             raise _bad("reply_key must be an X25519 public key")
         now = self.ctx.clock.now()
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        token = new_token(TOKEN_BITS)
         code = None
         async with self.ctx.transaction() as session:
             location = await session.get(Location, req.location_id)

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pyotp
 
-from core_service.keys import ENROLLMENT_COOKIE, OIDC_COOKIE, Vault
+from core_service.keys import ENROLLMENT_COOKIE, OIDC_COOKIE, Vault, new_token
 from events import subjects
 from events.sealing import ReplyKey, generate_keypair, seal
 from schemas import rpc
@@ -174,3 +174,12 @@ def test_the_cookie_opens_with_the_deployment_key_only() -> None:
     assert Vault(master).open_cookie(ENROLLMENT_COOKIE, "garbage!") is None
     assert Vault(master).open_cookie(OIDC_COOKIE, cookie) is None  # never taken for a browser's OIDC cookie
     assert all(c.isalnum() or c in "-_" for c in cookie)  # a cookie value as is
+
+
+def test_tokens_people_paste_are_never_read_as_a_command_line_option() -> None:
+    # enrollment tokens go into `wgmfa client enroll URL TOKEN`; one that began with "-"
+    # was taken for an option and the enrollment failed
+    tokens = [new_token(192) for _ in range(2000)]
+    assert all(t.isascii() and t.isalnum() for t in tokens)
+    assert min(len(t) for t in tokens) >= 33  # 62 ** 33 > 2 ** 192
+    assert len(set(tokens)) == len(tokens)
