@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bench.common import nats_server, run_benchmark
+from events import nats_direct
 from events import subjects
 from events.bus import Bus
 from events.clock import FakeClock
@@ -60,10 +61,10 @@ async def main(args: argparse.Namespace) -> dict:
         bus = await Bus.connect(server.url, "bench", wait_s=5)
         await bus.ensure_streams()
         for sample, payload in zip(samples, payloads):
-            await bus.js.publish(subjects.stats(1, sample.gateway_id), payload)
+            await nats_direct.jetstream(bus.broker, 5).publish(subjects.stats(1, sample.gateway_id), payload)
 
         # baseline: the same messages read from JetStream, undecoded
-        sub = await bus.js.subscribe(subjects.STATS_ALL, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        sub = await nats_direct.jetstream(bus.broker, 5).subscribe(subjects.STATS_ALL, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
         began = time.perf_counter()
         for _ in payloads:
             await sub.next_msg(timeout=30)

@@ -8,6 +8,7 @@ import pytest
 
 from core_service.app import Core
 from core_service.settings import CoreSettings
+from events import nats_direct
 from events import subjects
 from events.bus import Bus, redact_payload
 from schemas import rpc
@@ -31,7 +32,7 @@ async def test_every_core_subject_dead_letters_malformed_requests_and_keeps_serv
         assert subjects.RPC_MFA_START in routes and subjects.RPC_MFA_FINISH in routes
         for subject in routes:
             for payload in MALFORMED:
-                reply = RpcReply.model_validate_json((await bus.nc.request(subject, payload, timeout=5)).data)
+                reply = RpcReply.model_validate_json((await nats_direct.client(bus.broker).request(subject, payload, timeout=5)).data)
                 assert not reply.ok and reply.error.status == "invalid_argument", (subject, reply)
             # the next valid request is served
             valid = await bus.request(subjects.RPC_CORE_HELLO, rpc.CoreHello(), timeout=5)
@@ -107,9 +108,9 @@ async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_cons
         bad_peers, bad_stats = [subjects.peer(1, 5), subjects.peer(1, 6)], [subjects.stats(1, "gw5"), subjects.stats(1, "gw6")]
         for peer_bad, stats_bad in zip(bad_peers, bad_stats):
             payload = b'{"type": "peer.authorized", "generation": "x"}' if peer_bad.endswith("5") else b"\x00\xff"
-            await bus.nc.publish(peer_bad, payload)
-            await bus.nc.publish(stats_bad, payload)
-        await bus.nc.flush()
+            await nats_direct.client(bus.broker).publish(peer_bad, payload)
+            await nats_direct.client(bus.broker).publish(stats_bad, payload)
+        await nats_direct.client(bus.broker).flush()
         peer_subject, stats_subject = subjects.peer(1, 1), subjects.stats(1, "gw")
         pubkey = generate_keypair()[1]
         valid = core.vault.peer_signer.sign(PeerAuthorized(
