@@ -332,6 +332,7 @@ class StreamRouter(NatsRouter):
 
     def __init__(self, bus: Bus, max_deliver: int) -> None:
         self.max_deliver = max_deliver
+        self.payloads: dict[str, Any] = {}  # filter subject -> message type, for the AsyncAPI document's tests
         super().__init__(middlewares=[stream_outcomes(bus, max_deliver)])
 
     def consumer(
@@ -348,6 +349,8 @@ class StreamRouter(NatsRouter):
         """A durable pull consumer shared by every process of a role, one message at a time
         so that a subject's messages are handled in order (FastStream handles a fetched
         batch concurrently)."""
+        hints = typing.get_type_hints(handler)
+        self.payloads[filter_subject] = next(t for name, t in hints.items() if name != "return")
         self.subscriber(
             filter_subject,
             stream=JStream(stream, declare=False),

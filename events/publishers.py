@@ -26,20 +26,20 @@ class Publishers:
     def __init__(self, broker: NatsBroker, timeout_s: float) -> None:
         self.peer_state: LogicPublisher = broker.publisher(
             subjects.PEER_TEMPLATE, stream=_stream(streams.PEERS), schema=PeerState, timeout=timeout_s,
-            title="peer state", description="The desired state of one device at one location (one message kept per "
+            title=subjects.PEER_TEMPLATE, description="The desired state of one device at one location (one message kept per "
             "subject; a later generation replaces an earlier one). Published with Nats-Expected-Last-Subject-Sequence.",
         )
         self.stats: LogicPublisher = broker.publisher(
             subjects.STATS_TEMPLATE, stream=_stream(streams.STATS), schema=StatsSample, timeout=timeout_s,
-            title="gateway stats", description="A gateway's handshake sample of every peer of its interface.",
+            title=subjects.STATS_TEMPLATE, description="A gateway's handshake sample of every peer of its interface.",
         )
         self.dlq: LogicPublisher = broker.publisher(
             subjects.DLQ_TEMPLATE, stream=_stream(streams.DLQ), schema=DeadLetter, timeout=timeout_s,
-            title="dead letters", description="A message a service could not decode or process, with the reason "
+            title=subjects.DLQ_TEMPLATE, description="A message a service could not decode or process, with the reason "
             "and a redacted copy.",
         )
         self.notify_login: LogicPublisher = broker.publisher(
-            subjects.NOTIFY_LOGIN_TEMPLATE, schema=LoginApproved, title="login approved",
+            subjects.NOTIFY_LOGIN_TEMPLATE, schema=LoginApproved, title=subjects.NOTIFY_LOGIN_TEMPLATE,
             description="Core NATS, no stream: a wake-up for the proxy waiting on a mobile approval; no secret.",
         )
         self.events: dict[str, LogicPublisher] = {}
@@ -47,5 +47,5 @@ class Publishers:
             for event_type in typing.get_args(model.model_fields["type"].annotation):  # its Literal's values
                 self.events[event_type] = broker.publisher(
                     subjects.event(event_type), stream=_stream(streams.EVENTS), schema=model, timeout=timeout_s,
-                    title=event_type, description=(model.__doc__ or event_type).strip().splitlines()[0],
+                    title=subjects.event(event_type), description=(model.__doc__ or event_type).strip().splitlines()[0],
                 )

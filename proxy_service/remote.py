@@ -40,7 +40,7 @@ class ApprovalWakeups:
 
     def router(self) -> NatsRouter:
         router = NatsRouter()
-        router.subscriber(subjects.NOTIFY_LOGIN_ALL, title=subjects.NOTIFY_LOGIN_TEMPLATE)(self.on_login_approved)
+        router.subscriber(subjects.NOTIFY_LOGIN_ALL, title=subjects.NOTIFY_LOGIN_ALL)(self.on_login_approved)
         return router
 
     async def on_login_approved(self, event: LoginApproved) -> None:
