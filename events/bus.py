@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from events import headers as hdr
 from events import permissions, signing, streams, subjects
-from events.settings import BusSettings
+from runtime.settings import BusSettings
 from schemas.events import (
     PEER_STATE_ADAPTER,
     DeadLetter,

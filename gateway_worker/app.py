@@ -21,9 +21,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from events import permissions, signing, streams, subjects
 from events.bus import Bus, PermanentFailure
-from events.clock import Clock, SystemClock
+from runtime.clock import Clock, SystemClock
 from events.sealing import SealError, unseal
-from events.service import cancel_all, every
+from runtime.service import cancel_all, every
 from gateway_worker.backend import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
 from gateway_worker.settings import GatewaySettings, default_gateway_id
 from gateway_worker.sync import plan

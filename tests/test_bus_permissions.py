@@ -21,7 +21,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
-from events.clock import FakeClock
+from runtime.clock import FakeClock
 from events.sealing import generate_keypair, generate_psk, seal
 from events.server import NatsServer
 from events.signing import PeerSigner

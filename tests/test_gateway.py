@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from events import subjects
 from events.bus import Bus
-from events.clock import FakeClock
+from runtime.clock import FakeClock
 from events.sealing import generate_keypair, generate_psk, seal
 from events.signing import PeerSigner
 from gateway_worker.app import Gateway

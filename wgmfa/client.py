@@ -22,7 +22,7 @@ import segno
 import websockets
 import websockets.exceptions
 
-from events.settings import BusSettings
+from runtime.settings import BusSettings
 from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
 from gateway_worker.backends.common import resolve_endpoint, run_ip
 from gateway_worker.backends.uapi import UserspaceBackend

@@ -27,7 +27,7 @@ from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
 from events.sealing import generate_keypair
 from events.server import NatsServer
-from events.settings import BusSettings
+from runtime.settings import BusSettings
 from schemas import rpc
 from schemas.common import utcnow
 from wgmfa.admin import AdminClient
