@@ -23,7 +23,7 @@ from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
 from runtime.clock import FakeClock
 from events.sealing import generate_keypair, generate_psk, seal
-from events.server import NatsServer
+from wgmfa.nats_server import NatsServer
 from events.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backend import PeerConfig
