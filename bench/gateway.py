@@ -14,8 +14,8 @@ import time
 from bench.common import nats_server, run_benchmark, wireguard_place
 from events import subjects
 from events.bus import Bus
-from events.sealing import generate_keypair, generate_psk, seal
-from events.signing import PeerSigner
+from schemas.sealing import generate_keypair, generate_psk, seal
+from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backends.fake import FakeBackend
 from gateway_worker.backends.uapi import UserspaceBackend

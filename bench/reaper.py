@@ -17,7 +17,7 @@ from bench.common import nats_server, run_benchmark
 from events import subjects
 from events.bus import Bus
 from runtime.clock import FakeClock
-from events.sealing import generate_keypair
+from schemas.sealing import generate_keypair
 from reaper_worker.app import Reaper, ReaperSettings
 from reaper_worker.liveness import Liveness
 from schemas.common import uuid7

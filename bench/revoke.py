@@ -18,8 +18,8 @@ from bench.common import nats_server, percentiles, run_benchmark, wireguard_plac
 from events import streams, subjects
 from events.bus import Bus
 from runtime.clock import FakeClock
-from events.sealing import generate_keypair, generate_psk, seal
-from events.signing import PeerSigner
+from schemas.sealing import generate_keypair, generate_psk, seal
+from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backends.fake import FakeBackend
 from gateway_worker.backends.uapi import UserspaceBackend

@@ -17,8 +17,8 @@ from nacl.public import PrivateKey
 from nacl.secret import SecretBox
 from nacl.utils import random
 
-from events.sealing import b64encode, unseal
-from events.signing import PeerSigner
+from schemas.sealing import b64encode, unseal
+from schemas.signing import PeerSigner
 
 _PREFIX = "v1:"
 
@@ -119,5 +119,5 @@ class Vault:
             raise SecretKeyError("stored secret cannot be decrypted with this key (WGMFA_SECRET_KEY changed?)") from None
 
     def open_sealed(self, sealed: str) -> str:
-        """Opens a value a caller sealed to the RPC key; raises events.sealing.SealError."""
+        """Opens a value a caller sealed to the RPC key; raises schemas.sealing.SealError."""
         return unseal(self._rpc_private, sealed).decode()

@@ -26,7 +26,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core_service.context import CoreContext
 from core_service.models import OidcProvider, User
 from core_service.outbox import enqueue_event
-from events.sealing import SealError
+from schemas.sealing import SealError
 from schemas.events import OidcProviderSet
 from schemas.rpc import ErrorStatus, OidcProviderInfo, OidcProviderSetRequest, RpcFailure, actor_of
 

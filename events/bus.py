@@ -26,7 +26,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from pydantic import BaseModel, ValidationError
 
 from events import headers as hdr
-from events import permissions, signing, streams, subjects
+from events import permissions, streams, subjects
+from schemas import signing
 from runtime.settings import BusSettings
 from schemas.events import (
     PEER_STATE_ADAPTER,

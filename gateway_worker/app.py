@@ -19,10 +19,11 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from events import permissions, signing, streams, subjects
+from events import permissions, streams, subjects
+from schemas import signing
 from events.bus import Bus, PermanentFailure
 from runtime.clock import Clock, SystemClock
-from events.sealing import SealError, unseal
+from schemas.sealing import SealError, unseal
 from runtime.service import cancel_all, every
 from gateway_worker.backend import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
 from gateway_worker.settings import GatewaySettings, default_gateway_id

@@ -22,9 +22,9 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
 from runtime.clock import FakeClock
-from events.sealing import generate_keypair, generate_psk, seal
+from schemas.sealing import generate_keypair, generate_psk, seal
 from wgmfa.nats_server import NatsServer
-from events.signing import PeerSigner
+from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backend import PeerConfig
 from gateway_worker.backends.fake import FakeBackend

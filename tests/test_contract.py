@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from events import subjects
-from events.sealing import ReplyKey, SealError, generate_keypair, generate_psk, public_key_of, seal, unseal
+from schemas.sealing import ReplyKey, SealError, generate_keypair, generate_psk, public_key_of, seal, unseal
 from schemas.common import RevokeReason, utcnow, uuid7
 from schemas.events import ANY_EVENT_ADAPTER, PeerAuthorized, PeerRevoked, UserCreated, peer_state_order
 

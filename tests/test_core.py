@@ -22,7 +22,7 @@ from core_service.settings import CoreSettings
 from events import subjects
 from events.bus import Bus
 from runtime.clock import FakeClock
-from events.sealing import generate_keypair, unseal
+from schemas.sealing import generate_keypair, unseal
 from proxy_service.core_client import BusHolder, CoreClient
 from schemas import rpc
 from schemas.common import uuid7

@@ -80,7 +80,7 @@ async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_cons
     from datetime import datetime, timezone
 
     from runtime.clock import FakeClock
-    from events.sealing import generate_keypair
+    from schemas.sealing import generate_keypair
     from gateway_worker.app import Gateway
     from gateway_worker.backends.fake import FakeBackend
     from gateway_worker.settings import GatewaySettings

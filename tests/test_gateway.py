@@ -12,8 +12,8 @@ import pytest_asyncio
 from events import subjects
 from events.bus import Bus
 from runtime.clock import FakeClock
-from events.sealing import generate_keypair, generate_psk, seal
-from events.signing import PeerSigner
+from schemas.sealing import generate_keypair, generate_psk, seal
+from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
 from gateway_worker.backend import PeerConfig
 from gateway_worker.backends.fake import FakeBackend

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from events.sealing import generate_keypair, generate_psk
+from schemas.sealing import generate_keypair, generate_psk
 from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
 from gateway_worker.backends.fake import FakeBackend
 from gateway_worker.backends.kernel import KernelBackend

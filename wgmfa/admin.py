@@ -16,7 +16,7 @@ import segno
 
 from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
-from events.sealing import ReplyKey, generate_keypair, seal
+from schemas.sealing import ReplyKey, generate_keypair, seal
 from runtime.settings import BusSettings
 from schemas import rpc
 from schemas.rpc import RpcFailure

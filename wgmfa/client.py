@@ -26,7 +26,7 @@ from runtime.settings import BusSettings
 from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
 from gateway_worker.backends.common import resolve_endpoint, run_ip
 from gateway_worker.backends.uapi import UserspaceBackend
-from events.sealing import generate_keypair
+from schemas.sealing import generate_keypair
 from schemas.common import MfaMethod
 from wgmfa.admin import write_secret_file
 from wgmfa.mobile import load_key, qr_payload, sign

@@ -30,7 +30,7 @@ import httpx
 
 from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
-from events.sealing import ReplyKey
+from schemas.sealing import ReplyKey
 from wgmfa.nats_server import NatsServer, NatsServerError, tie_to_parent
 from runtime.settings import BusSettings, load_settings
 from schemas import rpc

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-from events.sealing import public_key_of
+from schemas.sealing import public_key_of
 from gateway_worker.backend import BackendError, InterfaceConfig, InterfaceStatus, PeerConfig, PeerStatus
 from gateway_worker.backends.common import check_batch, check_key, check_peer
 

@@ -23,7 +23,7 @@ from gateway_worker.backend import (
     PeerConfig,
     PeerStatus,
 )
-from events.sealing import public_key_of
+from schemas.sealing import public_key_of
 from gateway_worker.backends.common import enable_forwarding, check_batch, check_key, check_peer, read_back, resolve_endpoint, run_ip, verify_batch
 
 SOCKET_DIR = Path("/var/run/wireguard")

@@ -25,7 +25,7 @@ import pyotp
 
 from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
-from events.sealing import generate_keypair
+from schemas.sealing import generate_keypair
 from wgmfa.nats_server import NatsServer
 from runtime.settings import BusSettings
 from schemas import rpc
