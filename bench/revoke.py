@@ -21,8 +21,8 @@ from runtime.clock import FakeClock
 from schemas.sealing import generate_keypair, generate_psk, seal
 from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
-from gateway_worker.backends.fake import FakeBackend
-from gateway_worker.backends.uapi import UserspaceBackend
+from wireguard.testing import FakeBackend
+from wireguard.userspace import UserspaceBackend
 from gateway_worker.settings import GatewaySettings
 from reaper_worker.app import Reaper, ReaperSettings
 from schemas.common import RevokeReason, utcnow

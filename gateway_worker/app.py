@@ -25,7 +25,7 @@ from events.bus import Bus, PermanentFailure
 from runtime.clock import Clock, SystemClock
 from schemas.sealing import SealError, unseal
 from runtime.service import cancel_all, every
-from gateway_worker.backend import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
+from wireguard.port import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
 from gateway_worker.settings import GatewaySettings, default_gateway_id
 from gateway_worker.sync import plan
 from schemas.common import uuid7

@@ -82,7 +82,7 @@ async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_cons
     from runtime.clock import FakeClock
     from schemas.sealing import generate_keypair
     from gateway_worker.app import Gateway
-    from gateway_worker.backends.fake import FakeBackend
+    from wireguard.testing import FakeBackend
     from gateway_worker.settings import GatewaySettings
     from reaper_worker.app import Reaper, ReaperSettings
     from schemas.common import utcnow, uuid7

@@ -24,8 +24,8 @@ from events import subjects
 from events.bus import Bus
 from schemas.sealing import generate_keypair, generate_psk, seal
 from schemas.signing import PeerSigner
-from gateway_worker.backend import InterfaceConfig, PeerConfig
-from gateway_worker.backends.uapi import UserspaceBackend
+from wireguard.port import InterfaceConfig, PeerConfig
+from wireguard.userspace import UserspaceBackend
 from schemas import rpc
 from schemas.common import utcnow, uuid7
 from schemas.events import PeerAuthorized

@@ -11,10 +11,10 @@ import pytest
 import pytest_asyncio
 
 from schemas.sealing import generate_keypair, generate_psk
-from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
-from gateway_worker.backends.fake import FakeBackend
-from gateway_worker.backends.kernel import KernelBackend
-from gateway_worker.backends.uapi import UserspaceBackend
+from wireguard.port import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
+from wireguard.testing import FakeBackend
+from wireguard.kernel import KernelBackend
+from wireguard.userspace import UserspaceBackend
 from tests.support.netns import GATEWAY_ADDRESS, Topology
 from tests.support.stack import eventually
 

@@ -23,9 +23,9 @@ import websockets
 import websockets.exceptions
 
 from runtime.settings import BusSettings
-from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
-from gateway_worker.backends.common import resolve_endpoint, run_ip
-from gateway_worker.backends.uapi import UserspaceBackend
+from wireguard.port import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
+from wireguard.common import resolve_endpoint, run_ip
+from wireguard.userspace import UserspaceBackend
 from schemas.sealing import generate_keypair
 from schemas.common import MfaMethod
 from wgmfa.admin import write_secret_file

@@ -1,8 +1,8 @@
 """The `WireGuardBackend` port: everything the gateway needs from a WireGuard interface.
 
-Adapters: userspace wireguard-go through the UAPI socket (`backends.uapi`), kernel
-WireGuard through pyroute2's generic netlink (`backends.kernel`), and an in-memory fake
-(`backends.fake`). Keys cross this boundary as standard base64 (as `wg` prints them);
+Adapters: userspace wireguard-go through the UAPI socket (`wireguard.userspace`), kernel
+WireGuard through pyroute2's generic netlink (`wireguard.kernel`), and an in-memory fake
+for tests (`wireguard.testing`). Keys cross this boundary as standard base64 (as `wg` prints them);
 adapters convert to what their transport wants (UAPI: lowercase hex).
 """
 from __future__ import annotations

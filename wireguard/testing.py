@@ -5,8 +5,8 @@ from collections import Counter
 from dataclasses import replace
 
 from schemas.sealing import public_key_of
-from gateway_worker.backend import BackendError, InterfaceConfig, InterfaceStatus, PeerConfig, PeerStatus
-from gateway_worker.backends.common import check_batch, check_key, check_peer
+from wireguard.port import BackendError, InterfaceConfig, InterfaceStatus, PeerConfig, PeerStatus
+from wireguard.common import check_batch, check_key, check_peer
 
 
 class FakeBackend:

@@ -6,7 +6,7 @@ import ipaddress
 import socket
 
 from schemas.sealing import SealError, b64decode_key
-from gateway_worker.backend import BackendError, PeerConfig, PeerStatus
+from wireguard.port import BackendError, PeerConfig, PeerStatus
 
 ZERO_KEY = "A" * 43 + "="  # 32 zero bytes: WireGuard's "no pre-shared key"
 
