@@ -17,7 +17,7 @@ from datetime import timedelta
 from bench.common import nats_server, percentiles, run_benchmark, wireguard_place
 from events import streams, subjects
 from events.bus import Bus
-from runtime.clock import FakeClock
+from runtime.testing import FakeClock
 from schemas.sealing import generate_keypair, generate_psk, seal
 from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway

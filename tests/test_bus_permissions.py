@@ -21,7 +21,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
-from runtime.clock import FakeClock
+from runtime.testing import FakeClock
 from schemas.sealing import generate_keypair, generate_psk, seal
 from wgmfa.nats_server import NatsServer
 from schemas.signing import PeerSigner

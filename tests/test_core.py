@@ -21,7 +21,7 @@ from core_service.mfa import reset_failures
 from core_service.settings import CoreSettings
 from events import subjects
 from events.bus import Bus
-from runtime.clock import FakeClock
+from runtime.testing import FakeClock
 from schemas.sealing import generate_keypair, unseal
 from proxy_service.core_client import BusHolder, CoreClient
 from schemas import rpc

@@ -79,7 +79,7 @@ def test_dlq_copies_mask_secret_looking_fields(payload: bytes, leak: list[str]) 
 async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_consumer(nats_url: str, tmp_path: Path) -> None:
     from datetime import datetime, timezone
 
-    from runtime.clock import FakeClock
+    from runtime.testing import FakeClock
     from schemas.sealing import generate_keypair
     from gateway_worker.app import Gateway
     from wireguard.testing import FakeBackend

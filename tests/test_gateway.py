@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from events import subjects
 from events.bus import Bus
-from runtime.clock import FakeClock
+from runtime.testing import FakeClock
 from schemas.sealing import generate_keypair, generate_psk, seal
 from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway

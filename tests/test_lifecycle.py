@@ -12,7 +12,7 @@ from core_service.app import Core
 from core_service.settings import CoreSettings
 from events import subjects
 from events.bus import Bus
-from runtime.clock import FakeClock
+from runtime.testing import FakeClock
 from schemas.sealing import unseal
 from schemas import rpc
 from schemas.common import uuid7

@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from events import subjects
 from events.bus import Bus
-from runtime.clock import FakeClock
+from runtime.testing import FakeClock
 from schemas.sealing import generate_keypair
 from reaper_worker.app import Reaper, ReaperSettings
 from reaper_worker.liveness import Liveness

@@ -1,4 +1,5 @@
-"""An in-memory WireGuard interface for fast tests, with the real adapters' rules."""
+"""An in-memory WireGuard interface for fast tests, with the real adapters' rules. Product code
+imports it only where WGMFA_BACKEND=fake chooses it (`wireguard.create_backend`)."""
 from __future__ import annotations
 
 from collections import Counter
