@@ -17,6 +17,7 @@ from nacl.public import PrivateKey
 from nacl.secret import SecretBox
 from nacl.utils import random
 
+from runtime.errors import Invalid
 from schemas.sealing import b64encode, unseal
 from schemas.signing import PeerSigner
 
@@ -36,8 +37,9 @@ def new_token(bits: int) -> str:
     return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(length))
 
 
-class SecretKeyError(ValueError):
-    pass
+class SecretKeyError(Invalid):
+    """Raised when WGMFA_SECRET_KEY is not 32 bytes of base64, or a stored secret cannot be
+    decrypted with it (the key changed)."""
 
 
 def load_master_key(configured: str | None, state_dir: Path) -> bytes:

@@ -9,10 +9,11 @@ from email.utils import formatdate, make_msgid
 from typing import Protocol
 
 from core_service.settings import CoreSettings
+from runtime.errors import Unavailable
 
 
-class MailError(Exception):
-    """The mail could not be handed to the SMTP server; the message says why."""
+class MailError(Unavailable):
+    """Raised when the mail could not be handed to the SMTP server; the message says why."""
 
 
 class Mailer(Protocol):

@@ -22,6 +22,7 @@ import segno
 import websockets
 import websockets.exceptions
 
+from runtime.errors import WgmfaError
 from runtime.settings import BusSettings
 from wireguard.port import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
 from wireguard.common import resolve_endpoint, run_ip
@@ -37,8 +38,9 @@ EXIT_NO_HANDSHAKE = 4
 EXIT_UNAVAILABLE = 3
 
 
-class MfaFailed(Exception):
-    pass
+class MfaFailed(WgmfaError):
+    """Raised when the proxy cannot be reached or refuses a step of the MFA login; the
+    message is what the user is shown."""
 
 
 def load_config(path: str) -> dict[str, Any]:

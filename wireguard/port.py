@@ -10,14 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-
-class BackendError(Exception):
-    """The interface refused an operation or cannot be reached. The message never
-    contains a private or pre-shared key."""
+from runtime.errors import Unavailable, WgmfaError
 
 
-class BackendUnavailable(BackendError):
-    """The backend cannot run here (no kernel module, no wireguard-go, not root...)."""
+class BackendError(WgmfaError):
+    """Raised when the interface refused an operation, does not read back as asked, or
+    cannot be reached. The message never contains a private or pre-shared key."""
+
+
+class BackendUnavailable(BackendError, Unavailable):
+    """Raised when the backend cannot run here (no kernel module, no wireguard-go, not
+    root...)."""
 
 
 @dataclass(frozen=True)
