@@ -27,7 +27,7 @@ from core_service.mailer import MailError, Mailer
 from core_service.models import Device, Enrollment, Location, LocationDevice, MobileKey, PollingToken, User
 from core_service.outbox import enqueue_event
 from core_service.sessions import find_user
-from events.sealing import SealError, is_key, seal
+from schemas.sealing import SealError, is_key, seal
 from schemas.common import MfaMethod, MfaMode, uuid7
 from schemas.events import (
     EnrollmentDeviceCreated,

@@ -26,8 +26,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from pydantic import BaseModel, ValidationError
 
 from events import headers as hdr
-from events import permissions, signing, streams, subjects
-from events.settings import BusSettings
+from events import permissions, streams, subjects
+from runtime.errors import Invalid, Unavailable
+from schemas import signing
+from runtime.settings import BusSettings
 from schemas.events import (
     PEER_STATE_ADAPTER,
     DeadLetter,
@@ -54,11 +56,11 @@ _SECRET_PAIRS = re.compile(
 )
 
 
-class BusUnavailable(Exception):
-    """The bus or the service behind a subject did not answer."""
+class BusUnavailable(Unavailable):
+    """Raised when the bus or the service behind a subject did not answer."""
 
 
-class PermanentFailure(Exception):
+class PermanentFailure(Invalid):
     """Raised by a consumer's handler for a message that can never be processed: it is
     dead-lettered at once instead of redelivered."""
 

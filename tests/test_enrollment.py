@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 from nacl.signing import SigningKey
 
-from events.sealing import generate_keypair
+from schemas.sealing import generate_keypair
 from schemas import rpc
 from schemas.common import utcnow
 from tests.support.stack import (

@@ -5,8 +5,8 @@ import asyncio
 import ipaddress
 import socket
 
-from events.sealing import SealError, b64decode_key
-from gateway_worker.backend import BackendError, PeerConfig, PeerStatus
+from schemas.sealing import SealError, b64decode_key
+from wireguard.port import BackendError, PeerConfig, PeerStatus
 
 ZERO_KEY = "A" * 43 + "="  # 32 zero bytes: WireGuard's "no pre-shared key"
 
