@@ -3,7 +3,7 @@ session (carried by the app's sealed cookie), the user sets up a second factor
 themselves, the app creates its device and receives every location it may reach; then
 it polls its configuration with a per-device polling token.
 
-Wire behaviour follows Defguard's core (strings included), see docs in README.
+Wire behaviour follows Defguard's core (strings included), see docs/http.md and docs/guide.md.
 """
 from __future__ import annotations
 

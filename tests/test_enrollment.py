@@ -1,5 +1,5 @@
 """Enrollment of Defguard's desktop and mobile apps, driven with the apps' own request
-bodies and headers (docs: README, "Defguard's apps") through running proxies, core and
+bodies and headers (docs/guide.md, "Defguard's desktop and mobile apps") through running proxies, core and
 nats-server, with a real SMTP server."""
 from __future__ import annotations
 
