@@ -9,7 +9,7 @@ import os
 import statistics
 from collections.abc import Awaitable, Callable, Iterator
 
-from events.server import temporary_nats_server
+from wgmfa.nats_server import temporary_nats_server
 
 nats_server = temporary_nats_server
 

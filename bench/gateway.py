@@ -14,11 +14,11 @@ import time
 from bench.common import nats_server, run_benchmark, wireguard_place
 from events import subjects
 from events.bus import Bus
-from events.sealing import generate_keypair, generate_psk, seal
-from events.signing import PeerSigner
+from schemas.sealing import generate_keypair, generate_psk, seal
+from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
-from gateway_worker.backends.fake import FakeBackend
-from gateway_worker.backends.uapi import UserspaceBackend
+from wireguard.testing import FakeBackend
+from wireguard.userspace import UserspaceBackend
 from gateway_worker.settings import GatewaySettings
 from schemas.common import utcnow
 from schemas.events import PeerAuthorized

@@ -17,8 +17,8 @@ from bench.common import nats_server, run_benchmark
 from events import nats_direct
 from events import subjects
 from events.bus import Bus
-from events.clock import FakeClock
-from events.sealing import generate_keypair
+from runtime.testing import FakeClock
+from schemas.sealing import generate_keypair
 from reaper_worker.app import Reaper, ReaperSettings
 from reaper_worker.liveness import Liveness
 from schemas.common import uuid7

@@ -17,12 +17,12 @@ from datetime import timedelta
 from bench.common import nats_server, percentiles, run_benchmark, wireguard_place
 from events import streams, subjects
 from events.bus import Bus
-from events.clock import FakeClock
-from events.sealing import generate_keypair, generate_psk, seal
-from events.signing import PeerSigner
+from runtime.testing import FakeClock
+from schemas.sealing import generate_keypair, generate_psk, seal
+from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
-from gateway_worker.backends.fake import FakeBackend
-from gateway_worker.backends.uapi import UserspaceBackend
+from wireguard.testing import FakeBackend
+from wireguard.userspace import UserspaceBackend
 from gateway_worker.settings import GatewaySettings
 from reaper_worker.app import Reaper, ReaperSettings
 from schemas.common import RevokeReason, utcnow

@@ -29,7 +29,7 @@ from core_service.sessions import (
     retract_peer,
     revoke,
 )
-from events.sealing import SealError, generate_keypair, is_key, seal
+from schemas.sealing import SealError, generate_keypair, is_key, seal
 from schemas.common import LIVE_LOGIN_STATES, LIVE_SESSION_STATES, LoginState, MfaMode, RevokeReason, SessionState
 from schemas.events import (
     DeviceAdded,

@@ -22,9 +22,9 @@ from core_service.settings import CoreSettings
 from events import permissions, streams, subjects
 from events.bus import Bus
 from events.peer_log import PeerLog
-from events.clock import Clock, SystemClock
-from events.service import cancel_all, every, run_until_signalled
-from events.settings import load_settings
+from runtime.clock import Clock, SystemClock
+from runtime.service import cancel_all, every, run_until_signalled
+from runtime.settings import load_settings
 from schemas import rpc
 
 log = logging.getLogger("core_service")

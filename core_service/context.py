@@ -11,7 +11,7 @@ from core_service.db import Database
 from core_service.keys import Vault
 from core_service.outbox import OutboxRelay, pending_rows
 from core_service.settings import CoreSettings
-from events.clock import Clock
+from runtime.clock import Clock
 
 
 @dataclass

@@ -3,7 +3,7 @@ session (carried by the app's sealed cookie), the user sets up a second factor
 themselves, the app creates its device and receives every location it may reach; then
 it polls its configuration with a per-device polling token.
 
-Wire behaviour follows Defguard's core (strings included), see docs in README.
+Wire behaviour follows Defguard's core (strings included), see docs/http.md and docs/guide.md.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from core_service.mailer import MailError, Mailer
 from core_service.models import Device, Enrollment, Location, LocationDevice, MobileKey, PollingToken, User
 from core_service.outbox import enqueue_event
 from core_service.sessions import find_user
-from events.sealing import SealError, is_key, seal
+from schemas.sealing import SealError, is_key, seal
 from schemas.common import MfaMethod, MfaMode, uuid7
 from schemas.events import (
     EnrollmentDeviceCreated,

@@ -17,8 +17,9 @@ from nacl.public import PrivateKey
 from nacl.secret import SecretBox
 from nacl.utils import random
 
-from events.sealing import b64encode, unseal
-from events.signing import PeerSigner
+from runtime.errors import Invalid
+from schemas.sealing import b64encode, unseal
+from schemas.signing import PeerSigner
 
 _PREFIX = "v1:"
 
@@ -36,8 +37,9 @@ def new_token(bits: int) -> str:
     return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(length))
 
 
-class SecretKeyError(ValueError):
-    pass
+class SecretKeyError(Invalid):
+    """Raised when WGMFA_SECRET_KEY is not 32 bytes of base64, or a stored secret cannot be
+    decrypted with it (the key changed)."""
 
 
 def load_master_key(configured: str | None, state_dir: Path) -> bytes:
@@ -119,5 +121,5 @@ class Vault:
             raise SecretKeyError("stored secret cannot be decrypted with this key (WGMFA_SECRET_KEY changed?)") from None
 
     def open_sealed(self, sealed: str) -> str:
-        """Opens a value a caller sealed to the RPC key; raises events.sealing.SealError."""
+        """Opens a value a caller sealed to the RPC key; raises schemas.sealing.SealError."""
         return unseal(self._rpc_private, sealed).decode()

@@ -1,19 +1,19 @@
-"""Sending email: the `Mailer` port, with a real SMTP adapter and an in-memory fake."""
+"""Sending email: the `Mailer` port and its SMTP adapter (a fake is in core_service.testing)."""
 from __future__ import annotations
 
 import asyncio
 import smtplib
 import ssl
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Protocol
 
 from core_service.settings import CoreSettings
+from runtime.errors import Unavailable
 
 
-class MailError(Exception):
-    """The mail could not be handed to the SMTP server; the message says why."""
+class MailError(Unavailable):
+    """Raised when the mail could not be handed to the SMTP server; the message says why."""
 
 
 class Mailer(Protocol):
@@ -52,14 +52,3 @@ class SmtpMailer:
             await asyncio.to_thread(self._send, self._message(to, subject, body))
         except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
             raise MailError(f"{type(exc).__name__}: {exc}".strip(": ")) from None
-
-
-@dataclass
-class FakeMailer:
-    sent: list[tuple[str, str, str]] = field(default_factory=list)
-    down: bool = False
-
-    async def send(self, to: str, subject: str, body: str) -> None:
-        if self.down:
-            raise MailError("connection refused")
-        self.sent.append((to, subject, body))

@@ -26,7 +26,7 @@ from core_service.mailer import Mailer
 from core_service.models import Device, Location, LocationDevice, MfaAddressFailures, MfaLogin, MobileKey, User
 from core_service.outbox import enqueue_event, enqueue_notify
 from core_service.sessions import authorize, names
-from events.sealing import SealError, is_key, seal
+from schemas.sealing import SealError, is_key, seal
 from schemas.common import LIVE_LOGIN_STATES, LoginState, MfaMethod, MfaMode, method_name, uuid7
 from schemas.events import LoginApproved, MfaFailed, MfaLocked, MfaStarted, MfaSucceeded
 from schemas.rpc import (

@@ -26,7 +26,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core_service.context import CoreContext
 from core_service.models import OidcProvider, User
 from core_service.outbox import enqueue_event
-from events.sealing import SealError
+from runtime.errors import Invalid, Unavailable
+from schemas.sealing import SealError
 from schemas.events import OidcProviderSet
 from schemas.rpc import ErrorStatus, OidcProviderInfo, OidcProviderSetRequest, RpcFailure, actor_of
 
@@ -39,12 +40,14 @@ LEEWAY_S = 120
 NOT_CONFIGURED = "no OpenID provider is configured: `wgmfa admin oidc set` first"
 
 
-class ProviderUnreachable(Exception):
-    """The provider did not answer (in time): the login stays as it was."""
+class ProviderUnreachable(Unavailable):
+    """Raised when the provider did not answer (in time), or answered with a server error:
+    the login stays as it was."""
 
 
-class ProviderRejected(Exception):
-    """The provider refused, or what it sent does not validate: the login fails."""
+class ProviderRejected(Invalid):
+    """Raised when the provider refused, or what it sent does not validate: the login
+    fails."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)

@@ -12,7 +12,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service.db import Database
 from core_service.models import Outbox
-from events.clock import Clock
+from runtime.clock import Clock
 from schemas.events import ANY_EVENT_ADAPTER, Event, LoginApproved, PeerAuthorized, PeerRevoked
 
 log = logging.getLogger(__name__)

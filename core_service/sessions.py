@@ -9,7 +9,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from core_service.context import CoreContext
 from core_service.models import Device, Location, LocationDevice, User, VpnSession
 from core_service.outbox import enqueue_event, enqueue_peer_state
-from events.sealing import generate_psk, seal
+from schemas.sealing import generate_psk, seal
 from schemas.common import LIVE_SESSION_STATES, MfaMode, RevokeReason, SessionState
 from schemas.events import PeerAuthorized, PeerRevoked, SessionAuthorized, SessionRevoked
 from schemas.rpc import ErrorStatus, RpcFailure

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from events.settings import LivenessSettings
+from runtime.settings import LivenessSettings
 
 
 class CoreSettings(LivenessSettings):

@@ -1,2 +1,2 @@
-"""The bus: subject names, streams and consumers, the NATS connection, DLQ handling and
-the embedded nats-server launcher. No other package spells a subject."""
+"""The bus: subject names, streams and consumers, NATS permissions, the NATS connection and
+DLQ handling. No other package spells a subject."""

@@ -25,7 +25,7 @@ from events import nats_direct, permissions, streams, subjects
 from events.errors import BusUnavailable, PermanentFailure
 from events.outcomes import describe_validation_error, redact_payload, rpc_outcomes, stream_outcomes
 from events.publishers import Publishers
-from events.settings import BusSettings
+from runtime.settings import BusSettings
 from schemas.events import DeadLetter, Event, LoginApproved, PeerAuthorized, PeerRevoked, StatsSample
 from schemas.rpc import ErrorStatus, RpcError, RpcFailure, RpcReply
 

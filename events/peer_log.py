@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from events import nats_direct, streams, subjects
 from events.bus import Bus
 from events.errors import BusUnavailable
-from events import signing
+from schemas import signing
 from schemas.events import PEER_STATE_ADAPTER, PeerAuthorized, PeerRevoked, peer_state_order
 
 log = logging.getLogger(__name__)

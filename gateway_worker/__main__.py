@@ -8,12 +8,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from events.logs import configure_logging
-from events.service import run_until_signalled
-from events.settings import load_settings
+from runtime.logs import configure_logging
+from runtime.service import run_until_signalled
+from runtime.settings import load_settings
 from gateway_worker.app import Gateway
-from gateway_worker.backend import BackendUnavailable
-from gateway_worker.backends import create_backend
+from wireguard.port import BackendUnavailable
+from wireguard import create_backend
 from gateway_worker.settings import GatewaySettings
 from schemas.rpc import GatewayCredentials
 

@@ -19,12 +19,13 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from events import permissions, signing, streams, subjects
+from events import permissions, streams, subjects
+from schemas import signing
 from events.bus import Bus, PermanentFailure
-from events.clock import Clock, SystemClock
-from events.sealing import SealError, unseal
-from events.service import cancel_all, every
-from gateway_worker.backend import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
+from runtime.clock import Clock, SystemClock
+from schemas.sealing import SealError, unseal
+from runtime.service import cancel_all, every
+from wireguard.port import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
 from gateway_worker.settings import GatewaySettings, default_gateway_id
 from gateway_worker.sync import plan
 from schemas.common import uuid7

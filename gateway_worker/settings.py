@@ -4,7 +4,7 @@ import re
 import socket
 from pathlib import Path
 
-from events.settings import LivenessSettings
+from runtime.settings import LivenessSettings
 
 
 def default_gateway_id() -> str:

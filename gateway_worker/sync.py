@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway_worker.backend import PeerConfig, PeerStatus
+from wireguard.port import PeerConfig, PeerStatus
 
 
 @dataclass

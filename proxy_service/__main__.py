@@ -4,8 +4,8 @@ import warnings
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from events.logs import configure_logging
-from events.settings import load_settings
+from runtime.logs import configure_logging
+from runtime.settings import load_settings
 from proxy_service.app import create_app, metrics_app
 from proxy_service.edge import ClientAddress, slow_client_protocol
 from proxy_service.settings import ProxySettings

@@ -6,7 +6,7 @@ import time
 
 from events import subjects
 from events.bus import Bus, BusUnavailable
-from events.sealing import ReplyKey, seal
+from schemas.sealing import ReplyKey, seal
 from schemas import rpc
 
 HELLO_TTL_S = 60.0

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from events import subjects
-from events.sealing import seal
+from schemas.sealing import seal
 from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service.openapi import errors
 from proxy_service.settings import ProxySettings

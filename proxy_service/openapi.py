@@ -1,7 +1,16 @@
 """The proxy's OpenAPI document says what the API answers: every error is
 `{"error": reason}`, bodies are refused with 400 (never FastAPI's 422), and the edge's own
-statuses (rate limit, core unavailable, body limit) appear on every route they apply to."""
+statuses (rate limit, core unavailable, body limit) appear on every route they apply to.
+
+The checked-in copy, docs/openapi.json, is regenerated with
+`python -m proxy_service.openapi --write docs/openapi.json`."""
 from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
 
 from schemas.http import ErrorResponse
 
@@ -48,3 +57,40 @@ def document_edge_errors(schema: dict) -> None:
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     components.setdefault("ErrorResponse", ErrorResponse.model_json_schema())
+
+
+def render(document: dict) -> str:
+    """The checked-in form of the document: sorted keys, two-space indent, a final newline,
+    so that the same code always writes the same bytes."""
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+async def served_document() -> dict:
+    """The document exactly as the proxy serves it at /api/v1/openapi.json, fetched through
+    the application itself (no server, no NATS: the route needs neither)."""
+    import httpx
+
+    from proxy_service.app import create_app
+    from proxy_service.settings import ProxySettings
+
+    app = create_app(ProxySettings())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as client:
+        response = await client.get("/api/v1/openapi.json")
+        response.raise_for_status()
+        return response.json()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m proxy_service.openapi > docs/openapi.json` (or `--write docs/openapi.json`)."""
+    parser = argparse.ArgumentParser(prog="python -m proxy_service.openapi", description=__doc__)
+    parser.add_argument("--write", metavar="FILE", type=Path, help="write the document to FILE instead of stdout")
+    args = parser.parse_args(argv)
+    text = render(asyncio.run(served_document()))
+    if args.write:
+        args.write.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from events.settings import BusSettings
+from runtime.settings import BusSettings
 
 
 class ProxySettings(BusSettings):

@@ -15,9 +15,9 @@ from pydantic import Field, ValidationError
 
 from events import permissions, streams, subjects
 from events.bus import WRONG_LAST_SEQUENCE, Bus, describe_validation_error
-from events.clock import Clock, SystemClock
-from events.service import cancel_all, every, run_until_signalled
-from events.settings import LivenessSettings, load_settings
+from runtime.clock import Clock, SystemClock
+from runtime.service import cancel_all, every, run_until_signalled
+from runtime.settings import LivenessSettings, load_settings
 from reaper_worker.liveness import Decision, Liveness, revoke_for
 from schemas.common import uuid7
 from schemas.events import (

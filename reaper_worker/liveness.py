@@ -1,4 +1,4 @@
-"""Liveness rules (README, *Liveness*), free of I/O.
+"""Liveness rules (docs/architecture.md, *Liveness*), free of I/O.
 
 Every instant is kept on the reaper's own monotonic clock. A handshake's age comes from
 one gateway sample (`sampled_at - latest_handshake`, both on that gateway's clock) and is

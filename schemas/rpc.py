@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from runtime.errors import WgmfaError
+
 from schemas.common import Int32, MfaMode, RevokeReason, SessionState
 from schemas.events import MethodName
 
@@ -39,7 +41,7 @@ class RpcError(_Model):
     retry_after_s: Int32 | None = None
 
 
-class RpcFailure(Exception):
+class RpcFailure(WgmfaError):
     """Raised by a handler to answer with an error; the message is shown to the caller."""
 
     def __init__(self, status: ErrorStatus, message: str, retry_after_s: int | None = None) -> None:

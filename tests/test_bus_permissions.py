@@ -23,13 +23,13 @@ from events import nats_direct
 from events.peer_log import PeerLog
 from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
-from events.clock import FakeClock
-from events.sealing import generate_keypair, generate_psk, seal
-from events.server import NatsServer
-from events.signing import PeerSigner
+from runtime.testing import FakeClock
+from schemas.sealing import generate_keypair, generate_psk, seal
+from wgmfa.nats_server import NatsServer
+from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
-from gateway_worker.backend import PeerConfig
-from gateway_worker.backends.fake import FakeBackend
+from wireguard.port import PeerConfig
+from wireguard.testing import FakeBackend
 from gateway_worker.settings import GatewaySettings
 from reaper_worker.app import Reaper, ReaperSettings
 from schemas import rpc

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from events import subjects
-from events.sealing import ReplyKey, SealError, generate_keypair, generate_psk, public_key_of, seal, unseal
+from schemas.sealing import ReplyKey, SealError, generate_keypair, generate_psk, public_key_of, seal, unseal
 from schemas.common import RevokeReason, utcnow, uuid7
 from schemas.events import ANY_EVENT_ADAPTER, PeerAuthorized, PeerRevoked, UserCreated, peer_state_order
 
@@ -78,7 +78,7 @@ def test_sealed_boxes_open_only_with_the_recipient_key() -> None:
 
 
 def test_log_lines_are_scrubbed_of_keys_and_secret_query_parameters() -> None:
-    from events.logs import scrub
+    from runtime.logs import scrub
 
     key = generate_psk()
     line = scrub(f'"GET /api/v1/client-mfa/remote?token=abc123&x=1" psk {key} /cb?code=654321&state=s3cr3t')

@@ -23,8 +23,8 @@ from events import nats_direct
 from events.peer_log import PeerLog
 from events import subjects
 from events.bus import Bus
-from events.clock import FakeClock
-from events.sealing import generate_keypair, unseal
+from runtime.testing import FakeClock
+from schemas.sealing import generate_keypair, unseal
 from proxy_service.core_client import BusHolder, CoreClient
 from schemas import rpc
 from schemas.common import uuid7

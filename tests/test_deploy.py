@@ -11,7 +11,7 @@ import yaml
 
 from events import nats_direct
 from events import permissions, subjects
-from events.server import nats_server_binary
+from wgmfa.nats_server import nats_server_binary
 from schemas.events import UserCreated
 from tests.support.deploy import start_deploy_cluster
 from tests.support.stack import REPO, Stack, eventually, free_port

@@ -80,10 +80,10 @@ def test_dlq_copies_mask_secret_looking_fields(payload: bytes, leak: list[str]) 
 async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_consumer(nats_url: str, tmp_path: Path) -> None:
     from datetime import datetime, timezone
 
-    from events.clock import FakeClock
-    from events.sealing import generate_keypair
+    from runtime.testing import FakeClock
+    from schemas.sealing import generate_keypair
     from gateway_worker.app import Gateway
-    from gateway_worker.backends.fake import FakeBackend
+    from wireguard.testing import FakeBackend
     from gateway_worker.settings import GatewaySettings
     from reaper_worker.app import Reaper, ReaperSettings
     from schemas.common import utcnow, uuid7

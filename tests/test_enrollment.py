@@ -1,5 +1,5 @@
 """Enrollment of Defguard's desktop and mobile apps, driven with the apps' own request
-bodies and headers (docs: README, "Defguard's apps") through running proxies, core and
+bodies and headers (docs/guide.md, "Defguard's desktop and mobile apps") through running proxies, core and
 nats-server, with a real SMTP server."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 from nacl.signing import SigningKey
 
-from events.sealing import generate_keypair
+from schemas.sealing import generate_keypair
 from schemas import rpc
 from schemas.common import utcnow
 from tests.support.stack import (

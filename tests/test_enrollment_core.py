@@ -10,7 +10,7 @@ import pyotp
 from core_service.keys import ENROLLMENT_COOKIE, OIDC_COOKIE, Vault, new_token
 from events.peer_log import PeerLog
 from events import subjects
-from events.sealing import ReplyKey, generate_keypair, seal
+from schemas.sealing import ReplyKey, generate_keypair, seal
 from schemas import rpc
 from schemas.rpc import ErrorStatus
 from tests.test_core import Harness, expect_failure, h  # noqa: F401  (h is the fixture)

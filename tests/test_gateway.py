@@ -11,12 +11,12 @@ import pytest_asyncio
 
 from events import subjects
 from events.bus import Bus
-from events.clock import FakeClock
-from events.sealing import generate_keypair, generate_psk, seal
-from events.signing import PeerSigner
+from runtime.testing import FakeClock
+from schemas.sealing import generate_keypair, generate_psk, seal
+from schemas.signing import PeerSigner
 from gateway_worker.app import Gateway
-from gateway_worker.backend import PeerConfig
-from gateway_worker.backends.fake import FakeBackend
+from wireguard.port import PeerConfig
+from wireguard.testing import FakeBackend
 from gateway_worker.settings import GatewaySettings
 from schemas.common import RevokeReason, utcnow, uuid7
 from schemas.events import PeerAuthorized, PeerRevoked
@@ -93,7 +93,7 @@ async def test_start_resyncs_by_diff_and_leaves_correct_peers_alone(setup: Setup
         await setup.put(state)
     # what the interface holds from before: 1 correct, 2 with an old PSK, 4 revoked since, 5 unknown
     backend = setup.backend
-    from gateway_worker.backend import InterfaceConfig
+    from wireguard.port import InterfaceConfig
 
     await backend.ensure_interface(InterfaceConfig("wgmfa7", setup.credentials.private_key, 51820, "10.7.0.1/24"))
     await backend.set_peer(PeerConfig(setup.pubkey(1), a_psk, ("10.7.0.1/32",)))

@@ -12,10 +12,11 @@ import pyotp
 import pytest
 import pytest_asyncio
 
+from events import subjects
 from events.peer_log import PeerLog
-from events import signing, subjects
+from schemas import signing
 from events.bus import Bus
-from events.sealing import generate_keypair, unseal
+from schemas.sealing import generate_keypair, unseal
 from schemas.events import PeerAuthorized
 from schemas.rpc import RpcFailure
 from tests.conftest import running_nats

@@ -13,8 +13,8 @@ from core_service.settings import CoreSettings
 from events.peer_log import PeerLog
 from events import subjects
 from events.bus import Bus
-from events.clock import FakeClock
-from events.sealing import unseal
+from runtime.testing import FakeClock
+from schemas.sealing import unseal
 from schemas import rpc
 from schemas.common import uuid7
 from schemas.events import PeerAuthorized, PeerRevoked, PeerSample, StatsSample
@@ -408,7 +408,7 @@ async def test_a_disable_committed_but_not_published_is_published_by_the_next_co
                                                                 mfa_mode="disabled", reply_key=admin.reply_key.public),
                          rpc.LocationAddResult)
         await admin.call("user_add", rpc.UserAddRequest(username="alice", email="alice@example.com"), rpc.UserInfo)
-        from events.sealing import generate_keypair
+        from schemas.sealing import generate_keypair
 
         device = await admin.call("device_add", rpc.DeviceAddRequest(username="alice", name="pc", location="lab",
                                                                      pubkey=generate_keypair()[1]), rpc.DeviceConfig)

@@ -15,8 +15,8 @@ from nats.js.api import StreamConfig
 from events import nats_direct
 from events import streams
 from events.bus import Bus
-from gateway_worker.backend import InterfaceConfig
-from gateway_worker.backends.uapi import UserspaceBackend
+from wireguard.port import InterfaceConfig
+from wireguard.userspace import UserspaceBackend
 from schemas import rpc
 from tests.support.netns import Topology, sh
 from tests.support.stack import ServiceProcess, eventually

@@ -19,7 +19,7 @@ from nacl.signing import SigningKey
 
 from events.peer_log import PeerLog
 from events.bus import Bus
-from events.sealing import generate_keypair, unseal
+from schemas.sealing import generate_keypair, unseal
 from schemas import rpc
 from schemas.events import PeerAuthorized
 from tests.conftest import running_nats

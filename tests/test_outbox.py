@@ -8,7 +8,7 @@ from sqlmodel import select
 from core_service.db import Database
 from core_service.models import Outbox
 from core_service.outbox import OutboxRelay, enqueue_event, enqueue_peer_state, pending_rows
-from events.clock import FakeClock
+from runtime.testing import FakeClock
 from schemas.common import utcnow
 from schemas.events import Event, PeerAuthorized, UserCreated
 

@@ -23,10 +23,10 @@ import pytest_asyncio
 from events.peer_log import PeerLog
 from events import subjects
 from events.bus import Bus
-from events.sealing import generate_keypair, generate_psk, seal
-from events.signing import PeerSigner
-from gateway_worker.backend import InterfaceConfig, PeerConfig
-from gateway_worker.backends.uapi import UserspaceBackend
+from schemas.sealing import generate_keypair, generate_psk, seal
+from schemas.signing import PeerSigner
+from wireguard.port import InterfaceConfig, PeerConfig
+from wireguard.userspace import UserspaceBackend
 from schemas import rpc
 from schemas.common import utcnow, uuid7
 from schemas.events import PeerAuthorized

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from events.sealing import generate_keypair, generate_psk
-from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
-from gateway_worker.backends.fake import FakeBackend
-from gateway_worker.backends.kernel import KernelBackend
-from gateway_worker.backends.uapi import UserspaceBackend
+from schemas.sealing import generate_keypair, generate_psk
+from wireguard.port import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
+from wireguard.testing import FakeBackend
+from wireguard.kernel import KernelBackend
+from wireguard.userspace import UserspaceBackend
 from tests.support.netns import GATEWAY_ADDRESS, Topology
 from tests.support.stack import eventually
 

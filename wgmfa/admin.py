@@ -16,8 +16,8 @@ import segno
 
 from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
-from events.sealing import ReplyKey, generate_keypair, seal
-from events.settings import BusSettings
+from schemas.sealing import ReplyKey, generate_keypair, seal
+from runtime.settings import BusSettings
 from schemas import rpc
 from schemas.rpc import RpcFailure
 from wgmfa.output import fail, fmt, print_json, print_table

@@ -22,11 +22,12 @@ import segno
 import websockets
 import websockets.exceptions
 
-from events.settings import BusSettings
-from gateway_worker.backend import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
-from gateway_worker.backends.common import resolve_endpoint, run_ip
-from gateway_worker.backends.uapi import UserspaceBackend
-from events.sealing import generate_keypair
+from runtime.errors import WgmfaError
+from runtime.settings import BusSettings
+from wireguard.port import BackendError, BackendUnavailable, InterfaceConfig, PeerConfig
+from wireguard.common import resolve_endpoint, run_ip
+from wireguard.userspace import UserspaceBackend
+from schemas.sealing import generate_keypair
 from schemas.common import MfaMethod
 from wgmfa.admin import write_secret_file
 from wgmfa.mobile import load_key, qr_payload, sign
@@ -37,8 +38,9 @@ EXIT_NO_HANDSHAKE = 4
 EXIT_UNAVAILABLE = 3
 
 
-class MfaFailed(Exception):
-    pass
+class MfaFailed(WgmfaError):
+    """Raised when the proxy cannot be reached or refuses a step of the MFA login; the
+    message is what the user is shown."""
 
 
 def load_config(path: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from nacl.utils import random
 
 from events import permissions
 from events.permissions import FIXED_ROLES
-from events.settings import BusSettings
+from runtime.settings import BusSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_NATS = REPO / "deploy" / "nats"

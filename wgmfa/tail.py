@@ -13,7 +13,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
-from events.settings import BusSettings
+from runtime.settings import BusSettings
 from wgmfa.output import fail
 
 ENVELOPE = {"event_id", "type", "version", "occurred_at"}

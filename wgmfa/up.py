@@ -30,9 +30,9 @@ import httpx
 
 from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
-from events.sealing import ReplyKey
-from events.server import NatsServer, NatsServerError, tie_to_parent
-from events.settings import BusSettings, load_settings
+from schemas.sealing import ReplyKey
+from wgmfa.nats_server import NatsServer, NatsServerError, tie_to_parent
+from runtime.settings import BusSettings, load_settings
 from schemas import rpc
 from gateway_worker.settings import default_gateway_id
 from wgmfa.credentials import BusCredentials

@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service.models import Device, Location, MfaLogin, User
+from runtime.errors import WgmfaError
 from schemas.common import MfaMethod
 from schemas.rpc import ErrorStatus, RpcFailure
 
@@ -25,8 +26,8 @@ def bad_request(message: str) -> RpcFailure:
     return RpcFailure(ErrorStatus.INVALID_ARGUMENT, message)
 
 
-class FactorFailed(Exception):
-    """The proof was wrong: counted against the login and the user."""
+class FactorFailed(WgmfaError):
+    """Raised by a factor when the proof was wrong: counted against the login and the user."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

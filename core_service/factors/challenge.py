@@ -9,7 +9,7 @@ import string
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from events.sealing import SealError, b64decode_key
+from schemas.sealing import SealError, b64decode_key
 
 CHALLENGE_LENGTH = 44  # alphanumeric, as Defguard's: about 262 bits
 

@@ -34,7 +34,7 @@ from core_service.oidc import (
 )
 from core_service.outbox import enqueue_event
 from core_service.sessions import names
-from events.sealing import SealError, is_key, seal
+from schemas.sealing import SealError, is_key, seal
 from schemas.common import LoginState, MfaMethod, method_name
 from schemas.events import MfaFailed
 from schemas.rpc import Empty, ErrorStatus, OidcAuthUrlRequest, OidcAuthUrlResult, OidcCallbackRequest, RpcFailure

@@ -12,7 +12,7 @@ import nats
 
 from events import permissions
 from events.bus import Bus
-from events.server import nats_server_binary
+from wgmfa.nats_server import nats_server_binary
 from tests.support.stack import REPO, free_port
 from wgmfa import credentials as creds
 

@@ -26,9 +26,9 @@ import pyotp
 from events import nats_direct
 from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
-from events.sealing import generate_keypair
-from events.server import NatsServer
-from events.settings import BusSettings
+from schemas.sealing import generate_keypair
+from wgmfa.nats_server import NatsServer
+from runtime.settings import BusSettings
 from schemas import rpc
 from schemas.common import utcnow
 from wgmfa.admin import AdminClient

@@ -1,12 +1,13 @@
-"""An in-memory WireGuard interface for fast tests, with the real adapters' rules."""
+"""An in-memory WireGuard interface for fast tests, with the real adapters' rules. Product code
+imports it only where WGMFA_BACKEND=fake chooses it (`wireguard.create_backend`)."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
 
-from events.sealing import public_key_of
-from gateway_worker.backend import BackendError, InterfaceConfig, InterfaceStatus, PeerConfig, PeerStatus
-from gateway_worker.backends.common import check_batch, check_key, check_peer
+from schemas.sealing import public_key_of
+from wireguard.port import BackendError, InterfaceConfig, InterfaceStatus, PeerConfig, PeerStatus
+from wireguard.common import check_batch, check_key, check_peer
 
 
 class FakeBackend:

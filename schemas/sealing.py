@@ -13,11 +13,14 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.utils import random
 
+from runtime.errors import Invalid
+
 KEY_LEN = 32
 
 
-class SealError(ValueError):
-    """A key or sealed value that cannot be used; the message never contains the secret."""
+class SealError(Invalid):
+    """Raised for a key or sealed value that cannot be used (not base64, not 32 bytes, not
+    openable with this key); the message never contains the secret."""
 
 
 def b64encode(raw: bytes) -> str:

@@ -6,7 +6,7 @@ import errno
 from pyroute2 import AsyncIPRoute, AsyncWireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
-from gateway_worker.backend import (
+from wireguard.port import (
     BackendError,
     BackendUnavailable,
     InterfaceConfig,
@@ -14,7 +14,7 @@ from gateway_worker.backend import (
     PeerConfig,
     PeerStatus,
 )
-from gateway_worker.backends.common import (
+from wireguard.common import (
     enable_forwarding,
     ZERO_KEY,
     check_batch,

@@ -5,8 +5,8 @@ import asyncio
 import ipaddress
 import socket
 
-from events.sealing import SealError, b64decode_key
-from gateway_worker.backend import BackendError, PeerConfig, PeerStatus
+from schemas.sealing import SealError, b64decode_key
+from wireguard.port import BackendError, PeerConfig, PeerStatus
 
 ZERO_KEY = "A" * 43 + "="  # 32 zero bytes: WireGuard's "no pre-shared key"
 
@@ -82,8 +82,8 @@ async def run_ip(*args: str, netns: str | None = None, check: bool = True) -> st
 async def enable_forwarding(interface: str, netns: str | None = None) -> None:
     """Let packets that come in through the tunnel be forwarded (to the networks a location
     routes), for this interface only, in its network namespace. The way back (a route to
-    the VPN network, or NAT) and forwarding on the LAN side are the operator's: see the
-    README's *Routed networks*."""
+    the VPN network, or NAT) and forwarding on the LAN side are the operator's: see
+    docs/guide.md, *Routed networks*."""
     keys = [f"net.ipv4.conf.{interface}.forwarding=1", f"net.ipv6.conf.{interface}.forwarding=1"]
     for key in keys:
         command = [*(["ip", "netns", "exec", netns] if netns else []), "sysctl", "-q", "-w", key]

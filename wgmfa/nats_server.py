@@ -18,9 +18,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from runtime.errors import Unavailable
 
-class NatsServerError(RuntimeError):
-    pass
+
+class NatsServerError(Unavailable):
+    """Raised when nats-server is not installed, exits, or does not become ready in time."""
 
 
 def nats_server_binary() -> str:

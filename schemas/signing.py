@@ -16,14 +16,17 @@ from datetime import datetime, timedelta, timezone
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from runtime.errors import Invalid
+
 from schemas.events import PeerAuthorized
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _DOMAIN = b"wgmfa peer.authorized v1\n"
 
 
-class SignatureInvalid(ValueError):
-    """The authorization is unsigned, or not signed by this key over these fields."""
+class SignatureInvalid(Invalid):
+    """Raised by `verify` when the authorization is unsigned, or not signed by this key
+    over these fields."""
 
 
 def _micros(moment: datetime | None) -> int | None:

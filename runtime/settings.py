@@ -73,7 +73,7 @@ class BusSettings(BaseSettings):
 
 
 class LivenessSettings(BusSettings):
-    """The liveness rules (README, *Liveness*) that the core, the gateways and the reaper must
+    """The liveness rules (docs/architecture.md, *Liveness*) that the core, the gateways and the reaper must
     agree on."""
 
     stats_interval: float = Field(30.0, gt=0)

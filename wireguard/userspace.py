@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from gateway_worker.backend import (
+from wireguard.port import (
     BackendError,
     BackendUnavailable,
     InterfaceConfig,
@@ -23,8 +23,8 @@ from gateway_worker.backend import (
     PeerConfig,
     PeerStatus,
 )
-from events.sealing import public_key_of
-from gateway_worker.backends.common import enable_forwarding, check_batch, check_key, check_peer, read_back, resolve_endpoint, run_ip, verify_batch
+from schemas.sealing import public_key_of
+from wireguard.common import enable_forwarding, check_batch, check_key, check_peer, read_back, resolve_endpoint, run_ip, verify_batch
 
 SOCKET_DIR = Path("/var/run/wireguard")
 BATCH = 1000  # peers per UAPI set request

@@ -8,8 +8,8 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
-from events.logs import configure_logging
-from events.settings import BusSettings
+from runtime.logs import configure_logging
+from runtime.settings import BusSettings
 
 
 def stop_event() -> asyncio.Event:

@@ -1,8 +1,8 @@
 """The `WireGuardBackend` port: everything the gateway needs from a WireGuard interface.
 
-Adapters: userspace wireguard-go through the UAPI socket (`backends.uapi`), kernel
-WireGuard through pyroute2's generic netlink (`backends.kernel`), and an in-memory fake
-(`backends.fake`). Keys cross this boundary as standard base64 (as `wg` prints them);
+Adapters: userspace wireguard-go through the UAPI socket (`wireguard.userspace`), kernel
+WireGuard through pyroute2's generic netlink (`wireguard.kernel`), and an in-memory fake
+for tests (`wireguard.testing`). Keys cross this boundary as standard base64 (as `wg` prints them);
 adapters convert to what their transport wants (UAPI: lowercase hex).
 """
 from __future__ import annotations
@@ -10,14 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-
-class BackendError(Exception):
-    """The interface refused an operation or cannot be reached. The message never
-    contains a private or pre-shared key."""
+from runtime.errors import Unavailable, WgmfaError
 
 
-class BackendUnavailable(BackendError):
-    """The backend cannot run here (no kernel module, no wireguard-go, not root...)."""
+class BackendError(WgmfaError):
+    """Raised when the interface refused an operation, does not read back as asked, or
+    cannot be reached. The message never contains a private or pre-shared key."""
+
+
+class BackendUnavailable(BackendError, Unavailable):
+    """Raised when the backend cannot run here (no kernel module, no wireguard-go, not
+    root...)."""
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,7 @@
-"""Time as a port, so that liveness and expiry can be tested without waiting."""
+"""Fakes of runtime's ports for fast tests; product code never imports this module."""
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
-
-
-class Clock(Protocol):
-    def now(self) -> datetime: ...
-
-    def monotonic(self) -> float: ...
-
-
-class SystemClock:
-    def now(self) -> datetime:
-        return datetime.now(timezone.utc)
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 class FakeClock:
