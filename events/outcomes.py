@@ -8,7 +8,8 @@ return or exception into the reply, the ack, a later redelivery or a dead letter
 - Stream consumers (`StreamOutcomes`): success acks; a message that does not decode, or
   whose handler raises `PermanentFailure`, is dead-lettered and terminated at once; any
   other failure is redelivered after a growing delay (1 s, 2 s, 4 s … 30 s) until the
-  consumer's `max_deliver`, then dead-lettered.
+  consumer's `max_deliver`, then dead-lettered. `PermanentFailure`, like every `Invalid`
+  (runtime.errors: a bad seal, a bad signature), is never retried.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from faststream import BaseMiddleware
 from faststream.exceptions import AckMessage, NackMessage, RejectMessage, SkipMessage
 from pydantic import ValidationError
 
-from events.errors import PermanentFailure
+from runtime.errors import Invalid
 from schemas.rpc import ErrorStatus, RpcError, RpcFailure, RpcReply
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class StreamOutcomes(BaseMiddleware):
             raise RejectMessage() from None
         except Exception as exc:
             delivered = msg.raw_message.metadata.num_delivered
-            if isinstance(exc, PermanentFailure) or 0 < self.max_deliver <= delivered:
+            if isinstance(exc, Invalid) or 0 < self.max_deliver <= delivered:
                 log.exception("giving up on a message from %s after %s deliveries", subject, delivered)
                 await self.letters.dead_letter(subject, data, headers, f"failed {delivered} times: {exc}")
                 raise RejectMessage() from None
