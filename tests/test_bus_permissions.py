@@ -17,7 +17,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 import pytest_asyncio
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
 from events import nats_direct
 from events.peer_log import PeerLog
@@ -312,7 +312,7 @@ async def test_operator_tails_events_but_changes_nothing(bed: Bed) -> None:
     try:
         for filter_subject, stream in ((subjects.EVENTS_ALL, streams.EVENTS.name), (subjects.STATS_ALL, streams.STATS.name),
                                        (subjects.DLQ_ALL, streams.DLQ.name)):
-            sub = await operator.ordered_subscribe(filter_subject, stream, ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+            sub = await nats_direct.ordered_subscribe(operator.broker, filter_subject, stream, DeliverPolicy.ALL)
             if stream == streams.EVENTS.name:
                 assert json.loads((await sub.next_msg(timeout=5)).data)["username"] == "alice"
             await sub.unsubscribe()
