@@ -13,7 +13,6 @@ from pydantic import Field, ValidationError
 
 from events import nats_direct, permissions, streams, subjects
 from events.bus import Bus, describe_validation_error
-from events.nats_direct import StreamMsg
 from events.clock import Clock, SystemClock
 from events.service import cancel_all, every, run_until_signalled
 from events.settings import LivenessSettings, load_settings
@@ -81,7 +80,7 @@ class Reaper:
         those times are never later than the truth, so ages are never over-estimated and
         nothing is revoked early."""
         assert self.bus is not None
-        backlog: list[tuple[StreamMsg, Any]] = []
+        backlog: list[tuple[nats_direct.StreamMsg, Any]] = []
         for sub, stream in subs:
             state = await nats_direct.stream_state(self.bus.broker, stream)
             if not state.messages:
@@ -103,7 +102,7 @@ class Reaper:
                 self._apply(item, msg, now - max((server_now - msg.metadata.timestamp).total_seconds(), 0.0))
         log.info("replayed %s messages from the peer and stats streams", len(backlog))
 
-    async def _announce_start(self, backlog: list[tuple[StreamMsg, Any]]) -> datetime | None:
+    async def _announce_start(self, backlog: list[tuple[nats_direct.StreamMsg, Any]]) -> datetime | None:
         assert self.bus is not None
         watching = sum(1 for _, item in backlog if isinstance(item, PeerAuthorized) and item.threshold_s is not None)
         event = ReaperStarted(reaper_id=self.reaper_id, watching=watching, replayed=len(backlog))
@@ -114,7 +113,7 @@ class Reaper:
             log.warning("could not read the server's time: %s", exc)
             return None
 
-    def _decode(self, msg: StreamMsg) -> PeerAuthorized | PeerRevoked | StatsSample | None:
+    def _decode(self, msg: nats_direct.StreamMsg) -> PeerAuthorized | PeerRevoked | StatsSample | None:
         try:
             if msg.subject.startswith(subjects.PEER_PREFIX + "."):
                 return PEER_STATE_ADAPTER.validate_json(msg.data)
@@ -127,7 +126,7 @@ class Reaper:
             self._tasks.append(task)
             return None
 
-    def _apply(self, item: PeerAuthorized | PeerRevoked | StatsSample, msg: StreamMsg, arrived_at: float) -> None:
+    def _apply(self, item: PeerAuthorized | PeerRevoked | StatsSample, msg: nats_direct.StreamMsg, arrived_at: float) -> None:
         if isinstance(item, StatsSample):
             self._check_interval(item)
             self.liveness.on_sample(item, arrived_at)
