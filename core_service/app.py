@@ -128,16 +128,16 @@ class Core:
                         filter_subject=subjects.STATS_ALL)
         return [endpoints, stream]
 
-    async def _location_list(self, _req: rpc.Empty) -> rpc.LocationListResult:
+    async def _location_list(self, request: rpc.Empty) -> rpc.LocationListResult:
         return await self.admin.location_list()
 
-    async def _user_list(self, _req: rpc.Empty) -> rpc.UserListResult:
+    async def _user_list(self, request: rpc.Empty) -> rpc.UserListResult:
         return await self.admin.user_list()
 
-    async def _oidc_show(self, _req: rpc.Empty) -> rpc.OidcProviderInfo:
+    async def _oidc_show(self, request: rpc.Empty) -> rpc.OidcProviderInfo:
         return await self.oidc_admin.show()
 
-    async def _hello(self, _req: rpc.CoreHello) -> rpc.CoreHelloResult:
+    async def _hello(self, request: rpc.CoreHello) -> rpc.CoreHelloResult:
         return rpc.CoreHelloResult(rpc_public_key=self.vault.rpc_public_key, version=VERSION, instance_id=self.vault.instance_id)
 
     async def _housekeeping(self) -> None:

@@ -321,6 +321,10 @@ class RpcRouter(NatsRouter):
         arguments = [name for name in hints if name != "return"]
         if len(arguments) != 1:
             raise TypeError(f"the handler of {subject} must take exactly its request model")
+        if arguments[0].startswith("_"):
+            # pydantic keeps no field of such a name, so FastStream would hand over the raw
+            # body unvalidated: garbage would be served instead of rejected
+            raise TypeError(f"the request argument of {subject}'s handler must not start with '_'")
         self.request_names[subject] = getattr(hints[arguments[0]], "__name__", "request")
         self.replies[subject] = hints.get("return")
         self.subscriber(subject, queue=queue, max_workers=concurrency, title=subject)(handler)

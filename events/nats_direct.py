@@ -9,8 +9,12 @@ requests. These calls are here because FastStream 0.7 has no API for them:
 - reading the last message of a subject (the peer log's compare-and-set) and of every
   subject of a location (a gateway's snapshot, through a consumer with a name of its own,
   since permissions deny the nameless consumer create);
-- ordered consumers created by a fresh name each time (the reaper's replay, which needs the
-  server's timestamps and stream sequences, and `events tail`);
+- ordered consumers created by a fresh name each time (permissions allow only the named
+  create, and an ordered consumer recreates itself after a gap): the reaper's replay, which
+  reads the backlog up to the stream's last sequence before it follows and needs the
+  server's timestamps and stream sequences of each message, and `wgmfa events tail`, a
+  reader for one person that starts where it is told (all, since a time, new) and keeps
+  nothing on the server;
 - reading a stored message by sequence (the server's clock, from the stamp on our own event);
 - keeping a connection's reconnect attempts bounded while connecting and unbounded once
   connected (nats-py reads one option for both).
@@ -42,6 +46,11 @@ log = logging.getLogger(__name__)
 
 WRONG_LAST_SEQUENCE = 10071
 JETSTREAM_NOT_READY = {10005, 10008, 10074}  # no peers for placement yet; temporarily unavailable; insufficient resources (a cluster still forming)
+
+
+# What an ordered consumer delivers: `.subject`, `.data`, `.headers`, and `.metadata` with
+# the stream sequence and the server's timestamp (what its callers need it for).
+StreamMsg = Msg
 
 
 class StreamMissing(Exception):

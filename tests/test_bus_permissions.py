@@ -17,7 +17,7 @@ import nats.errors
 import nats.js.errors
 import pytest
 import pytest_asyncio
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
 from events import nats_direct
 from events.peer_log import PeerLog
@@ -160,7 +160,7 @@ async def test_core_serves_rpc_owns_streams_and_publishes_peer_state(bed: Bed) -
     errors: list[str] = []
     raw = await bed.raw(permissions.CORE, errors)
     try:
-        async def hello(_req: rpc.CoreHello) -> rpc.Empty:
+        async def hello(request: rpc.CoreHello) -> rpc.Empty:
             return rpc.Empty()
 
         await serve_endpoints(core, {subjects.RPC_CORE_HELLO: hello})
@@ -187,7 +187,7 @@ async def test_proxy_requests_client_rpc_only(bed: Bed) -> None:
     errors: list[str] = []
     raw = await bed.raw(permissions.PROXY, errors)
     try:
-        async def hello(_req: rpc.CoreHello) -> rpc.Empty:
+        async def hello(request: rpc.CoreHello) -> rpc.Empty:
             return rpc.Empty()
 
         await serve_endpoints(core, {subject: hello for subject in (
@@ -222,7 +222,7 @@ async def test_admin_requests_admin_rpc_only(bed: Bed) -> None:
     errors: list[str] = []
     raw = await bed.raw(permissions.ADMIN, errors)
     try:
-        async def answer(_req: rpc.CoreHello) -> rpc.Empty:
+        async def answer(request: rpc.CoreHello) -> rpc.Empty:
             return rpc.Empty()
 
         await serve_endpoints(core, {subjects.admin_rpc("gateway_credentials"): answer})
@@ -241,7 +241,7 @@ async def test_only_the_admin_role_reaches_gateway_credentials(bed: Bed) -> None
     core = await bed.connect(permissions.CORE)
     answered: list[str] = []
 
-    async def answer(_req: rpc.CoreHello) -> rpc.Empty:
+    async def answer(request: rpc.CoreHello) -> rpc.Empty:
         answered.append("yes")
         return rpc.Empty()
 
@@ -312,7 +312,7 @@ async def test_operator_tails_events_but_changes_nothing(bed: Bed) -> None:
     try:
         for filter_subject, stream in ((subjects.EVENTS_ALL, streams.EVENTS.name), (subjects.STATS_ALL, streams.STATS.name),
                                        (subjects.DLQ_ALL, streams.DLQ.name)):
-            sub = await operator.ordered_subscribe(filter_subject, stream, ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+            sub = await nats_direct.ordered_subscribe(operator.broker, filter_subject, stream, DeliverPolicy.ALL)
             if stream == streams.EVENTS.name:
                 assert json.loads((await sub.next_msg(timeout=5)).data)["username"] == "alice"
             await sub.unsubscribe()
@@ -442,7 +442,7 @@ async def test_an_answer_in_flight_during_a_reload_still_arrives() -> None:
         admin = await server.connect(permissions.ADMIN)
         received, release = asyncio.Event(), asyncio.Event()
 
-        async def slow(_req: rpc.CoreHello) -> rpc.Empty:
+        async def slow(request: rpc.CoreHello) -> rpc.Empty:
             received.set()
             await release.wait()
             return rpc.Empty()

@@ -10,7 +10,7 @@ from core_service.app import Core
 from core_service.settings import CoreSettings
 from events import nats_direct
 from events import subjects
-from events.bus import Bus, redact_payload
+from events.bus import Bus, RpcRouter, redact_payload
 from schemas import rpc
 from schemas.rpc import RpcReply
 from tests.support.stack import eventually, read_stream
@@ -28,7 +28,7 @@ async def test_every_core_subject_dead_letters_malformed_requests_and_keeps_serv
     await core.start()
     bus = await Bus.connect(nats_url, "test", wait_s=5)
     try:
-        routes = [subject for subject, _, _ in core._routes()]
+        routes = await rpc_subjects(bus, tmp_path / "routes")
         assert subjects.RPC_MFA_START in routes and subjects.RPC_MFA_FINISH in routes
         for subject in routes:
             for payload in MALFORMED:
@@ -55,6 +55,17 @@ async def test_every_core_subject_dead_letters_malformed_requests_and_keeps_serv
     finally:
         await bus.close()
         await core.stop()
+
+
+async def rpc_subjects(bus: Bus, state_dir: Path) -> list[str]:
+    """Every RPC subject the core serves, from the routers it builds (built here again on a
+    core that never starts, so the running one is left alone)."""
+    unstarted = Core(CoreSettings(nats_url="nats://unused", state_dir=state_dir))
+    try:
+        return [subject for router in unstarted.build(bus) if isinstance(router, RpcRouter)
+                for subject in router.request_names]
+    finally:
+        await unstarted.db.close()
 
 
 async def _dlq_when(bus: Bus, count: int) -> list[dict] | None:

@@ -200,9 +200,11 @@ async def confirm_totp(admin: AdminClient, username: str, secret: str) -> None:
 
 async def read_stream(bus: Bus, filter_subject: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:
     """Every stored message on `filter_subject`, oldest first, as JSON objects."""
-    from nats.js.api import ConsumerConfig, DeliverPolicy
+    from faststream.nats import DeliverPolicy
 
-    sub = await nats_direct.jetstream(bus.broker, 5).subscribe(filter_subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    from wgmfa.tail import stream_for
+
+    sub = await nats_direct.ordered_subscribe(bus.broker, filter_subject, stream_for(filter_subject), DeliverPolicy.ALL)
     found = []
     try:
         while True:
