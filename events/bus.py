@@ -40,9 +40,12 @@ RPC_CONCURRENCY = 64
 
 
 class Bus:
-    def __init__(self, broker: NatsBroker, service: str, *, publish_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, broker: NatsBroker, service: str, *, publish_timeout_s: float = 5.0, inbox_prefix: str = "_INBOX"
+    ) -> None:
         self.broker = broker
         self.service = service
+        self.inbox_prefix = inbox_prefix  # the connection's; a pull consumer must fetch into it too
         self.publish_timeout_s = publish_timeout_s
         self.publishers = Publishers(broker, publish_timeout_s)
         self.closing = False
@@ -116,7 +119,7 @@ class Bus:
             try:
                 await broker.connect()
                 nats_direct.reconnect_forever(broker)
-                bus = cls(broker, service, publish_timeout_s=publish_timeout_s)
+                bus = cls(broker, service, publish_timeout_s=publish_timeout_s, inbox_prefix=inbox_prefix)
                 await broker.start()  # its publishers; routers come with serve()
                 return bus
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
@@ -332,6 +335,9 @@ class StreamRouter(NatsRouter):
 
     def __init__(self, bus: Bus, max_deliver: int) -> None:
         self.max_deliver = max_deliver
+        # FastStream fetches a pull consumer's messages into `_inbox.` unless told otherwise,
+        # whatever the connection's prefix: a role may subscribe to its own inbox only.
+        self.inbox_prefix = f"{bus.inbox_prefix}.".encode()
         super().__init__(middlewares=[stream_outcomes(bus, max_deliver)])
 
     def consumer(
@@ -353,6 +359,7 @@ class StreamRouter(NatsRouter):
             stream=JStream(stream, declare=False),
             durable=durable,
             pull_sub=PullSub(batch_size=1, timeout=1),
+            inbox_prefix=self.inbox_prefix,
             deliver_policy=deliver_policy,
             config=ConsumerConfig(
                 ack_policy=JsAckPolicy.EXPLICIT,
