@@ -40,9 +40,12 @@ RPC_CONCURRENCY = 64
 
 
 class Bus:
-    def __init__(self, broker: NatsBroker, service: str, *, publish_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, broker: NatsBroker, service: str, *, publish_timeout_s: float = 5.0, inbox_prefix: str = "_INBOX"
+    ) -> None:
         self.broker = broker
         self.service = service
+        self.inbox_prefix = inbox_prefix  # the connection's; a pull consumer must fetch into it too
         self.publish_timeout_s = publish_timeout_s
         self.publishers = Publishers(broker, publish_timeout_s)
         self.closing = False
@@ -116,7 +119,7 @@ class Bus:
             try:
                 await broker.connect()
                 nats_direct.reconnect_forever(broker)
-                bus = cls(broker, service, publish_timeout_s=publish_timeout_s)
+                bus = cls(broker, service, publish_timeout_s=publish_timeout_s, inbox_prefix=inbox_prefix)
                 await broker.start()  # its publishers; routers come with serve()
                 return bus
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
@@ -336,7 +339,10 @@ class StreamRouter(NatsRouter):
 
     def __init__(self, bus: Bus, max_deliver: int) -> None:
         self.max_deliver = max_deliver
-        self.payloads: dict[str, Any] = {}  # filter subject -> message type, for the AsyncAPI document's tests
+        self.payloads: dict[str, Any] = {}  # channel -> message type, for the AsyncAPI document's tests
+        # FastStream fetches a pull consumer's messages into `_inbox.` unless told otherwise,
+        # whatever the connection's prefix: a role may subscribe to its own inbox only.
+        self.inbox_prefix = f"{bus.inbox_prefix}.".encode()
         super().__init__(middlewares=[stream_outcomes(bus, max_deliver)])
 
     def consumer(
@@ -354,12 +360,13 @@ class StreamRouter(NatsRouter):
         so that a subject's messages are handled in order (FastStream handles a fetched
         batch concurrently)."""
         hints = typing.get_type_hints(handler)
-        self.payloads[filter_subject] = next(t for name, t in hints.items() if name != "return")
+        self.payloads[title or filter_subject] = next(t for name, t in hints.items() if name != "return")
         self.subscriber(
             filter_subject,
             stream=JStream(stream, declare=False),
             durable=durable,
             pull_sub=PullSub(batch_size=1, timeout=1),
+            inbox_prefix=self.inbox_prefix,
             deliver_policy=deliver_policy,
             config=ConsumerConfig(
                 ack_policy=JsAckPolicy.EXPLICIT,

@@ -46,6 +46,7 @@ NOTIFY_LOGIN_ALL: Final = "wgmfa.notify.login.*"
 
 # the subjects with variable parts, as the AsyncAPI document names them
 PEER_TEMPLATE: Final = "wgmfa.peer.{location_id}.{device_id}"
+PEERS_OF_LOCATION_TEMPLATE: Final = "wgmfa.peer.{location_id}.*"
 STATS_TEMPLATE: Final = "wgmfa.stats.{location_id}.{gateway_id}"
 DLQ_TEMPLATE: Final = "wgmfa.dlq.{original_subject}"
 NOTIFY_LOGIN_TEMPLATE: Final = "wgmfa.notify.login.{login_id}"

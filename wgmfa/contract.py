@@ -29,17 +29,27 @@ from core_service import VERSION
 from core_service.app import Core
 from core_service.settings import CoreSettings
 from events.bus import Bus, RpcRouter
+from gateway_worker.app import Gateway
+from gateway_worker.settings import GatewaySettings
 from proxy_service.remote import ApprovalWakeups
-from schemas.rpc import RpcError
+from schemas.rpc import GatewayCredentials, RpcError
+from schemas.sealing import generate_keypair
 
 DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
 _SCHEMAS = "#/components/schemas/"
 
 
 def _routers(bus: Bus) -> list[Any]:
-    # a core that is never started: its services are built over this bus, nothing connects
+    # a core and a gateway that are never started: their handlers are declared over this
+    # bus, and nothing connects
     settings = CoreSettings(secret_key=base64.b64encode(bytes(32)).decode(), database_url="sqlite+aiosqlite://")
-    return [*Core(settings).build(bus), ApprovalWakeups().router()]
+    private, public = generate_keypair()
+    credentials = GatewayCredentials(
+        location_id=1, location_name="documented", private_key=private, sealing_private_key=private, listen_port=51820,
+        address="10.0.0.1/24", network="10.0.0.0/24", mfa_required=True, core_signing_key=public,
+    )
+    gateway = Gateway(GatewaySettings(gateway_id="documented"), credentials, backend=None)  # type: ignore[arg-type]
+    return [*Core(settings).build(bus), *gateway.build(bus), ApprovalWakeups().router()]
 
 
 def build_app() -> tuple[FastStream, list[Any]]:
@@ -74,6 +84,9 @@ def _reply_model(result: type[BaseModel] | None) -> type[BaseModel]:
 
 def document() -> dict[str, Any]:
     spec: dict[str, Any] = app.schema.to_specification().to_jsonable()
+    for name, channel in spec.get("channels", {}).items():
+        if "{" in name:  # a subject with variable parts: documented by its template
+            channel["address"] = channel["bindings"]["nats"]["subject"] = name
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     messages = spec["components"].setdefault("messages", {})
     replies = {subject: result for router in routers if isinstance(router, RpcRouter)
