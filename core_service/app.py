@@ -11,6 +11,7 @@ from core_service.context import CoreContext
 from core_service.dataplane import DataPlane
 from core_service.db import Database
 from core_service.enrollment import Enrollments
+from core_service import metrics
 from core_service.keys import Vault, load_master_key
 from core_service.mailer import SmtpMailer
 from core_service.mfa import Mfa
@@ -20,6 +21,7 @@ from core_service.settings import CoreSettings
 from events import permissions, streams, subjects
 from events.bus import Bus
 from events.clock import Clock, SystemClock
+from events.metrics import serving_metrics
 from events.service import cancel_all, every, run_until_signalled
 from events.settings import load_settings
 from schemas import rpc
@@ -167,4 +169,7 @@ class Core:
 
 async def main() -> None:
     settings = load_settings(CoreSettings)
-    await run_until_signalled("core", settings, Core(settings))
+    core = Core(settings)
+    async with serving_metrics(metrics.registry, settings.metrics_host, settings.core_metrics_port,
+                               before_scrape=lambda: metrics.LIVE_SESSIONS.refresh(core.db)):
+        await run_until_signalled("core", settings, core)

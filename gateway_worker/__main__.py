@@ -9,8 +9,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from events.logs import configure_logging
+from events.metrics import serving_metrics
 from events.service import run_until_signalled
 from events.settings import load_settings
+from gateway_worker import metrics
 from gateway_worker.app import Gateway
 from gateway_worker.backend import BackendUnavailable
 from gateway_worker.backends import create_backend
@@ -50,7 +52,8 @@ async def main() -> int:
         log.error("%s", exc)
         return 3
     try:
-        await run_until_signalled("gateway", settings, Gateway(settings, credentials, backend))
+        async with serving_metrics(metrics.registry, settings.metrics_host, settings.gateway_metrics_port):
+            await run_until_signalled("gateway", settings, Gateway(settings, credentials, backend))
     except BackendUnavailable as exc:
         log.error("%s", exc)
         return 3
