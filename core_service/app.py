@@ -5,13 +5,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 
-from core_service import VERSION
+from core_service import VERSION, metrics
 from core_service.admin import Admin
 from core_service.context import CoreContext
 from core_service.dataplane import DataPlane
 from core_service.db import Database
 from core_service.enrollment import Enrollments
-from core_service import metrics
 from core_service.keys import Vault, load_master_key
 from core_service.mailer import SmtpMailer
 from core_service.mfa import Mfa

@@ -22,21 +22,17 @@ INGEST_LAG = Gauge(
     registry=registry,
 )
 
-
-class _LastSweep:
-    """When the reaper last finished a sweep (its start, before the first)."""
-
-    at = time.monotonic()
-
-    @classmethod
-    def done(cls) -> None:
-        cls.at = time.monotonic()
+_last_sweep = time.monotonic()  # the process's start, until the first sweep finishes
 
 
-sweep_done = _LastSweep.done
+def sweep_done() -> None:
+    global _last_sweep
+    _last_sweep = time.monotonic()
+
+
 SWEEP_AGE = Gauge(
     "wgmfa_reaper_sweep_age_seconds",
     "Seconds since the reaper last finished a sweep (alert when well above WGMFA_SWEEP_INTERVAL_S: revokes are late)",
     registry=registry,
 )
-SWEEP_AGE.set_function(lambda: time.monotonic() - _LastSweep.at)
+SWEEP_AGE.set_function(lambda: time.monotonic() - _last_sweep)
