@@ -5,7 +5,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 
-from core_service import VERSION
+from core_service import VERSION, metrics
 from core_service.admin import Admin
 from core_service.context import CoreContext
 from core_service.dataplane import DataPlane
@@ -20,6 +20,7 @@ from core_service.settings import CoreSettings
 from events import permissions, streams, subjects
 from events.bus import Bus
 from runtime.clock import Clock, SystemClock
+from runtime.metrics import serving_metrics
 from runtime.service import cancel_all, every, run_until_signalled
 from runtime.settings import load_settings
 from schemas import rpc
@@ -167,4 +168,7 @@ class Core:
 
 async def main() -> None:
     settings = load_settings(CoreSettings)
-    await run_until_signalled("core", settings, Core(settings))
+    core = Core(settings)
+    async with serving_metrics(metrics.registry, settings.metrics_host, settings.core_metrics_port,
+                               before_scrape=lambda: metrics.LIVE_SESSIONS.refresh(core.db)):
+        await run_until_signalled("core", settings, core)

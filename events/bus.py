@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
+from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
 from events import headers as hdr
@@ -49,6 +50,11 @@ Req = TypeVar("Req", bound=BaseModel)
 WRONG_LAST_SEQUENCE = 10071
 JETSTREAM_NOT_READY = {10005, 10008, 10074}  # no peers for placement yet; temporarily unavailable; insufficient resources (a cluster still forming)
 MAX_DLQ_PAYLOAD = 8192
+# In no registry of its own: each service's registry (its `metrics` module) registers it.
+DEAD_LETTERS = Counter(
+    "wgmfa_dead_letters", "Messages dead-lettered, by the service that gave up on them and the first two tokens of "
+    "their subject", ["service", "subject"], registry=None,
+)
 _SECRET_KEYS = re.compile(r"code|token|psk|preshared|secret|password|private|signature|sealed", re.I)
 _SECRET_PAIRS = re.compile(
     r'("[^"]*(?:code|token|psk|preshared|secret|password|private|signature|sealed)[^"]*"\s*:\s*)"[^"]*"?',
@@ -465,6 +471,7 @@ class Bus:
             payload_encoding=encoding,  # type: ignore[arg-type]
         )
         log.warning("dead-lettered a message from %s: %s", subject, reason)
+        DEAD_LETTERS.labels(self.service, ".".join(subject.split(".")[:2])).inc()
         try:
             await self.publish(subjects.dlq(subject), letter)
         except Exception as exc:

@@ -25,6 +25,7 @@ from events.bus import Bus, PermanentFailure
 from runtime.clock import Clock, SystemClock
 from schemas.sealing import SealError, unseal
 from runtime.service import cancel_all, every
+from gateway_worker import metrics
 from wireguard.port import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
 from gateway_worker.settings import GatewaySettings, default_gateway_id
 from gateway_worker.sync import plan
@@ -217,7 +218,9 @@ class Gateway:
             # until the core authorizes it again. Keeping what the interface has would let
             # a forgery over a revoke keep a revoked peer alive.
             todo = plan(desired, status.peers)
+            applying = time.perf_counter()
             await self.backend.apply(todo.add + todo.update, todo.remove)
+            metrics.APPLY_SECONDS.labels("sync").observe(time.perf_counter() - applying)
             self.applied = {
                 device: Applied(peer_state_order(state), state.pubkey)
                 for device, state in states.items()
@@ -258,10 +261,12 @@ class Gateway:
         try:
             peer = self._peer(state) if isinstance(state, PeerAuthorized) else None
             async with self._lock:
+                applying = time.perf_counter()
                 if peer is not None:
                     await self.backend.set_peer(peer)
                 else:
                     await self.backend.remove_peer(state.pubkey)
+                metrics.APPLY_SECONDS.labels(action).observe(time.perf_counter() - applying)
                 self.applied[state.device_id] = Applied(peer_state_order(state), state.pubkey)
         except PermanentFailure as exc:
             await self._apply_failed(state, action, str(exc), msg.metadata.num_delivered)
@@ -274,6 +279,7 @@ class Gateway:
     async def _apply_failed(self, state: PeerAuthorized | PeerRevoked | None, action: str, reason: str, attempt: int) -> None:
         assert self.bus is not None
         log.warning("%s failed (attempt %s): %s", action, attempt, reason)
+        metrics.APPLY_FAILURES.labels(action).inc()
         with contextlib.suppress(Exception):
             await self.bus.publish_event(
                 GatewayApplyFailed(
