@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 
 from faststream.nats import NatsRouter
 
-from core_service import VERSION
+from core_service import VERSION, metrics
 from core_service.admin import Admin
 from core_service.context import CoreContext
 from core_service.dataplane import DataPlane
@@ -23,6 +23,7 @@ from events import permissions, streams, subjects
 from events.bus import Bus
 from events.peer_log import PeerLog
 from runtime.clock import Clock, SystemClock
+from runtime.metrics import serving_metrics
 from runtime.service import cancel_all, every, run_until_signalled
 from runtime.settings import load_settings
 from schemas import rpc
@@ -49,7 +50,7 @@ class Core:
     async def start(self) -> None:
         if self.settings.auto_migrate:
             await self.db.migrate()
-        self.bus = await Bus.connect_as(self.settings, permissions.CORE, "core")
+        self.bus = await Bus.connect_as(self.settings, permissions.CORE, "core", registry=metrics.registry)
         await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
         routers = self.build(self.bus)
         assert self._relay is not None
@@ -171,4 +172,7 @@ class Core:
 
 async def main() -> None:
     settings = load_settings(CoreSettings)
-    await run_until_signalled("core", settings, Core(settings))
+    core = Core(settings)
+    async with serving_metrics(metrics.registry, settings.metrics_host, settings.core_metrics_port,
+                               before_scrape=lambda: metrics.LIVE_SESSIONS.refresh(core.db)):
+        await run_until_signalled("core", settings, core)

@@ -16,6 +16,7 @@ from uuid import UUID
 from sqlmodel import col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core_service import metrics
 from core_service.context import CoreContext
 from core_service.factors import build_factors
 from core_service.factors.base import FactorFailed, token_hash
@@ -167,6 +168,7 @@ class Mfa:
             await self._check_configured(session, user, device, method)
             lockout = await self._lockout(session, user, req.client.ip, now)
             if lockout is not None:
+                metrics.LOGINS.labels(method_name(method), "locked_out").inc()
                 raise lockout
             await self.factors[method].before_start(session, user, now)
             await self._make_room_for_login(session, location.id, device.id, req.client.ip)  # type: ignore[arg-type]
@@ -271,7 +273,10 @@ class Mfa:
         except _FactorFailed as failure:
             raise await self._failed(login_id, failure, req.client.ip) from None
         if expired:
+            metrics.LOGINS.labels(login.method, "expired").inc()
             raise _bad(LOGIN_NOT_FOUND)
+        metrics.LOGINS.labels(login.method, "success").inc()
+        metrics.LOGIN_SECONDS.labels(login.method).observe((self.ctx.clock.now() - login.created_at).total_seconds())
         return MfaFinishResult(psk_sealed=seal(req.reply_key, psk))
 
     async def _verify_and_authorize(
@@ -364,6 +369,7 @@ class Mfa:
         except _FactorFailed as failure:
             raise await self._failed(login_id, failure, req.client.ip) from None
         if expired:
+            metrics.LOGINS.labels(login.method, "expired").inc()
             raise _bad(LOGIN_NOT_FOUND)
         log.info("login %s approved by a mobile key", login_id)
         return Empty()
@@ -422,6 +428,7 @@ class Mfa:
             ):
                 return
             await self._audit_failure(session, login, "attempts_exhausted", client_ip)
+        metrics.LOGINS.labels(login.method, "attempts_exhausted").inc()
         log.info("MFA login %s refused: its attempts are all taken", login.id)
         raise RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED)
 
@@ -499,6 +506,7 @@ class Mfa:
                               failed_attempts=login.failed_attempts, login_dead=login_dead,
                               user_locked_until=locked_until, hard_locked=hard_locked, client_ip=client_ip),
                 )
+        metrics.LOGINS.labels(login.method, reason).inc()
         log.info("MFA login %s failed (%s), attempt %s", login_id, reason, login.failed_attempts)
 
     async def expire_logins(self) -> int:

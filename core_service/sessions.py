@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core_service import metrics
 from core_service.context import CoreContext
 from core_service.models import Device, Location, LocationDevice, User, VpnSession
 from core_service.outbox import enqueue_event, enqueue_peer_state
@@ -117,6 +118,7 @@ async def revoke(
     vpn_session.revoke_reason = reason
     vpn_session.psk_enc = None
     session.add(vpn_session)
+    metrics.SESSIONS_REVOKED.labels(reason.value).inc()
     enqueue_event(
         session,
         SessionRevoked(

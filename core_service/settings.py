@@ -20,6 +20,8 @@ class CoreSettings(LivenessSettings):
     thread (2.3x the logins per second in bench.login). Only for one core process per
     SQLite file: a statement waiting for another process's lock would hold up every
     request."""
+    core_metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Serve the core's Prometheus /metrics on this port (on metrics_host); none by default."""
     auto_migrate: bool = True
     """Upgrade the database schema at start."""
     login_ttl_s: int = Field(300, ge=1, le=86400)

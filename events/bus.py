@@ -17,7 +17,7 @@ from faststream import AckPolicy
 from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsBroker, NatsRouter, PubAck, PullSub
 from faststream.nats.security import NatsNKey, NatsSecurity
 from nats.js.api import AckPolicy as JsAckPolicy
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ValidationError
 
 from events import headers as hdr
@@ -37,6 +37,11 @@ T = TypeVar("T")
 
 STOP_TIMEOUT_S = 10.0
 RPC_CONCURRENCY = 64
+# In no registry of its own: each service's registry (its `metrics` module) registers it.
+DEAD_LETTERS = Counter(
+    "wgmfa_dead_letters", "Messages dead-lettered, by the service that gave up on them and the first two tokens of "
+    "their subject", ["service", "subject"], registry=None,
+)
 
 
 class Bus:
@@ -277,6 +282,7 @@ class Bus:
             payload_encoding=encoding,  # type: ignore[arg-type]
         )
         log.warning("dead-lettered a message from %s: %s", subject, reason)
+        DEAD_LETTERS.labels(self.service, ".".join(subject.split(".")[:2])).inc()
         try:
             await self.publish(subjects.dlq(subject), letter)
         except Exception as exc:

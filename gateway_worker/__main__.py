@@ -9,8 +9,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from runtime.logs import configure_logging
+from runtime.metrics import serving_metrics
 from runtime.service import run_until_signalled
 from runtime.settings import load_settings
+from gateway_worker import metrics
 from gateway_worker.app import Gateway
 from wireguard.port import BackendUnavailable
 from wireguard import create_backend
@@ -50,7 +52,8 @@ async def main() -> int:
         log.error("%s", exc)
         return 3
     try:
-        await run_until_signalled("gateway", settings, Gateway(settings, credentials, backend))
+        async with serving_metrics(metrics.registry, settings.metrics_host, settings.gateway_metrics_port):
+            await run_until_signalled("gateway", settings, Gateway(settings, credentials, backend))
     except BackendUnavailable as exc:
         log.error("%s", exc)
         return 3

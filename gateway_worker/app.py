@@ -23,6 +23,7 @@ from events.bus import Bus, PermanentFailure
 from events.outcomes import describe_validation_error
 from runtime.clock import Clock, SystemClock
 from runtime.service import cancel_all, every
+from gateway_worker import metrics
 from schemas import signing
 from schemas.sealing import SealError, unseal
 from wireguard.port import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
@@ -98,7 +99,8 @@ class Gateway:
 
     async def start(self) -> None:
         if self.bus is None:
-            self.bus = await Bus.connect_as(self.settings, self.role, f"gateway {self.gateway_id}")
+            self.bus = await Bus.connect_as(self.settings, self.role, f"gateway {self.gateway_id}",
+                                            registry=metrics.registry)
         await self.bus.wait_for_streams(streams.PEERS.name)
         await self.backend.ensure_interface(self.interface)
         await self.resync()
@@ -211,7 +213,9 @@ class Gateway:
             # until the core authorizes it again. Keeping what the interface has would let
             # a forgery over a revoke keep a revoked peer alive.
             todo = plan(desired, status.peers)
+            applying = time.perf_counter()
             await self.backend.apply(todo.add + todo.update, todo.remove)
+            metrics.APPLY_SECONDS.labels("sync").observe(time.perf_counter() - applying)
             self.applied = {
                 device: Applied(peer_state_order(state), state.pubkey)
                 for device, state in states.items()
@@ -256,10 +260,12 @@ class Gateway:
                 current = self.applied.get(state.device_id)
                 if current is not None and peer_state_order(state) <= current.order:
                     return  # stale or already applied (a resync or a newer state got there first)
+                applying = time.perf_counter()
                 if isinstance(state, PeerAuthorized):
                     await self.backend.set_peer(self._peer(state))
                 else:
                     await self.backend.remove_peer(state.pubkey)
+                metrics.APPLY_SECONDS.labels(action).observe(time.perf_counter() - applying)
                 self.applied[state.device_id] = Applied(peer_state_order(state), state.pubkey)
         except (PermanentFailure, BackendError) as exc:
             await self._apply_failed(state, action, str(exc), attempt)
@@ -270,6 +276,7 @@ class Gateway:
     async def _apply_failed(self, state: PeerAuthorized | PeerRevoked | None, action: str, reason: str, attempt: int) -> None:
         assert self.bus is not None
         log.warning("%s failed (attempt %s): %s", action, attempt, reason)
+        metrics.APPLY_FAILURES.labels(action).inc()
         with contextlib.suppress(Exception):
             await self.bus.publish_event(
                 GatewayApplyFailed(

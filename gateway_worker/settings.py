@@ -4,6 +4,8 @@ import re
 import socket
 from pathlib import Path
 
+from pydantic import Field
+
 from runtime.settings import LivenessSettings
 
 
@@ -22,6 +24,8 @@ class GatewaySettings(LivenessSettings):
     """userspace (wireguard-go through its UAPI socket) or kernel (netlink)."""
     netns: str | None = None
     """Network namespace to put the interface in."""
+    gateway_metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Serve the gateway's Prometheus /metrics on this port (on metrics_host); none by default."""
     remove_interface_on_exit: bool = False
     """Take the interface down when the gateway stops (by default it stays, with its peers,
     so that a restart does not interrupt anyone)."""

@@ -4,9 +4,11 @@ import warnings
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from events.bus import DEAD_LETTERS
 from runtime.logs import configure_logging
+from runtime.metrics import serving_metrics
 from runtime.settings import load_settings
-from proxy_service.app import create_app, metrics_app
+from proxy_service.app import create_app
 from proxy_service.edge import ClientAddress, slow_client_protocol
 from proxy_service.settings import ProxySettings
 
@@ -16,6 +18,7 @@ warnings.filterwarnings("ignore", message=".*websockets.*deprecated.*")
 settings = load_settings(ProxySettings)
 configure_logging("proxy", settings.log_level)
 registry = CollectorRegistry()  # the client port serves it only when asked to
+registry.register(DEAD_LETTERS)
 app = create_app(settings, registry=registry)
 client_facing = uvicorn.Server(
     uvicorn.Config(
@@ -35,26 +38,8 @@ client_facing = uvicorn.Server(
 
 
 async def main() -> None:
-    metrics = None
-    if settings.metrics_port is not None:
-        metrics = uvicorn.Server(
-            uvicorn.Config(
-                metrics_app(registry),
-                host=settings.metrics_host,
-                port=settings.metrics_port,
-                access_log=False,
-                log_config=None,
-                server_header=False,
-                lifespan="off",
-            )
-        )
-    serving = asyncio.create_task(metrics.serve()) if metrics is not None else None
-    try:
+    async with serving_metrics(registry, settings.metrics_host, settings.metrics_port):
         await client_facing.serve()
-    finally:
-        if metrics is not None and serving is not None:
-            metrics.should_exit = True
-            await serving
 
 
 asyncio.run(main())

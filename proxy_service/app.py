@@ -253,19 +253,3 @@ def create_app(
             return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return enrollment.DefguardHeaders(BodyGuard(app, settings.max_body_bytes), holder)  # type: ignore[return-value]
-
-
-def metrics_app(registry: CollectorRegistry) -> ASGIApp:
-    """The Prometheus text at /metrics, for a port of its own (WGMFA_METRICS_PORT), away
-    from the clients."""
-
-    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        if scope["path"] != "/metrics":
-            response: Response = error(404, "not found")
-        else:
-            response = Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-        await response(scope, receive, send)
-
-    return serve

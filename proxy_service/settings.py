@@ -23,6 +23,5 @@ class ProxySettings(BusSettings):
     """Open connections per client address (0: no limit); trusted proxies are exempt."""
     metrics_port: int | None = Field(None, ge=1, le=65535)
     """Serve /metrics on this port (on metrics_host) for Prometheus; none by default."""
-    metrics_host: str = "127.0.0.1"
     metrics_on_client_port: bool = False
     """Also serve /metrics on the client-facing port (it tells anyone the traffic)."""

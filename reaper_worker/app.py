@@ -14,10 +14,12 @@ from pydantic import Field, ValidationError
 from events import nats_direct, permissions, streams, subjects
 from events.bus import Bus, describe_validation_error
 from runtime.clock import Clock, SystemClock
+from runtime.metrics import serving_metrics
 from runtime.service import cancel_all, every, run_until_signalled
 from runtime.settings import LivenessSettings, load_settings
+from reaper_worker import metrics
 from reaper_worker.liveness import Decision, Liveness, revoke_for
-from schemas.common import uuid7
+from schemas.common import utcnow, uuid7
 from schemas.events import (
     PEER_STATE_ADAPTER,
     STATS_ADAPTER,
@@ -34,6 +36,8 @@ log = logging.getLogger("reaper_worker")
 class ReaperSettings(LivenessSettings):
     sweep_interval_s: float = Field(10.0, gt=0)
     """How often the reaper looks for sessions to revoke."""
+    reaper_metrics_port: int | None = Field(None, ge=1, le=65535)
+    """Serve the reaper's Prometheus /metrics on this port (on metrics_host); none by default."""
 
 
 class Reaper:
@@ -53,7 +57,7 @@ class Reaper:
 
     async def start(self) -> None:
         if self.bus is None:
-            self.bus = await Bus.connect_as(self.settings, permissions.REAPER, "reaper")
+            self.bus = await Bus.connect_as(self.settings, permissions.REAPER, "reaper", registry=metrics.registry)
         await self.bus.wait_for_streams(streams.PEERS.name, streams.STATS.name)
         peers = await self._subscribe(subjects.PEER_ALL, streams.PEERS.name, DeliverPolicy.LAST_PER_SUBJECT)
         stats = await self._subscribe(subjects.STATS_ALL, streams.STATS.name, DeliverPolicy.ALL)
@@ -170,6 +174,7 @@ class Reaper:
                 log.warning("reading %s: %s", sub.subject, exc)
                 await asyncio.sleep(1)
                 continue
+            metrics.INGEST_LAG.set(max((utcnow() - msg.metadata.timestamp).total_seconds(), 0.0))
             item = self._decode(msg)
             if item is not None:
                 self._apply(item, msg, self.clock.monotonic())
@@ -180,6 +185,7 @@ class Reaper:
         limit = asyncio.Semaphore(32)  # revokes of different devices go out side by side
         results = await asyncio.gather(*(self._revoke(decision, limit) for decision in decisions))
         self.liveness.forget_handshakes_of_unknown_peers()
+        metrics.sweep_done()
         return sum(results)
 
     async def _revoke(self, decision: Decision, limit: asyncio.Semaphore) -> bool:
@@ -199,6 +205,7 @@ class Reaper:
                 return False
         auth.revoked = True
         self.revoked.append(revoke)
+        metrics.REVOKES.labels(decision.reason.value).inc()
         log.info(
             "revoked location %s device %s generation %s: %s (quiet for %.0f s)",
             *auth.key, auth.state.generation, decision.reason.value, decision.quiet_for_s,
@@ -216,4 +223,5 @@ class Reaper:
 
 async def main() -> None:
     settings = load_settings(ReaperSettings)
-    await run_until_signalled("reaper", settings, Reaper(settings))
+    async with serving_metrics(metrics.registry, settings.metrics_host, settings.reaper_metrics_port):
+        await run_until_signalled("reaper", settings, Reaper(settings))

@@ -46,6 +46,8 @@ class BusSettings(BaseSettings):
     """Where `wgmfa up` keeps every role's seed (<role>.nk); default <state dir>/nats-credentials."""
     nats_ca_file: Path | None = None
     """CA certificate that signed the servers' TLS certificates (tls:// URLs)."""
+    metrics_host: str = "127.0.0.1"
+    """The address each service's Prometheus /metrics port listens on."""
 
     def stream_limits(self) -> StreamLimits:
         return StreamLimits(

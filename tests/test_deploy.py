@@ -41,6 +41,23 @@ def test_compose_runs_the_embedded_commands_with_other_settings() -> None:
     assert (DEPLOY / "Dockerfile").exists()
 
 
+def test_every_service_in_compose_serves_its_metrics_to_the_compose_network() -> None:
+    services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    port_setting = {"core_service": "WGMFA_CORE_METRICS_PORT", "proxy_service": "WGMFA_METRICS_PORT",
+                    "reaper_worker": "WGMFA_REAPER_METRICS_PORT", "gateway_worker": "WGMFA_GATEWAY_METRICS_PORT"}
+    served = set()
+    for name, service in services.items():
+        command = service.get("command") or []
+        if command[:2] != ["python", "-m"]:
+            continue
+        environment = service["environment"]
+        port = environment[port_setting[command[2]]]
+        assert environment["WGMFA_METRICS_HOST"] == "0.0.0.0", name  # reachable from the network, not the host
+        assert port in service["expose"] and not any(p.split(":")[-1] == port for p in service.get("ports", [])), name
+        served.add(command[2])
+    assert served == set(port_setting)
+
+
 def test_every_process_in_compose_has_the_nkey_of_its_own_role() -> None:
     """Each service gets its role's seed from .env, and every node every role's public key."""
     services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]

@@ -21,6 +21,10 @@ CASES = [
     ("proxy_service", {"WGMFA_PROXY_PORT": "70000"}, "WGMFA_PROXY_PORT: Input should be less than or equal to 65535"),
     ("proxy_service", {"WGMFA_RATE_LIMIT_BURST": "0"}, "WGMFA_RATE_LIMIT_BURST"),
     ("gateway_worker", {"WGMFA_STATS_INTERVAL": "0"}, "WGMFA_STATS_INTERVAL: Input should be greater than 0"),
+    ("core_service", {"WGMFA_CORE_METRICS_PORT": "0"}, "WGMFA_CORE_METRICS_PORT: Input should be greater than or equal to 1"),
+    ("reaper_worker", {"WGMFA_REAPER_METRICS_PORT": "65536"},
+     "WGMFA_REAPER_METRICS_PORT: Input should be less than or equal to 65535"),
+    ("gateway_worker", {"WGMFA_GATEWAY_METRICS_PORT": "http"}, "WGMFA_GATEWAY_METRICS_PORT: Input should be a valid integer"),
     ("wgmfa up", {"WGMFA_STREAM_REPLICAS": "0"}, "WGMFA_STREAM_REPLICAS: Input should be greater than or equal to 1"),
 ]
 

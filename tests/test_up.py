@@ -71,6 +71,7 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     state = tmp_path / "state"
     env = up_env(state)
     proxy_port = int(env["WGMFA_PROXY_PORT"])
+    env["WGMFA_CORE_METRICS_PORT"] = str(core_metrics_port := free_port())
     interface = None
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen([sys.executable, "-m", "wgmfa", "up"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -81,6 +82,9 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
             time.sleep(0.2)
         assert httpx.get(f"http://127.0.0.1:{proxy_port}/api/v1/health").json() == {"status": "ok"}
+        # the banner says where the metrics are, and the core serves them there
+        assert f"core http://127.0.0.1:{core_metrics_port}/metrics" in (tmp_path / "up.log").read_text()
+        assert "# TYPE wgmfa_logins_total counter" in httpx.get(f"http://127.0.0.1:{core_metrics_port}/metrics").text
         wg_port = free_port()
         added = subprocess.run(
             [sys.executable, "-m", "wgmfa", "admin", "location", "add", "office", "--endpoint", f"192.0.2.1:{wg_port}",

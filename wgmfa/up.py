@@ -376,12 +376,22 @@ class Supervisor:
             f"  NATS    {self.nats.url}\n"
             f"  reaper  running\n"
             f"  mail    {self.mail_line()}\n"
+            f"  metrics {self.metrics_line()}\n"
             f"  gateway {gateway}\n"
             f"From another terminal (after `. .venv/bin/activate`):\n"
             f"  wgmfa admin location add office --endpoint 192.0.2.1:51820 --network 10.10.0.0/24 --mfa internal\n"
             f"  wgmfa events tail\n"
             f"Ctrl-C (or `wgmfa down`) stops everything.\n"
         )
+
+    def metrics_line(self) -> str:
+        """Where the services' /metrics are served: the ports set in the environment
+        (`up` passes it on to them)."""
+        ports = {name: os.environ.get(variable) for name, variable in (
+            ("core", "WGMFA_CORE_METRICS_PORT"), ("proxy", "WGMFA_METRICS_PORT"), ("reaper", "WGMFA_REAPER_METRICS_PORT"),
+            ("gateway", "WGMFA_GATEWAY_METRICS_PORT"))}
+        served = [f"{name} http://{self.settings.metrics_host}:{port}/metrics" for name, port in ports.items() if port]
+        return ", ".join(served) or "off (set WGMFA_CORE_METRICS_PORT, WGMFA_METRICS_PORT, WGMFA_REAPER_METRICS_PORT, ...)"
 
     def mail_line(self) -> str:
         if self.settings.runs_sink:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core_service import metrics
 from core_service.context import CoreContext
 from core_service.factors.base import Factor, FactorFailed, METHOD_NOT_AVAILABLE, bad_request
 from core_service.mailer import MailError, Mailer
@@ -86,6 +87,7 @@ class EmailFactor(Factor):
                     MfaFailed(**names(location, device, user), login_id=login.id, method="email",
                               reason="email_unavailable", failed_attempts=0, client_ip=client_ip),
                 )
+            metrics.LOGINS.labels("email", "email_unavailable").inc()
             raise RpcFailure(ErrorStatus.UNAVAILABLE, f"cannot send the MFA email: {exc}") from None
         async with self.ctx.transaction() as session:
             enqueue_event(

@@ -18,6 +18,7 @@ from authlib.common.security import generate_token
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from core_service import metrics
 from core_service.context import CoreContext
 from core_service.factors.base import METHOD_NOT_AVAILABLE, Factor, bad_request, token_hash
 from core_service.keys import OIDC_COOKIE
@@ -234,6 +235,7 @@ class OidcFactor(Factor):
             MfaFailed(**names(location, device, user), login_id=login.id, method="oidc", reason=reason,
                       failed_attempts=login.failed_attempts, client_ip=client_ip),
         )
+        metrics.LOGINS.labels("oidc", reason).inc()
 
     async def _fail_by_id(self, login_id: UUID, reason: str, client_ip: str | None) -> None:
         async with self.ctx.transaction() as session:
