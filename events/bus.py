@@ -12,11 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import nats.errors
 from faststream import AckPolicy
+from faststream.nats import AckPolicy as JsAckPolicy
 from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsBroker, NatsRouter, PubAck, PullSub
 from faststream.nats.security import NatsNKey, NatsSecurity
-from nats.js.api import AckPolicy as JsAckPolicy
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ValidationError
 
@@ -127,7 +126,7 @@ class Bus:
                 bus = cls(broker, service, publish_timeout_s=publish_timeout_s, inbox_prefix=inbox_prefix)
                 await broker.start()  # its publishers; routers come with serve()
                 return bus
-            except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            except nats_direct.CONNECT_ERRORS as exc:
                 if deadline is not None and loop.time() + delay > deadline:
                     raise BusUnavailable(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
                 log.warning("waiting for NATS at %s: %s", url, exc or type(exc).__name__)
@@ -293,11 +292,11 @@ class Bus:
     async def request(self, subject: str, request: BaseModel, *, timeout: float) -> RpcReply:
         try:
             msg = await self.broker.request(request, subject, timeout=timeout)
-        except nats.errors.NoRespondersError:
+        except nats_direct.NO_RESPONDERS:
             raise BusUnavailable(f"no service answers {subject}") from None
-        except (nats.errors.TimeoutError, asyncio.TimeoutError, TimeoutError):
+        except nats_direct.TIMEOUTS:
             raise BusUnavailable(f"no reply on {subject} within {timeout:g} s") from None
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+        except nats_direct.NOT_CONNECTED:
             raise BusUnavailable("not connected to NATS") from None
         try:
             return RpcReply.model_validate_json(msg.body)

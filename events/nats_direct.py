@@ -93,12 +93,34 @@ async def stream_state(broker: NatsBroker, name: str, *, timeout: float = 5.0) -
         raise StreamMissing(f"stream {name} is not there: {exc or type(exc).__name__}") from None
 
 
+STREAM_ALREADY_IN_USE = 10058
+
+# what FastStream passes up from nats-py when a connection, a request or a server fails
+CONNECT_ERRORS = (OSError, nats.errors.Error, asyncio.TimeoutError)
+NO_RESPONDERS = nats.errors.NoRespondersError
+TIMEOUTS = (nats.errors.TimeoutError, asyncio.TimeoutError, TimeoutError)
+NOT_CONNECTED = (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError)
+
+
+async def _ensure_streams(js: JetStreamContext, replicas: int, limits: streams.StreamLimits | None) -> None:
+    """Create the streams, or bring an existing one to this configuration."""
+    for base in streams.ALL_STREAMS:
+        config = (limits or streams.StreamLimits()).apply(dataclasses.replace(base, num_replicas=replicas))
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_ALREADY_IN_USE:
+                raise
+            log.info("updating stream %s to the current configuration", config.name)
+            await js.update_stream(config)
+
+
 async def declare_streams(
     broker: NatsBroker, replicas: int, limits: streams.StreamLimits | None, *, timeout: float
 ) -> str | None:
     """Declare the streams; None when done, else why JetStream is not ready yet."""
     try:
-        await streams.ensure_streams(jetstream(broker, timeout), replicas, limits)
+        await _ensure_streams(jetstream(broker, timeout), replicas, limits)
         return None
     except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, asyncio.TimeoutError,
             nats.js.errors.NoStreamResponseError) as exc:
