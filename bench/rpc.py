@@ -47,7 +47,7 @@ async def serve_faststream(url: str) -> None:
 
     bus = await Bus.connect(url, "bench", wait_s=5)
 
-    async def hello(_req: CoreHello) -> CoreHelloResult:
+    async def hello(request: CoreHello) -> CoreHelloResult:
         return REPLY
 
     router = bus.rpc_router()
