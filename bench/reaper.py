@@ -11,10 +11,10 @@ import json
 import time
 from datetime import datetime, timedelta, timezone
 
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from faststream.nats import DeliverPolicy
 
 from bench.common import nats_server, run_benchmark
-from events import subjects
+from events import nats_direct, streams, subjects
 from events.bus import Bus
 from runtime.testing import FakeClock
 from schemas.sealing import generate_keypair
@@ -59,11 +59,12 @@ async def main(args: argparse.Namespace) -> dict:
     with nats_server() as server:
         bus = await Bus.connect(server.url, "bench", wait_s=5)
         await bus.ensure_streams()
-        for sample, payload in zip(samples, payloads):
-            await bus.js.publish(subjects.stats(1, sample.gateway_id), payload)
+        for sample in samples:
+            await bus.publish(subjects.stats(1, sample.gateway_id), sample)
 
-        # baseline: the same messages read from JetStream, undecoded
-        sub = await bus.js.subscribe(subjects.STATS_ALL, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        # baseline: the same messages read from JetStream, undecoded, through the same kind
+        # of ordered consumer the reaper replays with
+        sub = await nats_direct.ordered_subscribe(bus.broker, subjects.STATS_ALL, streams.STATS.name, DeliverPolicy.ALL)
         began = time.perf_counter()
         for _ in payloads:
             await sub.next_msg(timeout=30)

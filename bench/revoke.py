@@ -26,7 +26,7 @@ from wireguard.userspace import UserspaceBackend
 from gateway_worker.settings import GatewaySettings
 from reaper_worker.app import Reaper, ReaperSettings
 from schemas.common import RevokeReason, utcnow
-from schemas.events import PEER_STATE_ADAPTER, PeerAuthorized, PeerRevoked
+from schemas.events import PeerAuthorized, PeerRevoked, PeerState
 from schemas.rpc import GatewayCredentials
 
 THRESHOLD = 300
@@ -45,11 +45,13 @@ async def measure(url: str, peers: int, backend_kind: str, netns: str | None) ->
     received: dict[int, float] = {}
     sent: dict[int, float] = {}
 
-    async def note(state, _msg) -> None:  # type: ignore[no-untyped-def]
+    async def note(state: PeerState) -> None:
         received[state.device_id] = time.perf_counter()
 
-    bus.consume(stream=streams.PEERS.name, durable="bench-baseline", filter_subject=subjects.peers_of_location(999),
-                decode=PEER_STATE_ADAPTER.validate_json, handler=note)
+    baseline_consumer = bus.stream_router()
+    baseline_consumer.consumer(note, stream=streams.PEERS.name, durable="bench-baseline",
+                               filter_subject=subjects.peers_of_location(999))
+    await bus.serve(baseline_consumer)
     await asyncio.sleep(0.5)
     for device in range(peers):
         sent[device] = time.perf_counter()

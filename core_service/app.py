@@ -5,6 +5,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 
+from faststream.nats import NatsRouter
+
 from core_service import VERSION, metrics
 from core_service.admin import Admin
 from core_service.context import CoreContext
@@ -19,12 +21,12 @@ from core_service.outbox import OutboxRelay
 from core_service.settings import CoreSettings
 from events import permissions, streams, subjects
 from events.bus import Bus
+from events.peer_log import PeerLog
 from runtime.clock import Clock, SystemClock
 from runtime.metrics import serving_metrics
 from runtime.service import cancel_all, every, run_until_signalled
 from runtime.settings import load_settings
 from schemas import rpc
-from schemas.events import PEER_STATE_ADAPTER, STATS_ADAPTER
 
 log = logging.getLogger("core_service")
 
@@ -48,93 +50,95 @@ class Core:
     async def start(self) -> None:
         if self.settings.auto_migrate:
             await self.db.migrate()
-        self.bus = await Bus.connect_as(self.settings, permissions.CORE, "core")
-        self.bus.peer_signing_key = self.vault.peer_signer.public_key
+        self.bus = await Bus.connect_as(self.settings, permissions.CORE, "core", registry=metrics.registry)
         await self.bus.ensure_streams(self.settings.stream_replicas, limits=self.settings.stream_limits())
-        relay = self._relay = OutboxRelay(self.db, self.bus, self.clock)
-        ctx = CoreContext(settings=self.settings, db=self.db, vault=self.vault, clock=self.clock, relay=relay)
-        mailer = SmtpMailer(self.settings) if self.settings.smtp_host else None
-        self.mfa = Mfa(ctx, mailer)
-        self.admin = Admin(ctx)
-        self.enrollments = Enrollments(ctx, mailer)
-        self.oidc_admin = OidcAdmin(ctx, RelyingParty(ctx))
-        await relay.flush()  # what a previous run committed but could not publish
-        for subject, request_type, handler in self._routes():
-            await self.bus.serve_rpc(subject, request_type, handler)
-        dataplane = self.dataplane = DataPlane(ctx)
-        # one durable each, shared by every core: the work is split between them
-        self.bus.consume(
-            stream=streams.PEERS.name,
-            durable="core-peers",
-            filter_subject=subjects.PEER_ALL,
-            decode=PEER_STATE_ADAPTER.validate_json,
-            handler=lambda state, _msg: dataplane.on_peer_state(state),
-        )
-        self.bus.consume(
-            stream=streams.STATS.name,
-            durable="core-stats",
-            filter_subject=subjects.STATS_ALL,
-            decode=STATS_ADAPTER.validate_json,
-            handler=lambda sample, _msg: dataplane.on_sample(sample),
-        )
+        routers = self.build(self.bus)
+        assert self._relay is not None
+        await self._relay.flush()  # what a previous run committed but could not publish
+        await self.bus.serve(*routers)
         self._tasks = [
-            asyncio.create_task(relay.run(self.settings.outbox_interval_s), name="outbox"),
+            asyncio.create_task(self._relay.run(self.settings.outbox_interval_s), name="outbox"),
             asyncio.create_task(every(HOUSEKEEPING_INTERVAL_S, self._housekeeping, "housekeeping", log)),
         ]
         log.info("core ready (version %s, database %s)", VERSION, self.db.engine.url.render_as_string(hide_password=True))
 
-    def _routes(self) -> list[tuple[str, type, object]]:
-        admin, mfa, enroll = self.admin, self.mfa, self.enrollments
-        return [
-            (subjects.RPC_CORE_HELLO, rpc.CoreHello, self._hello),
-            (subjects.RPC_MFA_START, rpc.MfaStartRequest, mfa.start),
-            (subjects.RPC_MFA_FINISH, rpc.MfaFinishRequest, mfa.finish),
-            (subjects.RPC_MFA_FINISH_REMOTE, rpc.MfaFinishRemoteRequest, mfa.finish_remote),
-            (subjects.RPC_MFA_TOKEN_STATUS, rpc.TokenStatusRequest, mfa.token_status),
-            (subjects.RPC_ENROLL_MOBILE, rpc.RegisterMobileRequest, enroll.register_mobile),
-            (subjects.RPC_ENROLL_START, rpc.EnrollStartRequest, enroll.start),
-            (subjects.RPC_ENROLL_FACTOR_START, rpc.EnrollFactorStartRequest, enroll.factor_start),
-            (subjects.RPC_ENROLL_FACTOR_FINISH, rpc.EnrollFactorFinishRequest, enroll.factor_finish),
-            (subjects.RPC_ENROLL_ACTIVATE, rpc.EnrollSession, enroll.activate),
-            (subjects.RPC_ENROLL_CREATE_DEVICE, rpc.EnrollCreateDeviceRequest, enroll.create_device),
-            (subjects.RPC_ENROLL_NETWORK_INFO, rpc.EnrollNetworkInfoRequest, enroll.network_info),
-            (subjects.RPC_ENROLL_POLL, rpc.PollRequest, enroll.poll),
-            (subjects.admin_rpc("enroll_create"), rpc.EnrollCreateRequest, enroll.create),
-            (subjects.admin_rpc("enroll_list"), rpc.EnrollListRequest, enroll.list),
-            (subjects.admin_rpc("enroll_revoke"), rpc.EnrollRevokeRequest, enroll.revoke),
-            (subjects.RPC_OIDC_AUTH_URL, rpc.OidcAuthUrlRequest, mfa.oidc.auth_url),
-            (subjects.RPC_OIDC_CALLBACK, rpc.OidcCallbackRequest, mfa.oidc.callback),
-            (subjects.admin_rpc("oidc_set"), rpc.OidcProviderSetRequest, self.oidc_admin.set),
-            (subjects.admin_rpc("oidc_show"), rpc.Empty, lambda _req: self.oidc_admin.show()),
-            (subjects.admin_rpc("oidc_unlink"), rpc.UserChangeRequest, admin.oidc_unlink),
-            (subjects.admin_rpc("location_add"), rpc.LocationAddRequest, admin.location_add),
-            (subjects.admin_rpc("location_list"), rpc.Empty, lambda _req: admin.location_list()),
-            (subjects.admin_rpc("gateway_credentials"), rpc.GatewayCredentialsRequest, admin.gateway_credentials),
-            (subjects.admin_rpc("user_add"), rpc.UserAddRequest, admin.user_add),
-            (subjects.admin_rpc("user_list"), rpc.Empty, lambda _req: admin.user_list()),
-            (subjects.admin_rpc("totp_enroll"), rpc.TotpEnrollRequest, admin.totp_enroll),
-            (subjects.admin_rpc("totp_confirm"), rpc.TotpConfirmRequest, admin.totp_confirm),
-            (subjects.admin_rpc("email_mfa"), rpc.EmailMfaRequest, admin.email_mfa),
-            (subjects.admin_rpc("mobile_allow"), rpc.MobileAllowRequest, admin.mobile_allow),
-            (subjects.admin_rpc("device_add"), rpc.DeviceAddRequest, admin.device_add),
-            (subjects.admin_rpc("device_list"), rpc.DeviceListRequest, admin.device_list),
-            (subjects.admin_rpc("sessions"), rpc.SessionsRequest, admin.sessions),
-            (subjects.admin_rpc("revoke"), rpc.RevokeRequest, admin.revoke),
-            (subjects.admin_rpc("location_set"), rpc.LocationSetRequest, admin.location_set),
-            (subjects.admin_rpc("location_remove"), rpc.LocationRemoveRequest, admin.location_remove),
-            (subjects.admin_rpc("user_disable"), rpc.UserChangeRequest, admin.user_disable),
-            (subjects.admin_rpc("user_enable"), rpc.UserChangeRequest, admin.user_enable),
-            (subjects.admin_rpc("user_delete"), rpc.UserChangeRequest, admin.user_delete),
-            (subjects.admin_rpc("user_unlock"), rpc.UserChangeRequest, admin.user_unlock),
-            (subjects.admin_rpc("user_set"), rpc.UserSetRequest, admin.user_set),
-            (subjects.admin_rpc("user_show"), rpc.UserRef, admin.user_show),
-            (subjects.admin_rpc("totp_reset"), rpc.FactorRemoveRequest, admin.totp_reset),
-            (subjects.admin_rpc("mobile_remove"), rpc.MobileRemoveRequest, admin.mobile_remove),
-            (subjects.admin_rpc("device_remove"), rpc.DeviceRef, admin.device_remove),
-            (subjects.admin_rpc("device_rename"), rpc.DeviceRenameRequest, admin.device_rename),
-        ]
+    def build(self, bus: Bus) -> list[NatsRouter]:
+        """The core's services over this bus, and the routers of every RPC endpoint and
+        stream consumer (the AsyncAPI document is made from them too)."""
+        self.peers = PeerLog(bus, signing_key=self.vault.peer_signer.public_key)
+        relay = self._relay = OutboxRelay(self.db, bus, self.peers, self.clock)
+        ctx = CoreContext(settings=self.settings, db=self.db, vault=self.vault, clock=self.clock, relay=relay)
+        mailer = SmtpMailer(self.settings) if self.settings.smtp_host else None
+        admin = self.admin = Admin(ctx)
+        mfa = self.mfa = Mfa(ctx, mailer)
+        enroll = self.enrollments = Enrollments(ctx, mailer)
+        self.oidc_admin = OidcAdmin(ctx, RelyingParty(ctx))
+        dataplane = self.dataplane = DataPlane(ctx)
+        endpoints = bus.rpc_router()
+        endpoints.endpoint(subjects.RPC_CORE_HELLO, self._hello)
+        endpoints.endpoint(subjects.RPC_MFA_START, mfa.start)
+        endpoints.endpoint(subjects.RPC_MFA_FINISH, mfa.finish)
+        endpoints.endpoint(subjects.RPC_MFA_FINISH_REMOTE, mfa.finish_remote)
+        endpoints.endpoint(subjects.RPC_MFA_TOKEN_STATUS, mfa.token_status)
+        endpoints.endpoint(subjects.RPC_ENROLL_MOBILE, enroll.register_mobile)
+        endpoints.endpoint(subjects.RPC_ENROLL_START, enroll.start)
+        endpoints.endpoint(subjects.RPC_ENROLL_FACTOR_START, enroll.factor_start)
+        endpoints.endpoint(subjects.RPC_ENROLL_FACTOR_FINISH, enroll.factor_finish)
+        endpoints.endpoint(subjects.RPC_ENROLL_ACTIVATE, enroll.activate)
+        endpoints.endpoint(subjects.RPC_ENROLL_CREATE_DEVICE, enroll.create_device)
+        endpoints.endpoint(subjects.RPC_ENROLL_NETWORK_INFO, enroll.network_info)
+        endpoints.endpoint(subjects.RPC_ENROLL_POLL, enroll.poll)
+        endpoints.endpoint(subjects.admin_rpc("enroll_create"), enroll.create)
+        endpoints.endpoint(subjects.admin_rpc("enroll_list"), enroll.list)
+        endpoints.endpoint(subjects.admin_rpc("enroll_revoke"), enroll.revoke)
+        endpoints.endpoint(subjects.RPC_OIDC_AUTH_URL, mfa.oidc.auth_url)
+        endpoints.endpoint(subjects.RPC_OIDC_CALLBACK, mfa.oidc.callback)
+        endpoints.endpoint(subjects.admin_rpc("oidc_set"), self.oidc_admin.set)
+        endpoints.endpoint(subjects.admin_rpc("oidc_show"), self._oidc_show)
+        endpoints.endpoint(subjects.admin_rpc("oidc_unlink"), admin.oidc_unlink)
+        endpoints.endpoint(subjects.admin_rpc("location_add"), admin.location_add)
+        endpoints.endpoint(subjects.admin_rpc("location_list"), self._location_list)
+        endpoints.endpoint(subjects.admin_rpc("gateway_credentials"), admin.gateway_credentials)
+        endpoints.endpoint(subjects.admin_rpc("user_add"), admin.user_add)
+        endpoints.endpoint(subjects.admin_rpc("user_list"), self._user_list)
+        endpoints.endpoint(subjects.admin_rpc("totp_enroll"), admin.totp_enroll)
+        endpoints.endpoint(subjects.admin_rpc("totp_confirm"), admin.totp_confirm)
+        endpoints.endpoint(subjects.admin_rpc("email_mfa"), admin.email_mfa)
+        endpoints.endpoint(subjects.admin_rpc("mobile_allow"), admin.mobile_allow)
+        endpoints.endpoint(subjects.admin_rpc("device_add"), admin.device_add)
+        endpoints.endpoint(subjects.admin_rpc("device_list"), admin.device_list)
+        endpoints.endpoint(subjects.admin_rpc("sessions"), admin.sessions)
+        endpoints.endpoint(subjects.admin_rpc("revoke"), admin.revoke)
+        endpoints.endpoint(subjects.admin_rpc("location_set"), admin.location_set)
+        endpoints.endpoint(subjects.admin_rpc("location_remove"), admin.location_remove)
+        endpoints.endpoint(subjects.admin_rpc("user_disable"), admin.user_disable)
+        endpoints.endpoint(subjects.admin_rpc("user_enable"), admin.user_enable)
+        endpoints.endpoint(subjects.admin_rpc("user_delete"), admin.user_delete)
+        endpoints.endpoint(subjects.admin_rpc("user_unlock"), admin.user_unlock)
+        endpoints.endpoint(subjects.admin_rpc("user_set"), admin.user_set)
+        endpoints.endpoint(subjects.admin_rpc("user_show"), admin.user_show)
+        endpoints.endpoint(subjects.admin_rpc("totp_reset"), admin.totp_reset)
+        endpoints.endpoint(subjects.admin_rpc("mobile_remove"), admin.mobile_remove)
+        endpoints.endpoint(subjects.admin_rpc("device_remove"), admin.device_remove)
+        endpoints.endpoint(subjects.admin_rpc("device_rename"), admin.device_rename)
+        # one durable each, shared by every core: the work is split between them
+        stream = bus.stream_router()
+        stream.consumer(dataplane.on_peer_state, stream=streams.PEERS.name, durable="core-peers",
+                        filter_subject=subjects.PEER_ALL)
+        stream.consumer(dataplane.on_sample, stream=streams.STATS.name, durable="core-stats",
+                        filter_subject=subjects.STATS_ALL)
+        return [endpoints, stream]
 
-    async def _hello(self, _req: rpc.CoreHello) -> rpc.CoreHelloResult:
+    async def _location_list(self, request: rpc.Empty) -> rpc.LocationListResult:
+        return await self.admin.location_list()
+
+    async def _user_list(self, request: rpc.Empty) -> rpc.UserListResult:
+        return await self.admin.user_list()
+
+    async def _oidc_show(self, request: rpc.Empty) -> rpc.OidcProviderInfo:
+        return await self.oidc_admin.show()
+
+    async def _hello(self, request: rpc.CoreHello) -> rpc.CoreHelloResult:
         return rpc.CoreHelloResult(rpc_public_key=self.vault.rpc_public_key, version=VERSION, instance_id=self.vault.instance_id)
 
     async def _housekeeping(self) -> None:

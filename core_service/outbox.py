@@ -46,22 +46,27 @@ def pending_rows(session: AsyncSession) -> list[Outbox]:
 
 
 class EventSink(Protocol):
-    """Where the relay publishes: the bus in production, a list in unit tests."""
-
-    async def publish_peer_state(self, state: PeerAuthorized | PeerRevoked) -> bool: ...
+    """Where the relay publishes events and wake-ups: the bus in production, a list in unit tests."""
 
     async def publish_event(self, event: Event) -> object: ...
 
     async def notify_login_approved(self, event: LoginApproved) -> None: ...
 
 
+class PeerStateSink(Protocol):
+    """Where the relay publishes peer state: the peer log (compare-and-set) in production."""
+
+    async def publish_peer_state(self, state: PeerAuthorized | PeerRevoked) -> bool: ...
+
+
 class OutboxRelay:
     """Publishes outbox rows. A transaction's own rows go out right after its commit
     (`publish`); the background loop retries whatever is still unpublished a round later."""
 
-    def __init__(self, db: Database, sink: EventSink, clock: Clock, *, batch: int = 500) -> None:
+    def __init__(self, db: Database, sink: EventSink, peers: PeerStateSink, clock: Clock, *, batch: int = 500) -> None:
         self.db = db
         self.sink = sink
+        self.peers = peers
         self.clock = clock
         self.batch = batch
         self._lock = asyncio.Lock()
@@ -124,7 +129,7 @@ class OutboxRelay:
             for row_id, event in group:
                 try:
                     if isinstance(event, (PeerAuthorized, PeerRevoked)):
-                        await self.sink.publish_peer_state(event)
+                        await self.peers.publish_peer_state(event)
                     elif isinstance(event, LoginApproved):
                         await self.sink.notify_login_approved(event)
                     else:

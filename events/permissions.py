@@ -72,7 +72,7 @@ def _durable(stream: str, name: str, filter_subject: str) -> list[str]:
 
 def _ephemeral_reader(stream: str) -> list[str]:
     """Ordered (ephemeral, push) consumers of the stream for oneself, created by name
-    (events.bus.Bus.ordered_subscribe), and their flow control. The names of every
+    (events.nats_direct.ordered_subscribe), and their flow control. The names of every
     durable are denied (`authorization_block`), so this cannot change another's consumer;
     there is no delete."""
     return [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.*.>", f"$JS.FC.{stream}.>"]

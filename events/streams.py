@@ -1,16 +1,12 @@
-"""JetStream streams and their set-up. Every service calls `ensure_streams` at start."""
+"""JetStream streams and their limits; the core declares them at start (events.nats_direct)."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 
-from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from faststream.nats import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from events import subjects
 
-log = logging.getLogger(__name__)
 
 DAY = 24 * 3600
 
@@ -83,18 +79,3 @@ class StreamLimits:
             STATS.name: (self.stats_max_age_s, self.stats_max_bytes),
         }[config.name]  # type: ignore[index]
         return dataclasses.replace(config, max_age=age, max_bytes=size, discard=DiscardPolicy.OLD)
-
-STREAM_ALREADY_IN_USE = 10058
-
-
-async def ensure_streams(js: JetStreamContext, replicas: int = 1, limits: StreamLimits | None = None) -> None:
-    """Create the streams, or bring an existing one to this configuration."""
-    for base in ALL_STREAMS:
-        config = (limits or StreamLimits()).apply(dataclasses.replace(base, num_replicas=replicas))
-        try:
-            await js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != STREAM_ALREADY_IN_USE:
-                raise
-            log.info("updating stream %s to the current configuration", config.name)
-            await js.update_stream(config)

@@ -42,6 +42,14 @@ DLQ_ALL: Final = "wgmfa.dlq.>"
 
 # core NATS, no stream
 NOTIFY_LOGIN_PREFIX: Final = "wgmfa.notify.login"
+NOTIFY_LOGIN_ALL: Final = "wgmfa.notify.login.*"
+
+# the subjects with variable parts, as the AsyncAPI document names them
+PEER_TEMPLATE: Final = "wgmfa.peer.{location_id}.{device_id}"
+PEERS_OF_LOCATION_TEMPLATE: Final = "wgmfa.peer.{location_id}.*"
+STATS_TEMPLATE: Final = "wgmfa.stats.{location_id}.{gateway_id}"
+DLQ_TEMPLATE: Final = "wgmfa.dlq.{original_subject}"
+NOTIFY_LOGIN_TEMPLATE: Final = "wgmfa.notify.login.{login_id}"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 

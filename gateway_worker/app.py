@@ -14,18 +14,18 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js.api import AckPolicy as JsAckPolicy
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from faststream.nats import DeliverPolicy, NatsRouter
+from faststream.nats.annotations import NatsMessage
+from pydantic import ValidationError
 
-from events import permissions, streams, subjects
-from schemas import signing
+from events import nats_direct, permissions, streams, subjects
 from events.bus import Bus, PermanentFailure
+from events.outcomes import describe_validation_error
 from runtime.clock import Clock, SystemClock
-from schemas.sealing import SealError, unseal
 from runtime.service import cancel_all, every
 from gateway_worker import metrics
+from schemas import signing
+from schemas.sealing import SealError, unseal
 from wireguard.port import BackendError, InterfaceConfig, PeerConfig, WireGuardBackend
 from gateway_worker.settings import GatewaySettings, default_gateway_id
 from gateway_worker.sync import plan
@@ -79,8 +79,13 @@ class Gateway:
             netns=settings.netns,
         )
         self.applied: dict[int, Applied] = {}  # device id -> the newest state applied
-        self._lock = asyncio.Lock()  # one writer to the interface at a time
+        # One writer to the interface at a time, and the generation comparison made under
+        # the same hold as the write it allows: two states of one device compared first and
+        # applied afterwards could apply in the wrong order (an authorize after the revoke
+        # of its generation, leaving a revoked peer installed).
+        self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._routers: list[NatsRouter] = []
         self.synced = asyncio.Event()
 
     @property
@@ -94,21 +99,13 @@ class Gateway:
 
     async def start(self) -> None:
         if self.bus is None:
-            self.bus = await Bus.connect_as(self.settings, self.role, f"gateway {self.gateway_id}")
+            self.bus = await Bus.connect_as(self.settings, self.role, f"gateway {self.gateway_id}",
+                                            registry=metrics.registry)
         await self.bus.wait_for_streams(streams.PEERS.name)
         await self.backend.ensure_interface(self.interface)
         await self.resync()
-        self._tasks.append(
-            self.bus.consume(
-                stream=streams.PEERS.name,
-                durable=self.durable,
-                filter_subject=subjects.peers_of_location(self.location_id),
-                decode=PEER_STATE_ADAPTER.validate_json,
-                handler=self.on_peer_state,
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                max_deliver=0,  # a valid state is retried until the interface takes it
-            )
-        )
+        self._routers = self.build(self.bus)
+        await self.bus.serve(*self._routers)
         self._tasks.append(
             asyncio.create_task(every(self.settings.stats_interval, self.publish_stats, "stats", log), name="gateway stats")
         )
@@ -117,45 +114,41 @@ class Gateway:
             self.gateway_id, self.location_id, self.interface.name, type(self.backend).__name__,
         )
 
+    def build(self, bus: Bus) -> list[NatsRouter]:
+        """The gateway's stream consumer over this bus (the AsyncAPI document is made from it too)."""
+        router = bus.stream_router(max_deliver=0)  # a valid state is retried until the interface takes it
+        router.consumer(
+            self.on_peer_state,
+            stream=streams.PEERS.name,
+            durable=self.durable,
+            filter_subject=subjects.peers_of_location(self.location_id),
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            title=subjects.PEERS_OF_LOCATION_TEMPLATE,
+        )
+        return [router]
+
     # --- the stream's view ------------------------------------------------------------------
 
     async def snapshot(self) -> dict[int, PeerAuthorized | PeerRevoked]:
         """The last state of every device of the location, read from the stream alone."""
         assert self.bus is not None
         # A consumer with a name of its own: the gateway's permissions allow exactly this
-        # one, filtered to its location (a leftover of a crashed run is replaced).
-        name = permissions.gateway_snapshot_consumer(self.location_id, self.gateway_id)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self.bus.js.delete_consumer(streams.PEERS.name, name)
-        await self.bus.js.add_consumer(
+        # one, filtered to its location.
+        msgs = await nats_direct.last_per_subject(
+            self.bus.broker,
             streams.PEERS.name,
-            ConsumerConfig(
-                name=name,
-                filter_subject=subjects.peers_of_location(self.location_id),
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                ack_policy=JsAckPolicy.NONE,
-                inactive_threshold=60,
-            ),
+            subjects.peers_of_location(self.location_id),
+            permissions.gateway_snapshot_consumer(self.location_id, self.gateway_id),
         )
-        psub = await self.bus.js.pull_subscribe_bind(name, stream=streams.PEERS.name)
         states: dict[int, PeerAuthorized | PeerRevoked] = {}
-        try:
-            remaining = (await psub.consumer_info()).num_pending
-            while remaining > 0:
-                msgs = await psub.fetch(min(remaining, 512), timeout=10)
-                for msg in msgs:
-                    try:
-                        state = PEER_STATE_ADAPTER.validate_json(msg.data)
-                    except ValueError as exc:
-                        await self.bus.dead_letter(msg.subject, msg.data, msg.headers, f"undecodable: {exc}")
-                        continue
-                    states[state.device_id] = state
-                remaining = msgs[-1].metadata.num_pending
-        finally:
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
-            with contextlib.suppress(Exception):
-                await self.bus.js.delete_consumer(streams.PEERS.name, name)
+        for msg in msgs:
+            try:
+                state = PEER_STATE_ADAPTER.validate_json(msg.data)
+            except ValidationError as exc:
+                await self.bus.dead_letter(msg.subject, msg.data, msg.headers,
+                                           f"undecodable: {describe_validation_error(exc)}")
+                continue
+            states[state.device_id] = state
         return states
 
     def _psk(self, state: PeerAuthorized) -> str | None:
@@ -199,19 +192,21 @@ class Gateway:
         changed ones, and leave correct ones untouched."""
         assert self.bus is not None
         began = time.perf_counter()
-        states = await self.snapshot()
-        desired: dict[str, PeerConfig] = {}
-        refused: dict[int, PeerAuthorized] = {}
-        for state in states.values():
-            if isinstance(state, PeerAuthorized):
-                try:
-                    desired[state.pubkey] = self._peer(state)
-                except PermanentFailure as exc:
-                    refused[state.device_id] = state
-                    await self._apply_failed(state, "sync", str(exc), 1)
-                    await self.bus.dead_letter(subjects.peer(self.location_id, state.device_id),
-                                               state.model_dump_json().encode(), None, str(exc))
+        # The snapshot is read under the lock too: a state the stream consumer applies
+        # meanwhile is either in it or comes after it, never undone by it.
         async with self._lock:
+            states = await self.snapshot()
+            desired: dict[str, PeerConfig] = {}
+            refused: dict[int, PeerAuthorized] = {}
+            for state in states.values():
+                if isinstance(state, PeerAuthorized):
+                    try:
+                        desired[state.pubkey] = self._peer(state)
+                    except PermanentFailure as exc:
+                        refused[state.device_id] = state
+                        await self._apply_failed(state, "sync", str(exc), 1)
+                        await self.bus.dead_letter(subjects.peer(self.location_id, state.device_id),
+                                                   state.model_dump_json().encode(), None, str(exc))
             status = await self.backend.status()
             # A refused last state hides the device's true one (the stream keeps one
             # message per subject), so a resync fails closed: the device gets no peer
@@ -248,33 +243,35 @@ class Gateway:
 
     # --- following the stream ---------------------------------------------------------------
 
-    async def on_peer_state(self, state: PeerAuthorized | PeerRevoked, msg: Msg) -> None:
+    async def on_peer_state(self, state: PeerAuthorized | PeerRevoked, msg: NatsMessage) -> None:
+        """The stream consumer: a refusal raises PermanentFailure (dead-lettered at once), a
+        failed write BackendError (redelivered with a growing delay, never acked before it holds)."""
+        await self.apply(state, attempt=msg.raw_message.metadata.num_delivered)
+
+    async def apply(self, state: PeerAuthorized | PeerRevoked, *, attempt: int = 1) -> None:
+        """Put one device's state on the interface unless a newer one is there already."""
+        action = "authorize" if isinstance(state, PeerAuthorized) else "revoke"
         if state.location_id != self.location_id:
             reason = f"a state for location {state.location_id} on this location's subject"
-            await self._apply_failed(state, "authorize" if isinstance(state, PeerAuthorized) else "revoke", reason,
-                                     msg.metadata.num_delivered)
+            await self._apply_failed(state, action, reason, attempt)
             raise PermanentFailure(reason)
-        current = self.applied.get(state.device_id)
-        if current is not None and peer_state_order(state) <= current.order:
-            return  # stale or already applied (a resync got there first)
-        action = "authorize" if isinstance(state, PeerAuthorized) else "revoke"
         try:
-            peer = self._peer(state) if isinstance(state, PeerAuthorized) else None
             async with self._lock:
+                current = self.applied.get(state.device_id)
+                if current is not None and peer_state_order(state) <= current.order:
+                    return  # stale or already applied (a resync or a newer state got there first)
                 applying = time.perf_counter()
-                if peer is not None:
-                    await self.backend.set_peer(peer)
+                if isinstance(state, PeerAuthorized):
+                    await self.backend.set_peer(self._peer(state))
                 else:
                     await self.backend.remove_peer(state.pubkey)
                 metrics.APPLY_SECONDS.labels(action).observe(time.perf_counter() - applying)
                 self.applied[state.device_id] = Applied(peer_state_order(state), state.pubkey)
-        except PermanentFailure as exc:
-            await self._apply_failed(state, action, str(exc), msg.metadata.num_delivered)
+        except (PermanentFailure, BackendError) as exc:
+            await self._apply_failed(state, action, str(exc), attempt)
             raise
-        except BackendError as exc:
-            await self._apply_failed(state, action, str(exc), msg.metadata.num_delivered)
-            raise  # redelivered with a growing delay; never acked before it holds
-        log.info("%s device %s generation %s", "applied" if peer else "removed", state.device_id, state.generation)
+        log.info("%s device %s generation %s", "applied" if action == "authorize" else "removed",
+                 state.device_id, state.generation)
 
     async def _apply_failed(self, state: PeerAuthorized | PeerRevoked | None, action: str, reason: str, attempt: int) -> None:
         assert self.bus is not None
@@ -341,6 +338,10 @@ class Gateway:
 
     async def stop(self) -> None:
         await cancel_all(self._tasks)
+        for router in self._routers:  # the bus may be shared and outlive this gateway
+            for subscriber in router.subscribers:
+                with contextlib.suppress(Exception):
+                    await subscriber.stop()
         if self.bus is not None and self._own_bus:
             await self.bus.close()
         if self.settings.remove_interface_on_exit:

@@ -23,7 +23,7 @@ from proxy_service.core_client import BusHolder, CoreClient
 from proxy_service.edge import BodyGuard, ClientAddress, RateLimiter, retry_after_header
 from proxy_service.openapi import document_edge_errors, errors
 from proxy_service.openid import add_openid_routes
-from proxy_service.remote import deny, wait_for_approval
+from proxy_service.remote import ApprovalWakeups, deny, wait_for_approval
 from proxy_service.settings import ProxySettings
 from schemas.http import (
     ClientMfaFinishRemoteRequest,
@@ -76,6 +76,7 @@ def create_app(
     holder = BusHolder()
     holder.bus = bus
     core = CoreClient(holder, settings.rpc_timeout_s)
+    wakeups = ApprovalWakeups()
     client_address = ClientAddress(settings.trusted_proxies)
     limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
     registry = registry or CollectorRegistry()
@@ -87,10 +88,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         connector = None
-        if bus is None:
+        if bus is not None:
+            await bus.serve(wakeups.router())
+        else:
 
             async def connect() -> None:
-                holder.bus = await Bus.connect_as(settings, permissions.PROXY, "proxy")
+                connected = await Bus.connect_as(settings, permissions.PROXY, "proxy", registry=registry)
+                await connected.serve(wakeups.router())
+                holder.bus = connected
                 log.info("connected to NATS")
 
             connector = asyncio.create_task(connect())
@@ -227,7 +232,7 @@ def create_app(
         if not token:
             await deny(websocket, 400, "invalid token")
             return
-        await wait_for_approval(websocket, core, token, client, lambda exc: HTTP_STATUS.get(exc.error.status, 500))
+        await wait_for_approval(websocket, core, wakeups, token, client, lambda exc: HTTP_STATUS.get(exc.error.status, 500))
 
     app.include_router(enrollment.create_router(settings, core, client_info))
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fastapi import WebSocket
+from faststream.nats import NatsRouter
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -21,13 +22,43 @@ from events import subjects
 from events.bus import BusUnavailable
 from proxy_service.core_client import CoreClient
 from schemas.common import utcnow
+from schemas.events import LoginApproved
 from schemas.http import RemoteMfaSuccess
-from schemas.rpc import ClientInfo, RpcFailure
+from schemas.rpc import ClientInfo, RpcFailure, TokenStatusResult
 
 log = logging.getLogger("proxy_service.remote")
 
 POLL_S = 5.0
 MOBILE_APPROVE = "mobile_approve"
+
+
+class ApprovalWakeups:
+    """The approvals this proxy's sockets wait for, woken by the core's notifications."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    def router(self) -> NatsRouter:
+        router = NatsRouter()
+        router.subscriber(subjects.NOTIFY_LOGIN_ALL, title=subjects.NOTIFY_LOGIN_ALL)(self.on_login_approved)
+        return router
+
+    async def on_login_approved(self, event: LoginApproved) -> None:
+        """A phone approved a login: wake the socket waiting for it, if it is on this proxy."""
+        for approved in self._waiting.get(str(event.login_id), ()):
+            approved.set()
+
+    @contextlib.contextmanager
+    def waiting(self, login_id: object) -> Iterator[asyncio.Event]:
+        approved = asyncio.Event()
+        waiters = self._waiting.setdefault(str(login_id), set())
+        waiters.add(approved)
+        try:
+            yield approved
+        finally:
+            waiters.discard(approved)
+            if not waiters:
+                self._waiting.pop(str(login_id), None)
 
 
 async def deny(websocket: WebSocket, status: int, message: str) -> None:
@@ -42,6 +73,7 @@ async def deny(websocket: WebSocket, status: int, message: str) -> None:
 async def wait_for_approval(
     websocket: WebSocket,
     core: CoreClient,
+    wakeups: ApprovalWakeups,
     token: str,
     client: ClientInfo,
     http_status: Callable[[RpcFailure], int],
@@ -58,12 +90,13 @@ async def wait_for_approval(
         await deny(websocket, 400, "invalid MFA method")
         return
     await websocket.accept()
-    approved = asyncio.Event()
+    with wakeups.waiting(status.login_id) as approved:
+        await _until_approved(websocket, core, token, client, status, approved)
 
-    async def on_notify(_msg: object) -> None:
-        approved.set()
 
-    subscription = await core.bus.nc.subscribe(subjects.notify_login(status.login_id), cb=on_notify)
+async def _until_approved(
+    websocket: WebSocket, core: CoreClient, token: str, client: ClientInfo, status: TokenStatusResult, approved: asyncio.Event
+) -> None:
     closed_by_client = asyncio.create_task(_until_closed(websocket))
     try:
         state = status.state
@@ -77,6 +110,7 @@ async def wait_for_approval(
             done, _ = await asyncio.wait({woken, closed_by_client}, timeout=min(POLL_S, remaining),
                                          return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
+            approved.clear()
             if closed_by_client in done:
                 log.info("the desktop closed its socket before the approval")
                 return
@@ -97,8 +131,6 @@ async def wait_for_approval(
         await _close(websocket, 1000, "done")
     finally:
         closed_by_client.cancel()
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
 
 
 async def _until_closed(websocket: WebSocket) -> None:

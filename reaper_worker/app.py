@@ -8,13 +8,11 @@ import math
 from datetime import datetime
 from typing import Any
 
-import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from faststream.nats import DeliverPolicy
 from pydantic import Field, ValidationError
 
-from events import permissions, streams, subjects
-from events.bus import WRONG_LAST_SEQUENCE, Bus, describe_validation_error
+from events import nats_direct, permissions, streams, subjects
+from events.bus import Bus, describe_validation_error
 from runtime.clock import Clock, SystemClock
 from runtime.metrics import serving_metrics
 from runtime.service import cancel_all, every, run_until_signalled
@@ -59,7 +57,7 @@ class Reaper:
 
     async def start(self) -> None:
         if self.bus is None:
-            self.bus = await Bus.connect_as(self.settings, permissions.REAPER, "reaper")
+            self.bus = await Bus.connect_as(self.settings, permissions.REAPER, "reaper", registry=metrics.registry)
         await self.bus.wait_for_streams(streams.PEERS.name, streams.STATS.name)
         peers = await self._subscribe(subjects.PEER_ALL, streams.PEERS.name, DeliverPolicy.LAST_PER_SUBJECT)
         stats = await self._subscribe(subjects.STATS_ALL, streams.STATS.name, DeliverPolicy.ALL)
@@ -74,8 +72,9 @@ class Reaper:
 
     async def _subscribe(self, subject: str, stream: str, policy: DeliverPolicy) -> Any:
         assert self.bus is not None
-        # each reaper its own ordered consumer: every reaper reads every sample
-        sub = await self.bus.ordered_subscribe(subject, stream, ConsumerConfig(deliver_policy=policy))
+        # each reaper its own ordered consumer: every reaper reads every sample, with the
+        # server's timestamps and stream sequences (nats_direct says why not FastStream)
+        sub = await nats_direct.ordered_subscribe(self.bus.broker, subject, stream, policy)
         self._subscriptions.append(sub)
         return sub
 
@@ -85,9 +84,9 @@ class Reaper:
         those times are never later than the truth, so ages are never over-estimated and
         nothing is revoked early."""
         assert self.bus is not None
-        backlog: list[tuple[Msg, Any]] = []
+        backlog: list[tuple[nats_direct.StreamMsg, Any]] = []
         for sub, stream in subs:
-            state = (await self.bus.js.stream_info(stream)).state
+            state = await nats_direct.stream_state(self.bus.broker, stream)
             if not state.messages:
                 continue
             while True:  # the filter covers the whole stream, so its last message comes
@@ -107,19 +106,18 @@ class Reaper:
                 self._apply(item, msg, now - max((server_now - msg.metadata.timestamp).total_seconds(), 0.0))
         log.info("replayed %s messages from the peer and stats streams", len(backlog))
 
-    async def _announce_start(self, backlog: list[tuple[Msg, Any]]) -> datetime | None:
+    async def _announce_start(self, backlog: list[tuple[nats_direct.StreamMsg, Any]]) -> datetime | None:
         assert self.bus is not None
         watching = sum(1 for _, item in backlog if isinstance(item, PeerAuthorized) and item.threshold_s is not None)
         event = ReaperStarted(reaper_id=self.reaper_id, watching=watching, replayed=len(backlog))
         try:
             ack = await self.bus.publish_event(event)
-            stored = await self.bus.js.get_msg(streams.EVENTS.name, ack.seq)
-            return stored.time
+            return await nats_direct.server_time_of(self.bus.broker, streams.EVENTS.name, ack.seq)
         except Exception as exc:
             log.warning("could not read the server's time: %s", exc)
             return None
 
-    def _decode(self, msg: Msg) -> PeerAuthorized | PeerRevoked | StatsSample | None:
+    def _decode(self, msg: nats_direct.StreamMsg) -> PeerAuthorized | PeerRevoked | StatsSample | None:
         try:
             if msg.subject.startswith(subjects.PEER_PREFIX + "."):
                 return PEER_STATE_ADAPTER.validate_json(msg.data)
@@ -132,7 +130,7 @@ class Reaper:
             self._tasks.append(task)
             return None
 
-    def _apply(self, item: PeerAuthorized | PeerRevoked | StatsSample, msg: Msg, arrived_at: float) -> None:
+    def _apply(self, item: PeerAuthorized | PeerRevoked | StatsSample, msg: nats_direct.StreamMsg, arrived_at: float) -> None:
         if isinstance(item, StatsSample):
             self._check_interval(item)
             self.liveness.on_sample(item, arrived_at)
@@ -197,16 +195,13 @@ class Reaper:
         async with limit:
             try:
                 await self.bus.publish(subjects.peer(*auth.key), revoke, expected_last_subject_seq=auth.sequence)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code != WRONG_LAST_SEQUENCE:
+            except Exception as exc:
+                if not nats_direct.is_wrong_last_sequence(exc):
                     log.warning("revoking %s failed, will retry: %s", auth.key, exc)
                     return False
                 # a newer state (another reaper's revoke, a new authorization) is already last
                 log.info("location %s device %s generation %s: already superseded", *auth.key, auth.state.generation)
                 auth.revoked = True
-                return False
-            except Exception as exc:
-                log.warning("revoking %s failed, will retry: %s", auth.key, exc)
                 return False
         auth.revoked = True
         self.revoked.append(revoke)

@@ -18,6 +18,7 @@ TINY = {
     "revoke": ["--peers", "3", "--backend", "fake"],
     "gateway": ["--sizes", "20", "--backend", "fake"],
     "memory": ["--sessions", "20", "--concurrency", "4"],
+    "rpc": ["--requests", "40", "--concurrency", "2", "--clients", "2", "--rounds", "1"],
 }
 
 
@@ -65,3 +66,8 @@ def test_gateway_bench_resyncs() -> None:
 def test_memory_bench_holds_the_sessions_it_made() -> None:
     report = run_bench("memory")
     assert report["newest_listed_live"] == 20 and report["core_rss_mib"] > 0
+
+
+def test_rpc_bench_measures_both_handlers() -> None:
+    report = run_bench("rpc")
+    assert report["raw_per_second"] > 0 and report["faststream_per_second"] > 0 and report["faststream_vs_raw"] > 0

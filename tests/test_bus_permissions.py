@@ -17,8 +17,10 @@ import nats.errors
 import nats.js.errors
 import pytest
 import pytest_asyncio
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
+from events import nats_direct
+from events.peer_log import PeerLog
 from events import permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
 from runtime.testing import FakeClock
@@ -34,7 +36,7 @@ from schemas import rpc
 from schemas.common import RevokeReason, utcnow, uuid7
 from schemas.events import PeerAuthorized, PeerRevoked, StatsSample, UserCreated
 from tests.support.deploy import Bed, start_deploy_cluster
-from tests.support.stack import REPO, eventually, secured_nats_server
+from tests.support.stack import REPO, eventually, secured_nats_server, serve_endpoints
 from wgmfa import credentials as creds
 from wgmfa.credentials import BusCredentials
 
@@ -119,8 +121,8 @@ async def bed(request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
             # three TLS nodes elect their JetStream leader at their own pace on a loaded machine
             await core.ensure_streams(3 if bed.kind == "deploy" else 1, wait_s=180)
             # the core's durables exist, as in a running system
-            await core.js.pull_subscribe(subjects.PEER_ALL, durable="core-peers", stream=streams.PEERS.name)
-            await core.js.pull_subscribe(subjects.STATS_ALL, durable="core-stats", stream=streams.STATS.name)
+            await nats_direct.jetstream(core.broker, 5).pull_subscribe(subjects.PEER_ALL, durable="core-peers", stream=streams.PEERS.name)
+            await nats_direct.jetstream(core.broker, 5).pull_subscribe(subjects.STATS_ALL, durable="core-stats", stream=streams.STATS.name)
             break
         except nats.errors.ConnectionClosedError:
             # the embedded server's configuration reload (the gateways just admitted) may
@@ -158,13 +160,16 @@ async def test_core_serves_rpc_owns_streams_and_publishes_peer_state(bed: Bed) -
     errors: list[str] = []
     raw = await bed.raw(permissions.CORE, errors)
     try:
-        await core.serve_rpc(subjects.RPC_CORE_HELLO, rpc.CoreHello, lambda _r: asyncio.sleep(0, rpc.Empty()))
-        await core.nc.flush()
+        async def hello(request: rpc.CoreHello) -> rpc.Empty:
+            return rpc.Empty()
+
+        await serve_endpoints(core, {subjects.RPC_CORE_HELLO: hello})
+        await nats_direct.client(core.broker).flush()
         await call_when_served(admin, subjects.RPC_CORE_HELLO)
         signer = PeerSigner(b"k" * 32)
         state = signer.sign(authorization(1))
-        assert await core.publish_peer_state(state)
-        assert (await core.last_peer_state(LOCATION, 1)).state == state  # type: ignore[union-attr]
+        assert await PeerLog(core).publish_peer_state(state)
+        assert (await PeerLog(core).last_peer_state(LOCATION, 1)).state == state  # type: ignore[union-attr]
         await core.publish_event(UserCreated(user_id=1, username="alice"))
         # it does not call admin RPC, read others' inboxes, or delete consumers or streams
         await refused_publish(raw, errors, subjects.admin_rpc("user_add"))
@@ -182,19 +187,19 @@ async def test_proxy_requests_client_rpc_only(bed: Bed) -> None:
     errors: list[str] = []
     raw = await bed.raw(permissions.PROXY, errors)
     try:
-        async def hello(_req: rpc.CoreHello) -> rpc.Empty:
+        async def hello(request: rpc.CoreHello) -> rpc.Empty:
             return rpc.Empty()
 
-        for subject in (subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device", f"{subjects.RPC_OIDC_PREFIX}.callback"):
-            await core.serve_rpc(subject, rpc.CoreHello, hello)  # type: ignore[arg-type]
-        await core.nc.flush()
+        await serve_endpoints(core, {subject: hello for subject in (
+            subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device", f"{subjects.RPC_OIDC_PREFIX}.callback")})
+        await nats_direct.client(core.broker).flush()
         for subject in (subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device", f"{subjects.RPC_OIDC_PREFIX}.callback"):
             await call_when_served(proxy, subject)
-        notified = await proxy.nc.subscribe(subjects.notify_login("x1"))
-        await proxy.nc.flush()
+        notified = await nats_direct.client(proxy.broker).subscribe(subjects.notify_login("x1"))
+        await nats_direct.client(proxy.broker).flush()
 
         async def heard() -> bool:
-            await core.nc.publish(subjects.notify_login("x1"), b"{}")
+            await nats_direct.client(core.broker).publish(subjects.notify_login("x1"), b"{}")
             try:
                 return (await notified.next_msg(timeout=0.5)).data == b"{}"
             except nats.errors.TimeoutError:
@@ -217,11 +222,11 @@ async def test_admin_requests_admin_rpc_only(bed: Bed) -> None:
     errors: list[str] = []
     raw = await bed.raw(permissions.ADMIN, errors)
     try:
-        async def answer(_req: rpc.CoreHello) -> rpc.Empty:
+        async def answer(request: rpc.CoreHello) -> rpc.Empty:
             return rpc.Empty()
 
-        await core.serve_rpc(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello, answer)  # type: ignore[arg-type]
-        await core.nc.flush()
+        await serve_endpoints(core, {subjects.admin_rpc("gateway_credentials"): answer})
+        await nats_direct.client(core.broker).flush()
         await call_when_served(admin, subjects.admin_rpc("gateway_credentials"))
         await refused_publish(raw, errors, subjects.peer(LOCATION, 1))
         await refused_publish(raw, errors, subjects.RPC_MFA_FINISH)
@@ -236,12 +241,12 @@ async def test_only_the_admin_role_reaches_gateway_credentials(bed: Bed) -> None
     core = await bed.connect(permissions.CORE)
     answered: list[str] = []
 
-    async def answer(_req: rpc.CoreHello) -> rpc.Empty:
+    async def answer(request: rpc.CoreHello) -> rpc.Empty:
         answered.append("yes")
         return rpc.Empty()
 
-    await core.serve_rpc(subjects.admin_rpc("gateway_credentials"), rpc.CoreHello, answer)  # type: ignore[arg-type]
-    await core.nc.flush()
+    await serve_endpoints(core, {subjects.admin_rpc("gateway_credentials"): answer})
+    await nats_direct.client(core.broker).flush()
     admin = await bed.connect(permissions.ADMIN)
     try:
         await call_when_served(admin, subjects.admin_rpc("gateway_credentials"))  # the admin is answered
@@ -268,7 +273,7 @@ def authorization(device: int, *, generation: int = 1, location: int = LOCATION)
 async def test_reaper_reads_peers_and_stats_and_publishes_revokes(bed: Bed) -> None:
     core = await bed.connect(permissions.CORE)
     state = PeerSigner(b"k" * 32).sign(authorization(1))
-    await core.publish_peer_state(state)
+    await PeerLog(core).publish_peer_state(state)
     settings = ReaperSettings(nats_url=bed.url, nats_nkey_seed=bed.seeds[permissions.REAPER], nats_ca_file=bed.ca_file,
                               sweep_interval_s=3600)
     reaper = Reaper(settings, clock=FakeClock())
@@ -281,7 +286,7 @@ async def test_reaper_reads_peers_and_stats_and_publishes_revokes(bed: Bed) -> N
                              reason=RevokeReason.IDLE)
         assert reaper.bus is not None
         await reaper.bus.publish(subjects.peer(LOCATION, 1), revoke)
-        assert isinstance((await core.last_peer_state(LOCATION, 1)).state, PeerRevoked)  # type: ignore[union-attr]
+        assert isinstance((await PeerLog(core).last_peer_state(LOCATION, 1)).state, PeerRevoked)  # type: ignore[union-attr]
         # no RPC, no answering the core's calls, no touching the core's consumers
         await refused_publish(raw, errors, subjects.admin_rpc("revoke"))
         await refused_subscribe(raw, errors, subjects.RPC_ALL)
@@ -289,7 +294,7 @@ async def test_reaper_reads_peers_and_stats_and_publishes_revokes(bed: Bed) -> N
         await refused_create(raw, errors, streams.PEERS.name, "core-peers", subjects.peers_of_location(9))
         await refused_create(raw, errors, streams.PEERS.name, permissions.gateway_durable(LOCATION, GATEWAY),
                              subjects.peers_of_location(9))
-        info = await core.js.consumer_info(streams.PEERS.name, "core-peers")
+        info = await nats_direct.jetstream(core.broker, 5).consumer_info(streams.PEERS.name, "core-peers")
         assert info.config.filter_subject == subjects.PEER_ALL
     finally:
         await raw.close()
@@ -300,14 +305,14 @@ async def test_reaper_reads_peers_and_stats_and_publishes_revokes(bed: Bed) -> N
 async def test_operator_tails_events_but_changes_nothing(bed: Bed) -> None:
     core = await bed.connect(permissions.CORE)
     await core.publish_event(UserCreated(user_id=1, username="alice"))
-    await core.publish_peer_state(PeerSigner(b"k" * 32).sign(authorization(1)))
+    await PeerLog(core).publish_peer_state(PeerSigner(b"k" * 32).sign(authorization(1)))
     operator = await bed.connect(permissions.OPERATOR)
     errors: list[str] = []
     raw = await bed.raw(permissions.OPERATOR, errors)
     try:
         for filter_subject, stream in ((subjects.EVENTS_ALL, streams.EVENTS.name), (subjects.STATS_ALL, streams.STATS.name),
                                        (subjects.DLQ_ALL, streams.DLQ.name)):
-            sub = await operator.ordered_subscribe(filter_subject, stream, ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+            sub = await nats_direct.ordered_subscribe(operator.broker, filter_subject, stream, DeliverPolicy.ALL)
             if stream == streams.EVENTS.name:
                 assert json.loads((await sub.next_msg(timeout=5)).data)["username"] == "alice"
             await sub.unsubscribe()
@@ -320,7 +325,7 @@ async def test_operator_tails_events_but_changes_nothing(bed: Bed) -> None:
         await refused_create(raw, errors, streams.STATS.name, "core-stats", "wgmfa.stats.9.x")
         await refused_publish(raw, errors, f"$JS.API.STREAM.DELETE.{streams.EVENTS.name}")
         await refused_publish(raw, errors, f"$JS.API.STREAM.PURGE.{streams.DLQ.name}")
-        info = await core.js.consumer_info(streams.STATS.name, "core-stats")
+        info = await nats_direct.jetstream(core.broker, 5).consumer_info(streams.STATS.name, "core-stats")
         assert info.config.filter_subject == subjects.STATS_ALL
     finally:
         await raw.close()
@@ -335,8 +340,8 @@ async def test_a_gateway_reads_its_location_and_cannot_issue_or_revoke_peers(bed
     psk = generate_psk()
     mine = signer.sign(authorization(1).model_copy(update={"psk_sealed": seal(sealing_public, psk)}))
     theirs = signer.sign(authorization(1, location=OTHER_LOCATION))
-    await core.publish_peer_state(mine)
-    await core.publish_peer_state(theirs)
+    await PeerLog(core).publish_peer_state(mine)
+    await PeerLog(core).publish_peer_state(theirs)
     credentials = rpc.GatewayCredentials(location_id=LOCATION, location_name="office", private_key=generate_keypair()[0],
                                          sealing_private_key=sealing_private, listen_port=51820, address="10.1.0.1/24",
                                          network="10.1.0.0/24", mfa_required=True, core_signing_key=signer.public_key)
@@ -352,7 +357,7 @@ async def test_a_gateway_reads_its_location_and_cannot_issue_or_revoke_peers(bed
         assert backend.peers[mine.pubkey].config() == PeerConfig(mine.pubkey, psk, tuple(mine.allowed_ips))
         await gateway.publish_stats()
         newer = signer.sign(authorization(2).model_copy(update={"psk_sealed": seal(sealing_public, psk)}))
-        await core.publish_peer_state(newer)
+        await PeerLog(core).publish_peer_state(newer)
         await eventually(lambda: newer.pubkey in backend.peers, timeout=10, what="the gateway to follow its stream")
         assert gateway.bus is not None
         # it cannot issue or revoke peers, here or elsewhere
@@ -360,7 +365,7 @@ async def test_a_gateway_reads_its_location_and_cannot_issue_or_revoke_peers(bed
         await refused_publish(raw, errors, subjects.peer(LOCATION, 3), forged.model_dump_json().encode())
         revoke = PeerRevoked(location_id=LOCATION, device_id=1, generation=1, pubkey=mine.pubkey, reason=RevokeReason.ADMIN)
         await refused_publish(raw, errors, subjects.peer(LOCATION, 1), revoke.model_dump_json().encode())
-        assert (await core.last_peer_state(LOCATION, 1)).state == mine  # type: ignore[union-attr]
+        assert (await PeerLog(core).last_peer_state(LOCATION, 1)).state == mine  # type: ignore[union-attr]
         # nor read another location's peers, by subscription or by consumer
         await refused_subscribe(raw, errors, subjects.peers_of_location(OTHER_LOCATION))
         await refused_create(raw, errors, streams.PEERS.name, permissions.gateway_snapshot_consumer(LOCATION, GATEWAY),
@@ -437,14 +442,14 @@ async def test_an_answer_in_flight_during_a_reload_still_arrives() -> None:
         admin = await server.connect(permissions.ADMIN)
         received, release = asyncio.Event(), asyncio.Event()
 
-        async def slow(_req: rpc.CoreHello) -> rpc.Empty:
+        async def slow(request: rpc.CoreHello) -> rpc.Empty:
             received.set()
             await release.wait()
             return rpc.Empty()
 
         try:
-            await core.serve_rpc(subjects.RPC_CORE_HELLO, rpc.CoreHello, slow)
-            await core.nc.flush()
+            await serve_endpoints(core, {subjects.RPC_CORE_HELLO: slow})
+            await nats_direct.client(core.broker).flush()
             call = asyncio.create_task(admin.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.Empty, timeout=10))
             await asyncio.wait_for(received.wait(), 10)
             log_before = server.log_file.read_text().count("Reloaded server configuration")

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pyotp
@@ -117,6 +117,18 @@ async def test_events_tail_prints_events_as_they_happen(stack: Stack) -> None:
 
     raw = await wgmfa(stack, "events", "tail", "--all", "--json", "--count", "1")
     assert json.loads(raw.stdout)["type"].startswith("admin.")
+
+
+async def test_events_tail_since_replays_what_was_stored_in_that_window(stack: Stack) -> None:
+    await wgmfa(stack, "admin", "user", "add", "ivy", "--email", "ivy@example.com")
+    # nothing new happens meanwhile: the stored event is what it prints
+    replayed = await asyncio.wait_for(
+        wgmfa(stack, "events", "tail", "admin.user_created", "--since", "1h", "--json", "--count", "1"), 30
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    event = json.loads(replayed.stdout)
+    assert event["type"] == "admin.user_created"
+    assert utcnow() - timedelta(hours=1) <= datetime.fromisoformat(event["occurred_at"]) <= utcnow()
 
 
 async def test_commands_explain_when_nothing_is_running(tmp_path: Path) -> None:

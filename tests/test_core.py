@@ -19,6 +19,8 @@ from sqlalchemy import text
 from core_service.app import Core
 from core_service.mfa import reset_failures
 from core_service.settings import CoreSettings
+from events import nats_direct
+from events.peer_log import PeerLog
 from events import subjects
 from events.bus import Bus
 from runtime.testing import FakeClock
@@ -136,7 +138,7 @@ async def test_relogin_replaces_the_session_with_a_new_psk_and_generation(h: Har
     for psk in (first, second):
         assert len(base64.b64decode(psk, validate=True)) == 32
 
-    state = (await h.bus.last_peer_state(location.id, device.device_id)).state
+    state = (await PeerLog(h.bus).last_peer_state(location.id, device.device_id)).state
     assert isinstance(state, PeerAuthorized) and state.generation == 2
     assert unseal(credentials["sealing_private_key"], state.psk_sealed).decode() == second
 
@@ -249,7 +251,7 @@ async def test_admin_revoke_removes_the_peer_and_forgets_the_psk(h: Harness) -> 
 
     info = await h.admin.call("revoke", rpc.RevokeRequest(session_id=session_id), rpc.SessionInfo)
     assert (info.state.value, info.revoke_reason) == ("revoked", "admin")
-    state = (await h.bus.last_peer_state(location.id, device.device_id)).state
+    state = (await PeerLog(h.bus).last_peer_state(location.id, device.device_id)).state
     assert isinstance(state, PeerRevoked) and (state.generation, state.reason) == (1, "admin")
     assert await h.sql("SELECT psk_enc FROM vpn_session") == [(None,)]
     await expect_failure(h.admin.call("revoke", rpc.RevokeRequest(session_id=session_id), rpc.SessionInfo), ErrorStatus.CONFLICT)
@@ -260,7 +262,7 @@ async def test_a_location_without_mfa_authorizes_devices_when_added(h: Harness) 
     location, _ = await h.location("lab", mfa_mode="disabled", threshold_s=30)
     await h.admin.call("user_add", rpc.UserAddRequest(username="bob", email="bob@example.com"), rpc.UserInfo)
     device = await h.device("bob", "laptop", "lab")
-    state = (await h.bus.last_peer_state(location.id, device.device_id)).state
+    state = (await PeerLog(h.bus).last_peer_state(location.id, device.device_id)).state
     assert isinstance(state, PeerAuthorized)
     assert (state.psk_sealed, state.threshold_s, state.expires_at, state.session_id) == (None, None, None, None)
     assert state.allowed_ips == ["10.10.0.2/32"]
@@ -368,7 +370,7 @@ async def test_a_revoke_from_the_reaper_ends_the_session(h: Harness) -> None:
     secret = await h.user()
     device = await h.device("alice", "laptop", "office")
     await h.login(location.id, device.pubkey, h.code(secret))
-    authorized = (await h.bus.last_peer_state(location.id, device.device_id))
+    authorized = (await PeerLog(h.bus).last_peer_state(location.id, device.device_id))
     revoke = PeerRevoked(location_id=location.id, device_id=device.device_id, generation=1,
                          session_id=authorized.state.session_id, pubkey=device.pubkey, reason="idle")
     await h.bus.publish(subjects.peer(location.id, device.device_id), revoke, expected_last_subject_seq=authorized.sequence)
@@ -540,7 +542,7 @@ async def test_every_stream_is_bounded_in_bytes_and_age_from_the_settings(
     limits = {"events_max_bytes": 64 * 1024, "dlq_max_bytes": 70_000, "stats_max_bytes": 80_000, "peers_max_bytes": 90_000,
               "events_max_age_s": 86400, "dlq_max_age_s": 7200, "stats_max_age_s": 600}
     async with running_core(nats_url, database_url, tmp_path, **limits) as h:
-        configs = {name: (await h.bus.js.stream_info(name)).config
+        configs = {name: (await nats_direct.jetstream(h.bus.broker, 5).stream_info(name)).config
                    for name in ("WGMFA_EVENTS", "WGMFA_DLQ", "WGMFA_STATS", "WGMFA_PEERS")}
         assert {name: c.max_bytes for name, c in configs.items()} == {
             "WGMFA_EVENTS": 64 * 1024, "WGMFA_DLQ": 70_000, "WGMFA_STATS": 80_000, "WGMFA_PEERS": 90_000}
@@ -555,11 +557,11 @@ async def test_every_stream_is_bounded_in_bytes_and_age_from_the_settings(
             await h.client.start(location.id, device.pubkey, 0, rpc.ClientInfo(ip=f"198.51.100.{n % 200}"))
 
         async def trimmed() -> bool:
-            state = (await h.bus.js.stream_info("WGMFA_EVENTS")).state
+            state = (await nats_direct.jetstream(h.bus.broker, 5).stream_info("WGMFA_EVENTS")).state
             return state.first_seq > 1 and state.messages >= 100
 
         await eventually(trimmed, timeout=20)
-        assert (await h.bus.js.stream_info("WGMFA_EVENTS")).state.bytes <= 64 * 1024
+        assert (await nats_direct.jetstream(h.bus.broker, 5).stream_info("WGMFA_EVENTS")).state.bytes <= 64 * 1024
 
 
 async def test_unfinished_logins_are_dropped_after_an_hour_finished_ones_kept(h: Harness) -> None:

@@ -9,6 +9,7 @@ import nats as nats_client
 import pyotp
 import yaml
 
+from events import nats_direct
 from events import permissions, subjects
 from wgmfa.nats_server import nats_server_binary
 from schemas.events import UserCreated
@@ -85,7 +86,7 @@ async def test_a_three_node_cluster_with_replicated_streams_survives_a_node(tmp_
     try:
         await stack.start()
         bus = await stack.connect(permissions.CORE)
-        info = await bus.js.stream_info("WGMFA_PEERS")
+        info = await nats_direct.jetstream(bus.broker, 5).stream_info("WGMFA_PEERS")
         assert info.config.num_replicas == 3 and len(info.cluster.replicas or []) == 2
         await bus.close()
 
@@ -147,8 +148,8 @@ async def test_a_node_without_the_deployments_certificate_cannot_join_the_cluste
         heard = await listener.subscribe(">")
         await listener.flush()
         await core.publish_event(UserCreated(user_id=1, username="alice"))
-        await core.nc.publish(subjects.notify_login("x"), b"{}")
-        await core.nc.flush()
+        await nats_direct.client(core.broker).publish(subjects.notify_login("x"), b"{}")
+        await nats_direct.client(core.broker).flush()
         assert not [m async for m in _drain(heard)], "a message crossed to the rogue node"
     finally:
         if listener is not None:

@@ -8,8 +8,9 @@ import pytest
 
 from core_service.app import Core
 from core_service.settings import CoreSettings
+from events import nats_direct
 from events import subjects
-from events.bus import Bus, redact_payload
+from events.bus import Bus, RpcRouter, redact_payload
 from schemas import rpc
 from schemas.rpc import RpcReply
 from tests.support.stack import eventually, read_stream
@@ -27,11 +28,11 @@ async def test_every_core_subject_dead_letters_malformed_requests_and_keeps_serv
     await core.start()
     bus = await Bus.connect(nats_url, "test", wait_s=5)
     try:
-        routes = [subject for subject, _, _ in core._routes()]
+        routes = await rpc_subjects(bus, tmp_path / "routes")
         assert subjects.RPC_MFA_START in routes and subjects.RPC_MFA_FINISH in routes
         for subject in routes:
             for payload in MALFORMED:
-                reply = RpcReply.model_validate_json((await bus.nc.request(subject, payload, timeout=5)).data)
+                reply = RpcReply.model_validate_json((await nats_direct.client(bus.broker).request(subject, payload, timeout=5)).data)
                 assert not reply.ok and reply.error.status == "invalid_argument", (subject, reply)
             # the next valid request is served
             valid = await bus.request(subjects.RPC_CORE_HELLO, rpc.CoreHello(), timeout=5)
@@ -54,6 +55,17 @@ async def test_every_core_subject_dead_letters_malformed_requests_and_keeps_serv
     finally:
         await bus.close()
         await core.stop()
+
+
+async def rpc_subjects(bus: Bus, state_dir: Path) -> list[str]:
+    """Every RPC subject the core serves, from the routers it builds (built here again on a
+    core that never starts, so the running one is left alone)."""
+    unstarted = Core(CoreSettings(nats_url="nats://unused", state_dir=state_dir))
+    try:
+        return [subject for router in unstarted.build(bus) if isinstance(router, RpcRouter)
+                for subject in router.request_names]
+    finally:
+        await unstarted.db.close()
 
 
 async def _dlq_when(bus: Bus, count: int) -> list[dict] | None:
@@ -107,9 +119,9 @@ async def test_malformed_peer_and_stats_messages_are_dead_lettered_by_every_cons
         bad_peers, bad_stats = [subjects.peer(1, 5), subjects.peer(1, 6)], [subjects.stats(1, "gw5"), subjects.stats(1, "gw6")]
         for peer_bad, stats_bad in zip(bad_peers, bad_stats):
             payload = b'{"type": "peer.authorized", "generation": "x"}' if peer_bad.endswith("5") else b"\x00\xff"
-            await bus.nc.publish(peer_bad, payload)
-            await bus.nc.publish(stats_bad, payload)
-        await bus.nc.flush()
+            await nats_direct.client(bus.broker).publish(peer_bad, payload)
+            await nats_direct.client(bus.broker).publish(stats_bad, payload)
+        await nats_direct.client(bus.broker).flush()
         peer_subject, stats_subject = subjects.peer(1, 1), subjects.stats(1, "gw")
         pubkey = generate_keypair()[1]
         valid = core.vault.peer_signer.sign(PeerAuthorized(

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pyotp
 
 from core_service.keys import ENROLLMENT_COOKIE, OIDC_COOKIE, Vault, new_token
+from events.peer_log import PeerLog
 from events import subjects
 from schemas.sealing import ReplyKey, generate_keypair, seal
 from schemas import rpc
@@ -148,7 +149,7 @@ async def test_the_device_lands_at_every_location_and_polls_follow_new_ones(h: H
     assert set(configs) == {"office", "lab"}
     assert configs["lab"].location_mfa_mode == 1 and configs["office"].location_mfa_mode == 2
     # a location without MFA puts the new device on its gateways at once, without a PSK
-    state = (await h.bus.last_peer_state(lab.id, created.device.id)).state
+    state = (await PeerLog(h.bus).last_peer_state(lab.id, created.device.id)).state
     assert state.type == "peer.authorized" and state.psk_sealed is None
     token = app.reply.open(created.token_sealed)
 

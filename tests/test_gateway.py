@@ -137,6 +137,34 @@ async def test_following_the_stream_applies_in_generation_order(setup: Setup) ->
         await gateway.stop()
 
 
+class SlowBackend(FakeBackend):
+    """Every write to the interface takes a while, so that two states handled together overlap."""
+
+    async def set_peer(self, peer: PeerConfig):  # type: ignore[override]
+        await asyncio.sleep(0.05)
+        return await super().set_peer(peer)
+
+    async def remove_peer(self, public_key: str) -> None:
+        await asyncio.sleep(0.05)
+        await super().remove_peer(public_key)
+
+
+@pytest.mark.parametrize("first", ["authorize", "revoke"])
+async def test_an_authorize_and_a_revoke_of_one_generation_handled_together_leave_no_peer(setup: Setup, first: str) -> None:
+    setup.backend = SlowBackend()
+    gateway = setup.gateway()
+    await gateway.start()
+    try:
+        authorized, _ = setup.authorize(1, generation=3)
+        revoked = setup.revoke(1, generation=3)
+        states = [authorized, revoked] if first == "authorize" else [revoked, authorized]
+        await asyncio.gather(*(gateway.apply(state) for state in states))
+        assert setup.peer(1) is None  # the revoke comes after the authorize of its generation
+        assert gateway.applied[1].order == (3, 1)
+    finally:
+        await gateway.stop()
+
+
 async def test_a_failed_apply_is_reported_and_retried_until_it_holds(setup: Setup) -> None:
     gateway = setup.gateway()
     await gateway.start()

@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 
 from events import subjects
+from events.peer_log import PeerLog
 from schemas import signing
 from events.bus import Bus
 from schemas.sealing import generate_keypair, unseal
@@ -87,7 +88,7 @@ async def test_totp_login_gives_a_fresh_psk_and_authorizes_the_peer(stack: Stack
     credentials = json.loads(stack.admin.reply_key.open(d["location"].credentials_sealed))
     bus = await Bus.connect(stack.nats_url, "test", wait_s=5)
     try:
-        record = await bus.last_peer_state(location_id, d["config"].device_id)
+        record = await PeerLog(bus).last_peer_state(location_id, d["config"].device_id)
     finally:
         await bus.close()
     assert isinstance(record.state, PeerAuthorized)

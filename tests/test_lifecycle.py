@@ -10,6 +10,7 @@ import pytest
 
 from core_service.app import Core
 from core_service.settings import CoreSettings
+from events.peer_log import PeerLog
 from events import subjects
 from events.bus import Bus
 from runtime.testing import FakeClock
@@ -24,7 +25,7 @@ from wgmfa.admin import AdminClient, os_user
 
 
 async def last_state(h: Harness, location_id: int, device_id: int) -> PeerAuthorized | PeerRevoked | None:
-    record = await h.bus.last_peer_state(location_id, device_id)
+    record = await PeerLog(h.bus).last_peer_state(location_id, device_id)
     return record.state if record else None
 
 
@@ -415,15 +416,15 @@ async def test_a_disable_committed_but_not_published_is_published_by_the_next_co
         async def dies_before_publishing(state: object) -> bool:
             raise ConnectionError("the process is gone before its publish")
 
-        core.bus.publish_peer_state = dies_before_publishing  # type: ignore[union-attr, method-assign, assignment]
+        core.peers.publish_peer_state = dies_before_publishing  # type: ignore[union-attr, method-assign, assignment]
         await admin.call("user_disable", rpc.UserChangeRequest(username="alice"), rpc.UserChangeResult)
-        assert isinstance((await bus.last_peer_state(device.location_id, device.device_id)).state, PeerAuthorized)
+        assert isinstance((await PeerLog(bus).last_peer_state(device.location_id, device.device_id)).state, PeerAuthorized)
     finally:
         await core.stop()
     restarted = Core(settings, clock=clock)
     await restarted.start()
     try:
-        state = (await bus.last_peer_state(device.location_id, device.device_id)).state
+        state = (await PeerLog(bus).last_peer_state(device.location_id, device.device_id)).state
         assert isinstance(state, PeerRevoked) and state.reason == "user_disabled"
     finally:
         await bus.close()

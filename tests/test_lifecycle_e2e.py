@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 from nats.js.api import StreamConfig
 
+from events import nats_direct
 from events import streams
 from events.bus import Bus
 from wireguard.port import InterfaceConfig
@@ -227,17 +228,17 @@ async def test_a_core_killed_before_publishing_a_disable_revokes_after_restart(w
     config, netns, interface = await connected_device(world, "cody", "laptop", location, secret)
 
     bus = await Bus.connect(stack.nats_url, "test-operator-of-nats", wait_s=5)  # no role may change a stream
-    info = await bus.js.stream_info(streams.PEERS.name)
+    info = await nats_direct.jetstream(bus.broker, 5).stream_info(streams.PEERS.name)
     original = info.config
     paused = StreamConfig.from_response(original.as_dict())
     paused.subjects = ["wgmfa.peer-paused.>"]
-    await bus.js.update_stream(paused)
+    await nats_direct.jetstream(bus.broker, 5).update_stream(paused)
     try:
         await admin_cli(world, "user", "disable", "cody")
         stack.core.process.kill()  # SIGKILL: no shutdown, no flush
         stack.core.process.wait()
     finally:
-        await bus.js.update_stream(original)
+        await nats_direct.jetstream(bus.broker, 5).update_stream(original)
         await bus.close()
     await asyncio.sleep(1)
     assert await world.peer_at_gateway(location.location.id, config["pubkey"]) is not None  # never published

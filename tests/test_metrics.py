@@ -11,7 +11,7 @@ import httpx
 import pyotp
 from prometheus_client.parser import text_string_to_metric_families
 
-from events import subjects
+from events import nats_direct, subjects
 from events.bus import Bus
 from schemas import rpc
 from schemas.common import RevokeReason
@@ -128,6 +128,12 @@ async def test_a_login_a_revoke_and_a_dead_letter_move_every_services_metrics(na
         await scraper.until("gateway", lambda s: value(s, "wgmfa_gateway_apply_seconds_count", action="authorize")
                             == value(before["gateway"], "wgmfa_gateway_apply_seconds_count", action="authorize") + 1,
                             "the authorization applied")
+        # FastStream's own counters: the core answered both RPCs of each login, the gateway
+        # took the peer state from its stream
+        received = "faststream_received_messages_total"
+        assert total(core, received) >= total(before["core"], received) + 4
+        await scraper.until("gateway", lambda s: total(s, received) > total(before["gateway"], received),
+                            "the gateway's subscriber counted")
         proxy = await scraper.scrape("proxy")
         assert total(proxy, "wgmfa_proxy_requests_total") >= total(before["proxy"], "wgmfa_proxy_requests_total") + 4
 
@@ -165,14 +171,14 @@ async def test_a_login_a_revoke_and_a_dead_letter_move_every_services_metrics(na
         # --- dead letters -------------------------------------------------------------------
         harness = await Bus.connect(stack.nats_url, "test-harness", wait_s=5)
         try:
-            await harness.nc.request(subjects.RPC_MFA_START, b"{not json", timeout=10)
-            await harness.nc.publish(subjects.peer(office.location.id, 900), b"\x00\xff")
+            await nats_direct.client(harness.broker).request(subjects.RPC_MFA_START, b"{not json", timeout=10)
+            await nats_direct.client(harness.broker).publish(subjects.peer(office.location.id, 900), b"\x00\xff")
             # well formed, but for another location on the office's subject: the gateway
             # cannot apply it, and gives up on it at once
             wrong_place = PeerRevoked(location_id=office.location.id + 100, device_id=901, generation=1,
                                       pubkey=laptop.pubkey, reason=RevokeReason.ADMIN)
-            await harness.nc.publish(subjects.peer(office.location.id, 901), wrong_place.model_dump_json().encode())
-            await harness.nc.flush()
+            await nats_direct.client(harness.broker).publish(subjects.peer(office.location.id, 901), wrong_place.model_dump_json().encode())
+            await nats_direct.client(harness.broker).flush()
         finally:
             await harness.close()
         letters = "wgmfa_dead_letters_total"

@@ -17,6 +17,7 @@ import websockets
 import websockets.exceptions
 from nacl.signing import SigningKey
 
+from events.peer_log import PeerLog
 from events.bus import Bus
 from schemas.sealing import generate_keypair, unseal
 from schemas import rpc
@@ -276,7 +277,7 @@ async def test_biometric_a_phone_authorizes_its_own_tunnel(world: World) -> None
 async def _last_state(world: World, location_id: int, device_id: int) -> PeerAuthorized:
     bus = await Bus.connect(world.stack.nats_url, "test", wait_s=5)
     try:
-        record = await bus.last_peer_state(location_id, device_id)
+        record = await PeerLog(bus).last_peer_state(location_id, device_id)
     finally:
         await bus.close()
     assert isinstance(record.state, PeerAuthorized)

@@ -47,7 +47,7 @@ async def test_a_failed_publish_is_retried_in_order_a_round_later(tmp_path: Path
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'core.db'}")
     await db.migrate()
     sink = FlakySink(failures=1)
-    relay = OutboxRelay(db, sink, FakeClock())
+    relay = OutboxRelay(db, sink, sink, FakeClock())
     async with db.transaction() as session:
         enqueue_peer_state(session, authorize(1))
         enqueue_peer_state(session, authorize(2))

@@ -20,6 +20,7 @@ import pyotp
 import pytest
 import pytest_asyncio
 
+from events.peer_log import PeerLog
 from events import subjects
 from events.bus import Bus
 from schemas.sealing import generate_keypair, generate_psk, seal
@@ -277,7 +278,7 @@ async def test_a_forged_authorization_never_reaches_the_interface(world: World) 
 
     publisher = await Bus.connect(stack.nats_url, "test-forger", wait_s=5)  # may publish anything
     try:
-        record = await publisher.last_peer_state(location_id, config["device_id"])
+        record = await PeerLog(publisher).last_peer_state(location_id, config["device_id"])
         genuine = record.state
         assert isinstance(genuine, PeerAuthorized) and genuine.signature
         stranger = generate_keypair()[1]

@@ -1,4 +1,8 @@
-"""`wgmfa events tail`: follow the audit trail (or any wgmfa stream) live."""
+"""`wgmfa events tail`: follow the audit trail (or any wgmfa stream) live.
+
+It reads through an ordered consumer of its own (events.nats_direct: one of the places
+FastStream has no API for): it starts where it is told (all, since a time, or new) and
+leaves nothing behind on the server."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +13,9 @@ import re
 import sys
 from datetime import datetime, timedelta, timezone
 
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from faststream.nats import DeliverPolicy
 
-from events import permissions, streams, subjects
+from events import nats_direct, permissions, streams, subjects
 from events.bus import Bus, BusUnavailable
 from runtime.settings import BusSettings
 from wgmfa.output import fail
@@ -68,20 +72,22 @@ async def tail(args: argparse.Namespace) -> int:
         bus = await Bus.connect_as(settings, permissions.OPERATOR, "wgmfa-tail", wait_s=3)
     except BusUnavailable as exc:
         return fail(f"{exc} (is `wgmfa up` running? set WGMFA_NATS_URL)", 3)
+    start_time = None
     if args.all:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        policy = DeliverPolicy.ALL
     elif args.since:
-        start = datetime.now(timezone.utc) - args.since
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start.isoformat())
+        policy = DeliverPolicy.BY_START_TIME
+        start_time = (datetime.now(timezone.utc) - args.since).isoformat()
     else:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-    queue: asyncio.Queue = asyncio.Queue()
+        policy = DeliverPolicy.NEW
+    queue: asyncio.Queue[nats_direct.StreamMsg] = asyncio.Queue()
 
-    async def on_message(msg) -> None:  # type: ignore[no-untyped-def]
+    async def on_message(msg: nats_direct.StreamMsg) -> None:
         await queue.put(msg)
 
     try:
-        await bus.ordered_subscribe(filter_subject, stream, config, cb=on_message)
+        await nats_direct.ordered_subscribe(bus.broker, filter_subject, stream, policy, cb=on_message,
+                                          opt_start_time=start_time)
         if not args.json:
             print(f"# following {filter_subject} on {stream} (Ctrl-C to stop)", flush=True)
         shown = 0
@@ -90,8 +96,8 @@ async def tail(args: argparse.Namespace) -> int:
             try:
                 msg = await asyncio.wait_for(queue.get(), CONNECTION_CHECK_S)
             except asyncio.TimeoutError:
-                if connected != bus.nc.is_connected:
-                    connected = bus.nc.is_connected
+                if connected != bus.connected:
+                    connected = bus.connected
                     print(f"wgmfa: {'reconnected to' if connected else 'lost the connection to'} NATS at "
                           f"{settings.nats_url}{'' if connected else '; waiting for it to come back (Ctrl-C to stop)'}",
                           file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pyotp
 
+from events import nats_direct
 from events import permissions, subjects
 from events.bus import Bus, BusUnavailable
 from schemas.sealing import generate_keypair
@@ -164,6 +165,14 @@ def secured_nats_server(prefix: str = "wgmfa-nats-") -> Iterator[SecuredNats]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+async def serve_endpoints(bus: Bus, endpoints: dict[str, Callable[..., Any]]) -> None:
+    """Answer these subjects on `bus` as the core answers its own (events.bus.RpcRouter)."""
+    router = bus.rpc_router()
+    for subject, handler in endpoints.items():
+        router.endpoint(subject, handler)
+    await bus.serve(router)
+
+
 def service_env(nats_url: str, state_dir: Path, **settings: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WGMFA_")}
     env.update(WGMFA_NATS_URL=nats_url, WGMFA_STATE_DIR=str(state_dir), PYTHONUNBUFFERED="1")
@@ -191,9 +200,11 @@ async def confirm_totp(admin: AdminClient, username: str, secret: str) -> None:
 
 async def read_stream(bus: Bus, filter_subject: str, *, timeout: float = 0.5) -> list[dict[str, Any]]:
     """Every stored message on `filter_subject`, oldest first, as JSON objects."""
-    from nats.js.api import ConsumerConfig, DeliverPolicy
+    from faststream.nats import DeliverPolicy
 
-    sub = await bus.js.subscribe(filter_subject, ordered_consumer=True, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    from wgmfa.tail import stream_for
+
+    sub = await nats_direct.ordered_subscribe(bus.broker, filter_subject, stream_for(filter_subject), DeliverPolicy.ALL)
     found = []
     try:
         while True:
@@ -394,13 +405,13 @@ class BusCapture:
         async def record(msg: Any) -> None:
             self.messages.append((msg.subject, msg.data, dict(msg.headers or {})))
 
-        await self._bus.nc.subscribe(">", cb=record)
-        await self._bus.nc.flush()
+        await nats_direct.client(self._bus.broker).subscribe(">", cb=record)
+        await nats_direct.client(self._bus.broker).flush()
         return self
 
     async def stop(self) -> None:
         if self._bus is not None:
-            await self._bus.nc.flush()
+            await nats_direct.client(self._bus.broker).flush()
             await asyncio.sleep(0.2)
             await self._bus.close()
 

@@ -1,0 +1,78 @@
+"""The peer log: stream WGMFA_PEERS keeps one message per `wgmfa.peer.<location>.<device>`,
+the device's desired state at that location. Writers publish only over an older state
+(by generation), with the subject's last sequence expected, so that concurrent writers
+(cores, reapers) can never put an older state last."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from events import nats_direct, streams, subjects
+from events.bus import Bus
+from events.errors import BusUnavailable
+from schemas import signing
+from schemas.events import PEER_STATE_ADAPTER, PeerAuthorized, PeerRevoked, peer_state_order
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerStateRecord:
+    sequence: int
+    state: PeerAuthorized | PeerRevoked | None  # None: the last message does not decode
+
+
+class PeerLog:
+    def __init__(self, bus: Bus, *, signing_key: str | None = None) -> None:
+        self.bus = bus
+        # The core's: a last authorization that this key did not sign (a forgery by a
+        # credential that may publish revokes) does not hold back the true next state.
+        self.signing_key = signing_key
+
+    async def last_peer_state(self, location_id: int, device_id: int) -> PeerStateRecord | None:
+        last = await nats_direct.last_message(
+            self.bus.broker, streams.PEERS.name, subjects.peer(location_id, device_id), timeout=self.bus.publish_timeout_s
+        )
+        if last is None:
+            return None
+        try:
+            state = PEER_STATE_ADAPTER.validate_json(last.data)
+        except ValidationError:
+            log.error("undecodable peer state at sequence %s; treating the subject as empty", last.sequence)
+            return PeerStateRecord(sequence=last.sequence, state=None)
+        return PeerStateRecord(sequence=last.sequence, state=state)
+
+    def _forged(self, state: PeerAuthorized | PeerRevoked) -> bool:
+        if self.signing_key is None or not isinstance(state, PeerAuthorized):
+            return False
+        try:
+            signing.verify(state, self.signing_key)
+        except signing.SignatureInvalid:
+            log.warning("the last state of device %s at location %s is not the core's; replacing it",
+                        state.device_id, state.location_id)
+            return True
+        return False
+
+    async def publish_peer_state(self, state: PeerAuthorized | PeerRevoked, *, attempts: int = 10) -> bool:
+        """Compare-and-set: True when `state` is (now) the subject's last message."""
+        subject = subjects.peer(state.location_id, state.device_id)
+        for _ in range(attempts):
+            last = await self.last_peer_state(state.location_id, state.device_id)
+            if last is not None and last.state is not None and not self._forged(last.state):
+                if last.state.event_id == state.event_id:
+                    return True
+                if peer_state_order(last.state) >= peer_state_order(state):
+                    log.info(
+                        "not publishing %s generation %s on %s: %s generation %s is newer",
+                        state.type, state.generation, subject, last.state.type, last.state.generation,
+                    )
+                    return False
+            try:
+                await self.bus.publish(subject, state, expected_last_subject_seq=last.sequence if last else 0)
+                return True
+            except Exception as exc:
+                if not nats_direct.is_wrong_last_sequence(exc):
+                    raise
+        raise BusUnavailable(f"could not publish to {subject}: the subject keeps changing")
