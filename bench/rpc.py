@@ -1,7 +1,9 @@
 """The bare cost of an RPC endpoint on the bus: a no-op request/reply answered by the
 FastStream endpoint every core handler uses (events.bus.RpcRouter: typed request, reply
-envelope, outcome middleware) against the same no-op answered by a raw nats-py
-subscription that decodes and encodes the same models by hand, in the same run.
+envelope, outcome middleware, `RPC_CONCURRENCY` workers) and the same endpoint with one
+worker (FastStream's concurrent subscriber is where most of the cost is), against the
+same no-op answered by a raw nats-py subscription that decodes and encodes the same
+models by hand, in the same run.
 
 Each server runs in a process of its own; the load comes from several client processes
 (raw nats-py requests) whose CPU time is reported, so that the generator is not what is
@@ -23,6 +25,7 @@ import time
 import nats
 
 from bench.common import nats_server, run_benchmark
+from events.bus import RPC_CONCURRENCY
 from schemas.rpc import CoreHello, CoreHelloResult, RpcReply
 
 SUBJECT = "bench.rpc.noop"
@@ -42,7 +45,7 @@ async def serve_raw(url: str) -> None:
     await asyncio.Event().wait()
 
 
-async def serve_faststream(url: str) -> None:
+async def serve_faststream(url: str, concurrency: int) -> None:
     from events.bus import Bus
 
     bus = await Bus.connect(url, "bench", wait_s=5)
@@ -51,7 +54,7 @@ async def serve_faststream(url: str) -> None:
         return REPLY
 
     router = bus.rpc_router()
-    router.endpoint(SUBJECT, hello)
+    router.endpoint(SUBJECT, hello, concurrency=concurrency)
     await bus.serve(router)
     print("ready", flush=True)
     await asyncio.Event().wait()
@@ -100,32 +103,36 @@ def measure(url: str, kind: str, args: argparse.Namespace) -> dict:
 
 async def main(args: argparse.Namespace) -> dict:
     with nats_server() as server:
-        rounds: dict[str, list[dict]] = {"raw": [], "faststream": []}
+        rounds: dict[str, list[dict]] = {"raw": [], f"faststream-{RPC_CONCURRENCY}": [], "faststream-1": []}
         for _ in range(args.rounds):
             for kind in rounds:  # alternately, so that drift on the machine hits both
                 rounds[kind].append(await asyncio.to_thread(measure, server.url, kind, args))
     raw = statistics.median(r["per_second"] for r in rounds["raw"])
-    fast = statistics.median(r["per_second"] for r in rounds["faststream"])
+    fast = statistics.median(r["per_second"] for r in rounds[f"faststream-{RPC_CONCURRENCY}"])
+    serial = statistics.median(r["per_second"] for r in rounds["faststream-1"])
     return {
         "requests": args.requests, "concurrency": args.concurrency, "clients": args.clients, "rounds": rounds,
         "raw_per_second": raw, "faststream_per_second": fast, "faststream_vs_raw": fast / raw,
+        "faststream_serial_per_second": serial, "faststream_serial_vs_raw": serial / raw,
     }
 
 
 def show(report: dict) -> None:
     print(f"no-op RPC, {report['requests']} requests from {report['clients']} client processes at concurrency "
           f"{report['concurrency']} each (median of {len(report['rounds']['raw'])} alternating rounds)")
-    for kind in ("raw", "faststream"):
-        runs = report["rounds"][kind]
+    for kind, runs in report["rounds"].items():
+        rate = statistics.median(r["per_second"] for r in runs)
         cpu = statistics.median(r["client_cpu_s"] / r["elapsed_s"] for r in runs)
-        print(f"  {kind:>10}: {report[kind + '_per_second']:8.0f} replies/s  (load generators' CPU {cpu:.2f} cores)")
-    print(f"  a FastStream endpoint answers at {report['faststream_vs_raw']:.2f}x the raw nats-py handler's rate "
-          f"(cost per call {1 / report['faststream_vs_raw']:.2f}x)")
+        print(f"  {kind:>14}: {rate:8.0f} replies/s  (load generators' CPU {cpu:.2f} cores)")
+    print(f"  the core's FastStream endpoint ({RPC_CONCURRENCY} workers) answers at {report['faststream_vs_raw']:.2f}x "
+          f"the raw nats-py handler's rate (cost per call {1 / report['faststream_vs_raw']:.2f}x); "
+          f"with one worker at {report['faststream_serial_vs_raw']:.2f}x")
 
 
 def cli() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--serve":
-        asyncio.run(serve_raw(sys.argv[3]) if sys.argv[2] == "raw" else serve_faststream(sys.argv[3]))
+        kind = sys.argv[2]
+        asyncio.run(serve_raw(sys.argv[3]) if kind == "raw" else serve_faststream(sys.argv[3], int(kind.split("-")[1])))
         return
     if len(sys.argv) > 2 and sys.argv[1] == "--load":
         asyncio.run(load(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
