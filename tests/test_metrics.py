@@ -207,6 +207,7 @@ async def test_a_login_a_revoke_and_a_dead_letter_move_every_services_metrics(na
 
 def registered_metric_names() -> set[str]:
     """Every sample name the services' registries can produce."""
+    from faststream.nats.prometheus import NatsPrometheusMiddleware
     from prometheus_client import CollectorRegistry
 
     from core_service.metrics import registry as core
@@ -219,6 +220,8 @@ def registered_metric_names() -> set[str]:
     create_app(ProxySettings(), registry=proxy)
     names = set()
     for registry in (core, gateway, reaper, proxy):
+        # what the bus adds to each service's registry when it connects (events.bus)
+        NatsPrometheusMiddleware(registry=registry, app_name="dashboard")
         for family in registry.collect():
             names.add(family.name)
             names.update(sample.name for sample in family.samples)
@@ -242,12 +245,13 @@ def test_the_grafana_dashboard_queries_only_metrics_the_services_export() -> Non
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            queried.update(re.findall(r"\bwgmfa_[a-z_]+", target["expr"]))
+            queried.update(re.findall(r"\b(?:wgmfa|faststream)_[a-z_]+", target["expr"]))
     assert queried, "the dashboard queries nothing"
     assert queried <= exported, f"the dashboard asks for metrics no service exports: {sorted(queried - exported)}"
     # and it shows every domain metric the services export
     families = {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in queried}
     for name in ("wgmfa_logins", "wgmfa_login_seconds", "wgmfa_live_sessions", "wgmfa_sessions_revoked",
                  "wgmfa_reaper_revokes", "wgmfa_reaper_sweep_age_seconds", "wgmfa_reaper_ingest_lag_seconds",
-                 "wgmfa_gateway_apply_seconds", "wgmfa_gateway_apply_failures", "wgmfa_dead_letters"):
+                 "wgmfa_gateway_apply_seconds", "wgmfa_gateway_apply_failures", "wgmfa_dead_letters",
+                 "faststream_received_processed_messages", "faststream_received_processed_messages_duration_seconds"):
         assert name in families, name
