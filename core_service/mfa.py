@@ -13,6 +13,8 @@ import logging
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from sqlalchemy import insert
+from sqlalchemy import update as sql_update
 from sqlmodel import col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -113,6 +115,7 @@ async def lockout_state(session: AsyncSession, ctx: CoreContext, user: User) -> 
 _FactorFailed = FactorFailed
 # session.info key: {(user id, client address): whether _lockout found a failure counter}
 ADDRESS_COUNTERS_READ = "address_counters_read"
+LOGINS = MfaLogin.__table__
 
 
 class Mfa:
@@ -133,27 +136,34 @@ class Mfa:
         token = new_token(TOKEN_BITS)
         code = None
         async with self.ctx.transaction() as session:
-            location = await session.get(Location, req.location_id)
-            if location is None or location.removed_at is not None:
+            # the location, the device, its place there, its user and the user's failures
+            # from this address, in one statement
+            found = (
+                await session.exec(
+                    select(Location, Device, LocationDevice.device_id, User, MfaAddressFailures)
+                    .select_from(Location)
+                    .outerjoin(Device, col(Device.pubkey) == req.pubkey)
+                    .outerjoin(
+                        LocationDevice,
+                        (col(LocationDevice.location_id) == Location.id) & (col(LocationDevice.device_id) == Device.id),
+                    )
+                    .outerjoin(User, col(User.id) == Device.user_id)
+                    .outerjoin(
+                        MfaAddressFailures,
+                        (col(MfaAddressFailures.user_id) == User.id)
+                        & (col(MfaAddressFailures.client_ip) == _address_key(req.client.ip)),
+                    )
+                    .where(Location.id == req.location_id)
+                )
+            ).first()
+            if found is None or found[0].removed_at is not None:
                 raise _bad(LOCATION_NOT_FOUND)
+            location, device, placed, user, counter = found
             mode = MfaMode(location.mfa_mode)
             if mode == MfaMode.DISABLED:
                 raise _bad(MFA_NOT_ENABLED)
-            # the device, its place at the location and its user in one statement
-            found = (
-                await session.exec(
-                    select(Device, LocationDevice.device_id, User)
-                    .outerjoin(
-                        LocationDevice,
-                        (col(LocationDevice.location_id) == location.id) & (col(LocationDevice.device_id) == Device.id),
-                    )
-                    .outerjoin(User, col(User.id) == Device.user_id)
-                    .where(Device.pubkey == req.pubkey)
-                )
-            ).first()
-            if found is None or found[1] is None:
+            if device is None or placed is None:
                 raise _bad(DEVICE_NOT_FOUND)
-            device, _, user = found
             if user is None:
                 raise _bad(USER_NOT_FOUND)
             if not user.is_active:
@@ -165,7 +175,7 @@ class Mfa:
             if method not in METHODS_BY_MODE[mode]:
                 raise _bad(METHOD_NOT_SUPPORTED)
             await self._check_configured(session, user, device, method)
-            lockout = await self._lockout(session, user, req.client.ip, now)
+            lockout = self._lockout(session, user, counter, req.client.ip, now)
             if lockout is not None:
                 raise lockout
             await self.factors[method].before_start(session, user, now)
@@ -183,7 +193,7 @@ class Mfa:
                 expires_at=now + timedelta(seconds=self.ctx.settings.login_ttl_s),
             )
             code = self.factors[method].prepare(login)  # a challenge, or a code to deliver
-            session.add(login)
+            await session.exec(insert(LOGINS).values(login.model_dump()))
             ids = names(location, device, user)
             enqueue_event(
                 session,
@@ -194,17 +204,22 @@ class Mfa:
             await self.factors[method].deliver(login, location, device, user, code, req.client.ip)
         return MfaStartResult(token_sealed=seal(req.reply_key, token), challenge=login.challenge)
 
-    async def _lockout(self, session: AsyncSession, user: User, client_ip: str | None, now: datetime) -> RpcFailure | None:
-        """Why the user may not try a factor now from `client_ip`, if they may not: locked
-        for good (until an administrator unlocks), or this address for a while."""
+    def _lockout(
+        self, session: AsyncSession, user: User, counter: MfaAddressFailures | None, client_ip: str | None, now: datetime
+    ) -> RpcFailure | None:
+        """Why the user may not try a factor now from `client_ip` (whose failure counter,
+        read in this transaction, is `counter`), if they may not: locked for good (until an
+        administrator unlocks), or this address for a while."""
         if user.mfa_failures >= self.ctx.settings.mfa_hard_lock_failures:
             return RpcFailure(ErrorStatus.PERMISSION_DENIED, HARD_LOCKED)
-        counter = await session.get(MfaAddressFailures, (user.id, _address_key(client_ip)))
         session.info.setdefault(ADDRESS_COUNTERS_READ, {})[(user.id, _address_key(client_ip))] = counter is not None
         if counter is not None and counter.locked_until is not None and counter.locked_until > now:
             wait = int((counter.locked_until - now).total_seconds()) + 1
             return RpcFailure(ErrorStatus.RATE_LIMITED, TEMPORARILY_LOCKED, wait)
         return None
+
+    async def _address_counter(self, session: AsyncSession, user: User, client_ip: str | None) -> MfaAddressFailures | None:
+        return await session.get(MfaAddressFailures, (user.id, _address_key(client_ip)))
 
     async def _make_room_for_login(self, session: AsyncSession, location_id: int, device_id: int, client_ip: str | None) -> None:
         """A new start replaces the live login of the same device, location and client
@@ -212,18 +227,23 @@ class Mfa:
         elsewhere alone, so that someone who knows only the device's public key cannot end
         its owner's login. Beyond max_live_logins the oldest goes."""
         live = (
-            col(MfaLogin.location_id) == location_id,
-            col(MfaLogin.device_id) == device_id,
-            col(MfaLogin.state).in_(LIVE_LOGIN_STATES),
+            LOGINS.c.location_id == location_id,
+            LOGINS.c.device_id == device_id,
+            LOGINS.c.state.in_(LIVE_LOGIN_STATES),
         )
-        ended = {"state": LoginState.EXPIRED, **FORGOTTEN_WHEN_ENDED}
+        # one statement: the same address's live login, and those from elsewhere beyond
+        # the newest max_live_logins - 1 (room for the new one)
+        surplus = (
+            select(LOGINS.c.id)
+            .where(*live, LOGINS.c.client_ip.is_distinct_from(client_ip))
+            .order_by(LOGINS.c.created_at.desc())
+            .offset(max(self.ctx.settings.max_live_logins - 1, 0))
+        )
         await session.exec(
-            update(MfaLogin).where(*live, col(MfaLogin.client_ip).is_not_distinct_from(client_ip)).values(**ended)
+            sql_update(LOGINS)
+            .where(*live, LOGINS.c.client_ip.is_not_distinct_from(client_ip) | LOGINS.c.id.in_(surplus))
+            .values(state=LoginState.EXPIRED, **FORGOTTEN_WHEN_ENDED)
         )
-        others = (await session.exec(select(MfaLogin.id).where(*live).order_by(col(MfaLogin.created_at).desc()))).all()
-        surplus = list(others[max(self.ctx.settings.max_live_logins - 1, 0):])
-        if surplus:
-            await session.exec(update(MfaLogin).where(col(MfaLogin.id).in_(surplus)).values(**ended))
 
     async def _check_configured(self, session: AsyncSession, user: User, device: Device, method: MfaMethod) -> None:
         await self.factors[method].check_available(session, user, device)
@@ -244,13 +264,9 @@ class Mfa:
         login = (
             await session.exec(select(MfaLogin).where(MfaLogin.token_hash == token_hash(token)).with_for_update())
         ).first()
-        if login is None or login.state not in states:
+        if login is None:
             raise _bad(LOGIN_NOT_FOUND)
-        if login.expires_at <= self.ctx.clock.now():
-            login.state = LoginState.EXPIRED
-            session.add(login)
-            return login, True
-        return login, False
+        return login, self._expired(session, login, states=states)
 
     async def finish(self, req: MfaFinishRequest) -> MfaFinishResult:
         if not is_key(req.reply_key):
@@ -264,23 +280,67 @@ class Mfa:
             if code is not None:
                 await self._spend_attempt(token, req.client.ip, remote=False)
             async with self.ctx.transaction() as session:
-                login, expired = await self._live_login(session, token, states=(LoginState.PENDING, LoginState.APPROVED))
+                login, user, location, device, counter = await self._finishing(session, token, req.client.ip)
+                expired = self._expired(session, login, states=(LoginState.PENDING, LoginState.APPROVED))
                 if not expired:
                     login_id = login.id
-                    psk = await self._verify_and_authorize(session, login, code, req)
+                    psk = await self._verify_and_authorize(session, login, user, location, device, counter, code, req)
         except _FactorFailed as failure:
             raise await self._failed(login_id, failure, req.client.ip) from None
         if expired:
             raise _bad(LOGIN_NOT_FOUND)
         return MfaFinishResult(psk_sealed=seal(req.reply_key, psk))
 
+    async def _finishing(
+        self, session: AsyncSession, token: str, client_ip: str | None
+    ) -> tuple[MfaLogin, User, Location, Device, MfaAddressFailures | None]:
+        """The login of `token` and its user, both locked (in that order, as recording a
+        failure takes them), with its location, device and the user's failure counter for
+        `client_ip`, in one statement."""
+        found = (
+            await session.exec(
+                select(MfaLogin, User, Location, Device, MfaAddressFailures)
+                .join(User, col(User.id) == MfaLogin.user_id)
+                .join(Location, col(Location.id) == MfaLogin.location_id)
+                .join(Device, col(Device.id) == MfaLogin.device_id)
+                .outerjoin(
+                    MfaAddressFailures,
+                    (col(MfaAddressFailures.user_id) == User.id)
+                    & (col(MfaAddressFailures.client_ip) == _address_key(client_ip)),
+                )
+                .where(MfaLogin.token_hash == token_hash(token))
+                .with_for_update(of=[MfaLogin, User])  # type: ignore[list-item]
+            )
+        ).first()
+        if found is None:
+            raise _bad(LOGIN_NOT_FOUND)
+        return found  # type: ignore[return-value]
+
+    def _expired(self, session: AsyncSession, login: MfaLogin, *, states: tuple[str, ...]) -> bool:
+        """Whether the locked `login` has run out (then it is marked so, to be committed
+        before answering `login session not found`); not in one of `states`: not found."""
+        if login.state not in states:
+            raise _bad(LOGIN_NOT_FOUND)
+        if login.expires_at <= self.ctx.clock.now():
+            login.state = LoginState.EXPIRED
+            session.add(login)
+            return True
+        return False
+
     async def _verify_and_authorize(
-        self, session: AsyncSession, login: MfaLogin, code: str | None, req: MfaFinishRequest
+        self,
+        session: AsyncSession,
+        login: MfaLogin,
+        user: User,
+        location: Location,
+        device: Device,
+        counter: MfaAddressFailures | None,
+        code: str | None,
+        req: MfaFinishRequest,
     ) -> str:
         now = self.ctx.clock.now()
         method = MfaMethod[login.method.upper()]
         factor = self.factors[method]
-        user = (await session.exec(select(User).where(User.id == login.user_id).with_for_update())).one()
         if factor.pending_message is not None:  # proven by another call: a phone, a browser
             if login.state != LoginState.APPROVED:
                 raise RpcFailure(ErrorStatus.FAILED_PRECONDITION, factor.pending_message)
@@ -289,22 +349,17 @@ class Mfa:
                 raise _bad(LOGIN_NOT_FOUND)
             if code is None:
                 raise _bad(factor.missing_code)
-            if await self._lockout(session, user, req.client.ip, now) is not None:
+            if self._lockout(session, user, counter, req.client.ip, now) is not None:
                 raise _FactorFailed("locked_out")
             if not user.is_active:
                 raise _FactorFailed("factor_unavailable")
             await factor.verify(session, login, user, code, now)
             await self._clear_failures(session, user, req.client.ip)
-        location, device = (
-            await session.exec(
-                select(Location, Device).join(Device, col(Device.id) == login.device_id).where(Location.id == login.location_id)
-            )
-        ).one()
-        login.state = LoginState.FINISHED
-        login.finished_at = now
-        login.challenge = None
-        login.email_code_hash = None
-        session.add(login)
+        await session.exec(
+            sql_update(LOGINS)
+            .where(LOGINS.c.id == login.id)
+            .values(state=LoginState.FINISHED, finished_at=now, challenge=None, email_code_hash=None)
+        )
         vpn_session, psk = await authorize(
             self.ctx, session, location, device, user, method=login.method, login_id=login.id, now=now
         )
@@ -352,7 +407,9 @@ class Mfa:
                         raise _bad(AUTH_KEY_NOT_OURS)  # not a key of this login's user
                     user = await session.get(User, login.user_id)
                     now = self.ctx.clock.now()
-                    if user is None or await self._lockout(session, user, req.client.ip, now) is not None:
+                    if user is None or self._lockout(
+                        session, user, await self._address_counter(session, user, req.client.ip), req.client.ip, now
+                    ) is not None:
                         raise _FactorFailed("locked_out")
                     if login.challenge is None or not signature_valid(key.public_key, login.challenge, signature):
                         raise _FactorFailed("bad_signature")

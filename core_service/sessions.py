@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from sqlalchemy import insert
+from sqlalchemy import update as sql_update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -13,6 +15,9 @@ from events.sealing import generate_psk, seal
 from schemas.common import LIVE_SESSION_STATES, MfaMode, RevokeReason, SessionState
 from schemas.events import PeerAuthorized, PeerRevoked, SessionAuthorized, SessionRevoked
 from schemas.rpc import ErrorStatus, RpcFailure
+
+PLACEMENTS = LocationDevice.__table__
+SESSIONS = VpnSession.__table__
 
 
 def names(location: Location, device: Device, user: User) -> dict[str, object]:
@@ -154,26 +159,51 @@ async def authorize(
 ) -> tuple[VpnSession, str]:
     """Issue a fresh PSK for the device at the location: supersede its live session, take
     the next generation, and queue peer.authorized (PSK sealed to the location)."""
-    placement = await lock_location_device(session, location.id, device.id)  # type: ignore[arg-type]
+    # Core statements, not ORM loads and flushes: this is every login's path.
+    # The next generation first: it locks the device's row at the location, so that of two
+    # authorizations racing for one device the second sees the first's session below.
+    placed = (
+        await session.exec(
+            sql_update(PLACEMENTS)
+            .where(PLACEMENTS.c.location_id == location.id, PLACEMENTS.c.device_id == device.id)
+            .values(generation=PLACEMENTS.c.generation + 1)
+            .returning(PLACEMENTS.c.generation, PLACEMENTS.c.address)
+        )
+    ).first()
+    if placed is None:
+        raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "device not found")
+    generation, address = placed
     live = (
         await session.exec(
-            select(VpnSession).where(
-                VpnSession.location_id == location.id,
-                VpnSession.device_id == device.id,
-                col(VpnSession.state).in_(LIVE_SESSION_STATES),
+            select(SESSIONS.c.id, SESSIONS.c.generation, SESSIONS.c.state).where(
+                SESSIONS.c.location_id == location.id,
+                SESSIONS.c.device_id == device.id,
+                SESSIONS.c.state.in_(LIVE_SESSION_STATES),
             )
         )
     ).all()
-    for old in live:
-        await revoke(session, old, location, device, user, RevokeReason.REPLACED, now, publish_peer=False)
-    await session.flush()  # the old session leaves the live index before the new one enters
+    if live:  # superseded: it leaves the live index before the new one enters
+        await session.exec(
+            sql_update(SESSIONS)
+            .where(SESSIONS.c.id.in_([old.id for old in live]))
+            .values(state=SessionState.REVOKED, revoked_at=now, revoke_reason=RevokeReason.REPLACED, psk_enc=None)
+        )
+        for old in live:
+            enqueue_event(
+                session,
+                SessionRevoked(
+                    **names(location, device, user),
+                    session_id=old.id,
+                    generation=old.generation,
+                    reason=RevokeReason.REPLACED,
+                    previous_state=SessionState(old.state),
+                ),
+            )
 
-    placement.generation += 1
-    session.add(placement)
     psk = generate_psk()
     expires_at = now + timedelta(seconds=location.session_lifetime_s)
     vpn_session = VpnSession(
-        generation=placement.generation,
+        generation=generation,
         location_id=location.id,  # type: ignore[arg-type]
         device_id=device.id,  # type: ignore[arg-type]
         user_id=user.id,  # type: ignore[arg-type]
@@ -184,8 +214,12 @@ async def authorize(
         authorized_at=now,
         expires_at=expires_at,
     )
-    session.add(vpn_session)
-    await session.flush()
+    vpn_session.id = (
+        await session.exec(
+            insert(SESSIONS).values(vpn_session.model_dump(exclude={"id"})).returning(SESSIONS.c.id)
+        )
+    ).scalar_one()
+    placement = LocationDevice(location_id=location.id, device_id=device.id, address=address, generation=generation)  # type: ignore[arg-type]
     enqueue_peer_state(
         session,
         peer_authorized(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlmodel import col, update
+from sqlalchemy import update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service import totp
@@ -32,9 +32,10 @@ class TotpFactor(Factor):
             raise FactorFailed("wrong_code")
         # Each time step is accepted once per user, atomically: of two logins racing
         # with one code, exactly one moves the step forward.
+        users = User.__table__
         claimed = await session.exec(
-            update(User)
-            .where(col(User.id) == user.id, (col(User.totp_last_step).is_(None)) | (col(User.totp_last_step) < step))
+            update(users)
+            .where(users.c.id == user.id, users.c.totp_last_step.is_(None) | (users.c.totp_last_step < step))
             .values(totp_last_step=step)
         )
         if claimed.rowcount != 1:
