@@ -82,21 +82,34 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, every core summed."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), sum(ticks) / os.sysconf("SC_CLK_TCK")
+
+
 class ServerCpu:
-    """The CPU the services use during a phase, per operation."""
+    """The CPU the services use during a phase, per operation, and how busy the whole
+    machine was (other work included: on a shared machine the figures are a floor)."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.began: dict[str, float] = {}
+        self.machine = (0.0, 0.0)
 
     def start(self) -> None:
         self.began = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.machine = machine_cpu_seconds()
 
     def per_operation_ms(self, operations: int) -> dict[str, float]:
-        return {
+        busy, total = machine_cpu_seconds()
+        report = {
             f"{name}_cpu_ms_per_op": (process_cpu_seconds(pid) - self.began[name]) * 1000 / max(operations, 1)
             for name, pid in self.pids.items()
         }
+        report["machine_busy"] = (busy - self.machine[0]) / max(total - self.machine[1], 1e-9)
+        return report
 
 
 WRK_SCRIPT = Path(__file__).with_name("login.lua")
@@ -216,10 +229,11 @@ async def main(args: argparse.Namespace) -> dict:
     if args.wrk_seconds > 25:
         raise SystemExit("--wrk-seconds is at most 25: every code is computed before wrk starts")
     with nats_server() as nats:
-        return await run(args, nats.url)
+        assert nats.process is not None
+        return await run(args, nats.url, nats.process.pid)
 
 
-async def run(args: argparse.Namespace, nats_url: str) -> dict:
+async def run(args: argparse.Namespace, nats_url: str, nats_pid: int | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="wgmfa-bench-"))
     cluster = None
     database_url = None
@@ -278,7 +292,10 @@ async def run(args: argparse.Namespace, nats_url: str) -> dict:
 
         url = stack.proxy_url
         assert stack.core.process is not None and stack.proxy.process is not None
-        servers = ServerCpu({"core": stack.core.process.pid, "proxy": stack.proxy.process.pid})
+        pids = {"core": stack.core.process.pid, "proxy": stack.proxy.process.pid}
+        if nats_pid is not None:
+            pids["nats"] = nats_pid
+        servers = ServerCpu(pids)
 
         async def measured(name: str, count: int, job, connection_url: str | None = None) -> dict:  # type: ignore[no-untyped-def]
             servers.start()
@@ -365,8 +382,9 @@ def show(report: dict) -> None:
     for r in report["results"]:
         print(
             f"  {r['name']:<46} {r['per_second']:8.1f}/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"
-            f"   client CPU {r['client_cpu'] * 100:3.0f}%   core {r['core_cpu_ms_per_op']:5.2f} ms,"
-            f" proxy {r['proxy_cpu_ms_per_op']:5.2f} ms CPU per op"
+            f"   client CPU {r['client_cpu'] * 100:3.0f}%   CPU ms/op: core {r['core_cpu_ms_per_op']:5.2f},"
+            f" proxy {r['proxy_cpu_ms_per_op']:5.2f}, nats {r.get('nats_cpu_ms_per_op', 0):5.2f}"
+            f"   machine busy {r['machine_busy'] * 100:3.0f}%"
         )
     print(f"  Python generator: a login costs {1 / report['login_vs_http_noop']:.1f} HTTP no-ops,"
           f" {1 / report['login_vs_nats_noop']:.1f} NATS no-ops")

@@ -13,7 +13,7 @@ import logging
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from sqlalchemy import insert
+from sqlalchemy import bindparam, insert
 from sqlalchemy import update as sql_update
 from sqlmodel import col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -117,6 +117,70 @@ _FactorFailed = FactorFailed
 ADDRESS_COUNTERS_READ = "address_counters_read"
 LOGINS = MfaLogin.__table__
 
+# The login path's statements, built once: building a statement costs more CPU than
+# SQLite takes to run it. Values come as bound parameters (the b_ names).
+_LIVE_LOGIN_OF_DEVICE = (
+    LOGINS.c.location_id == bindparam("b_location"),
+    LOGINS.c.device_id == bindparam("b_device"),
+    LOGINS.c.state.in_(LIVE_LOGIN_STATES),
+)
+# the location, the device, its place there, its user and the user's failures from the
+# client's address
+_START_READ = (
+    select(Location, Device, LocationDevice.device_id, User, MfaAddressFailures)
+    .select_from(Location)
+    .outerjoin(Device, col(Device.pubkey) == bindparam("b_pubkey"))
+    .outerjoin(
+        LocationDevice,
+        (col(LocationDevice.location_id) == Location.id) & (col(LocationDevice.device_id) == Device.id),
+    )
+    .outerjoin(User, col(User.id) == Device.user_id)
+    .outerjoin(
+        MfaAddressFailures,
+        (col(MfaAddressFailures.user_id) == User.id) & (col(MfaAddressFailures.client_ip) == bindparam("b_address")),
+    )
+    .where(Location.id == bindparam("b_location"))
+)
+_INSERT_LOGIN = insert(LOGINS)
+# the login of a token and its user, locked (in that order, as recording a failure takes
+# them), with its location, device and the user's failures from the client's address
+_FINISH_READ = (
+    select(MfaLogin, User, Location, Device, MfaAddressFailures)
+    .join(User, col(User.id) == MfaLogin.user_id)
+    .join(Location, col(Location.id) == MfaLogin.location_id)
+    .join(Device, col(Device.id) == MfaLogin.device_id)
+    .outerjoin(
+        MfaAddressFailures,
+        (col(MfaAddressFailures.user_id) == User.id) & (col(MfaAddressFailures.client_ip) == bindparam("b_address")),
+    )
+    .where(MfaLogin.token_hash == bindparam("b_token"))
+    .with_for_update(of=[MfaLogin, User])  # type: ignore[list-item]
+)
+_FINISH_LOGIN = (
+    sql_update(LOGINS)
+    .where(LOGINS.c.id == bindparam("b_id"))
+    .values(state=LoginState.FINISHED, finished_at=bindparam("b_now"), challenge=None, email_code_hash=None)
+)
+
+
+def _spend_statement(*, remote: bool):  # type: ignore[no-untyped-def]
+    approve = method_name(MfaMethod.MOBILE_APPROVE)
+    return (
+        sql_update(LOGINS)
+        .where(
+            LOGINS.c.token_hash == bindparam("b_token"),
+            LOGINS.c.state == LoginState.PENDING,
+            LOGINS.c.expires_at > bindparam("b_now"),
+            LOGINS.c.attempts < bindparam("b_limit"),
+            (LOGINS.c.method == approve) if remote else (LOGINS.c.method != approve),
+        )
+        .values(attempts=LOGINS.c.attempts + 1)
+        .returning(LOGINS.c.id)
+    )
+
+
+_SPEND = {remote: _spend_statement(remote=remote) for remote in (False, True)}
+
 
 class Mfa:
     def __init__(self, ctx: CoreContext, mailer: Mailer | None = None) -> None:
@@ -126,6 +190,22 @@ class Mfa:
         oidc = self.factors[MfaMethod.OIDC]
         assert isinstance(oidc, OidcFactor)
         self.oidc = oidc  # its browser flow: auth_url and callback
+        # the same address's live login, and those from elsewhere beyond the newest
+        # max_live_logins - 1 (room for the new one), in one statement
+        surplus = (
+            select(LOGINS.c.id)
+            .where(*_LIVE_LOGIN_OF_DEVICE, LOGINS.c.client_ip.is_distinct_from(bindparam("b_address")))
+            .order_by(LOGINS.c.created_at.desc())
+            .offset(max(ctx.settings.max_live_logins - 1, 0))
+        )
+        self._make_room = (
+            sql_update(LOGINS)
+            .where(
+                *_LIVE_LOGIN_OF_DEVICE,
+                LOGINS.c.client_ip.is_not_distinct_from(bindparam("b_address")) | LOGINS.c.id.in_(surplus),
+            )
+            .values(state=LoginState.EXPIRED, **FORGOTTEN_WHEN_ENDED)
+        )
 
     # --- start ------------------------------------------------------------------------------
 
@@ -136,24 +216,10 @@ class Mfa:
         token = new_token(TOKEN_BITS)
         code = None
         async with self.ctx.transaction() as session:
-            # the location, the device, its place there, its user and the user's failures
-            # from this address, in one statement
             found = (
                 await session.exec(
-                    select(Location, Device, LocationDevice.device_id, User, MfaAddressFailures)
-                    .select_from(Location)
-                    .outerjoin(Device, col(Device.pubkey) == req.pubkey)
-                    .outerjoin(
-                        LocationDevice,
-                        (col(LocationDevice.location_id) == Location.id) & (col(LocationDevice.device_id) == Device.id),
-                    )
-                    .outerjoin(User, col(User.id) == Device.user_id)
-                    .outerjoin(
-                        MfaAddressFailures,
-                        (col(MfaAddressFailures.user_id) == User.id)
-                        & (col(MfaAddressFailures.client_ip) == _address_key(req.client.ip)),
-                    )
-                    .where(Location.id == req.location_id)
+                    _START_READ,
+                    params={"b_location": req.location_id, "b_pubkey": req.pubkey, "b_address": _address_key(req.client.ip)},
                 )
             ).first()
             if found is None or found[0].removed_at is not None:
@@ -193,7 +259,7 @@ class Mfa:
                 expires_at=now + timedelta(seconds=self.ctx.settings.login_ttl_s),
             )
             code = self.factors[method].prepare(login)  # a challenge, or a code to deliver
-            await session.exec(insert(LOGINS).values(login.model_dump()))
+            await session.exec(_INSERT_LOGIN, params=login.model_dump())
             ids = names(location, device, user)
             enqueue_event(
                 session,
@@ -226,24 +292,7 @@ class Mfa:
         address (and with it a mailed code or a challenge), and leaves those started from
         elsewhere alone, so that someone who knows only the device's public key cannot end
         its owner's login. Beyond max_live_logins the oldest goes."""
-        live = (
-            LOGINS.c.location_id == location_id,
-            LOGINS.c.device_id == device_id,
-            LOGINS.c.state.in_(LIVE_LOGIN_STATES),
-        )
-        # one statement: the same address's live login, and those from elsewhere beyond
-        # the newest max_live_logins - 1 (room for the new one)
-        surplus = (
-            select(LOGINS.c.id)
-            .where(*live, LOGINS.c.client_ip.is_distinct_from(client_ip))
-            .order_by(LOGINS.c.created_at.desc())
-            .offset(max(self.ctx.settings.max_live_logins - 1, 0))
-        )
-        await session.exec(
-            sql_update(LOGINS)
-            .where(*live, LOGINS.c.client_ip.is_not_distinct_from(client_ip) | LOGINS.c.id.in_(surplus))
-            .values(state=LoginState.EXPIRED, **FORGOTTEN_WHEN_ENDED)
-        )
+        await session.exec(self._make_room, params={"b_location": location_id, "b_device": device_id, "b_address": client_ip})
 
     async def _check_configured(self, session: AsyncSession, user: User, device: Device, method: MfaMethod) -> None:
         await self.factors[method].check_available(session, user, device)
@@ -294,23 +343,10 @@ class Mfa:
     async def _finishing(
         self, session: AsyncSession, token: str, client_ip: str | None
     ) -> tuple[MfaLogin, User, Location, Device, MfaAddressFailures | None]:
-        """The login of `token` and its user, both locked (in that order, as recording a
-        failure takes them), with its location, device and the user's failure counter for
-        `client_ip`, in one statement."""
+        """The login of `token` and its user, both locked, with its location, device and
+        the user's failure counter for `client_ip`, in one statement."""
         found = (
-            await session.exec(
-                select(MfaLogin, User, Location, Device, MfaAddressFailures)
-                .join(User, col(User.id) == MfaLogin.user_id)
-                .join(Location, col(Location.id) == MfaLogin.location_id)
-                .join(Device, col(Device.id) == MfaLogin.device_id)
-                .outerjoin(
-                    MfaAddressFailures,
-                    (col(MfaAddressFailures.user_id) == User.id)
-                    & (col(MfaAddressFailures.client_ip) == _address_key(client_ip)),
-                )
-                .where(MfaLogin.token_hash == token_hash(token))
-                .with_for_update(of=[MfaLogin, User])  # type: ignore[list-item]
-            )
+            await session.exec(_FINISH_READ, params={"b_token": token_hash(token), "b_address": _address_key(client_ip)})
         ).first()
         if found is None:
             raise _bad(LOGIN_NOT_FOUND)
@@ -355,11 +391,7 @@ class Mfa:
                 raise _FactorFailed("factor_unavailable")
             await factor.verify(session, login, user, code, now)
             await self._clear_failures(session, user, req.client.ip)
-        await session.exec(
-            sql_update(LOGINS)
-            .where(LOGINS.c.id == login.id)
-            .values(state=LoginState.FINISHED, finished_at=now, challenge=None, email_code_hash=None)
-        )
+        await session.exec(_FINISH_LOGIN, params={"b_id": login.id, "b_now": now})
         vpn_session, psk = await authorize(
             self.ctx, session, location, device, user, method=login.method, login_id=login.id, now=now
         )
@@ -449,23 +481,13 @@ class Mfa:
         are all taken answers 401 without a check (audited as attempts_exhausted). Logins
         that take no code here (another method, expired, unknown) are left to the caller,
         which answers for them."""
-        limit = self.ctx.settings.max_failed_attempts
         now = self.ctx.clock.now()
         approve = method_name(MfaMethod.MOBILE_APPROVE)
-        takes_a_code = (col(MfaLogin.method) == approve) if remote else (col(MfaLogin.method) != approve)
         async with self.ctx.transaction() as session:
             spent = (
                 await session.exec(
-                    update(MfaLogin)
-                    .where(
-                        col(MfaLogin.token_hash) == token_hash(token),
-                        col(MfaLogin.state) == LoginState.PENDING,
-                        col(MfaLogin.expires_at) > now,
-                        col(MfaLogin.attempts) < limit,
-                        takes_a_code,
-                    )
-                    .values(attempts=col(MfaLogin.attempts) + 1)
-                    .returning(col(MfaLogin.id))
+                    _SPEND[remote],
+                    params={"b_token": token_hash(token), "b_now": now, "b_limit": self.ctx.settings.max_failed_attempts},
                 )
             ).first()
             if spent is not None:

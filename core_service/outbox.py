@@ -25,6 +25,7 @@ KIND_EVENT = "event"
 KIND_NOTIFY = "notify"
 PENDING = "outbox_rows"  # session.info key: the rows this transaction adds
 OUTBOX = Outbox.__table__
+_INSERT = insert(OUTBOX).returning(OUTBOX.c.id)
 
 
 @dataclass
@@ -45,10 +46,10 @@ async def _write_pending(session: AsyncSession) -> None:
         return
     now = utcnow()
     values = [{"kind": r.kind, "event_type": r.event_type, "payload": r.payload, "created_at": now} for r in rows]
-    # One statement, whatever the number of rows. Rows of one INSERT take increasing ids
-    # in the order of its VALUES (SQLite and PostgreSQL insert them one after the other);
-    # RETURNING's own order is not promised, hence the sort.
-    result = await session.exec(insert(OUTBOX).values(values).returning(OUTBOX.c.id))
+    # One statement (SQLAlchemy's insertmanyvalues), whatever the number of rows. Rows of
+    # one INSERT take increasing ids in the order of its VALUES (SQLite and PostgreSQL
+    # insert them one after the other); RETURNING's own order is not promised, hence the sort.
+    result = await session.exec(_INSERT, params=values)
     for row, row_id in zip(rows, sorted(result.scalars().all()), strict=True):
         row.id = row_id
 

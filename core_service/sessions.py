@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert
+from sqlalchemy import bindparam, insert
 from sqlalchemy import update as sql_update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -18,6 +18,24 @@ from schemas.rpc import ErrorStatus, RpcFailure
 
 PLACEMENTS = LocationDevice.__table__
 SESSIONS = VpnSession.__table__
+# authorize's statements, built once (every login runs them)
+_NEXT_GENERATION = (
+    sql_update(PLACEMENTS)
+    .where(PLACEMENTS.c.location_id == bindparam("b_location"), PLACEMENTS.c.device_id == bindparam("b_device"))
+    .values(generation=PLACEMENTS.c.generation + 1)
+    .returning(PLACEMENTS.c.generation, PLACEMENTS.c.address)
+)
+_LIVE_SESSIONS = select(SESSIONS.c.id, SESSIONS.c.generation, SESSIONS.c.state).where(
+    SESSIONS.c.location_id == bindparam("b_location"),
+    SESSIONS.c.device_id == bindparam("b_device"),
+    SESSIONS.c.state.in_(LIVE_SESSION_STATES),
+)
+_SUPERSEDE = (
+    sql_update(SESSIONS)
+    .where(SESSIONS.c.id.in_(bindparam("b_ids", expanding=True)))
+    .values(state=SessionState.REVOKED, revoked_at=bindparam("b_now"), revoke_reason=RevokeReason.REPLACED, psk_enc=None)
+)
+_INSERT_SESSION = insert(SESSIONS).returning(SESSIONS.c.id)
 
 
 def names(location: Location, device: Device, user: User) -> dict[str, object]:
@@ -162,32 +180,14 @@ async def authorize(
     # Core statements, not ORM loads and flushes: this is every login's path.
     # The next generation first: it locks the device's row at the location, so that of two
     # authorizations racing for one device the second sees the first's session below.
-    placed = (
-        await session.exec(
-            sql_update(PLACEMENTS)
-            .where(PLACEMENTS.c.location_id == location.id, PLACEMENTS.c.device_id == device.id)
-            .values(generation=PLACEMENTS.c.generation + 1)
-            .returning(PLACEMENTS.c.generation, PLACEMENTS.c.address)
-        )
-    ).first()
+    where = {"b_location": location.id, "b_device": device.id}
+    placed = (await session.exec(_NEXT_GENERATION, params=where)).first()
     if placed is None:
         raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "device not found")
     generation, address = placed
-    live = (
-        await session.exec(
-            select(SESSIONS.c.id, SESSIONS.c.generation, SESSIONS.c.state).where(
-                SESSIONS.c.location_id == location.id,
-                SESSIONS.c.device_id == device.id,
-                SESSIONS.c.state.in_(LIVE_SESSION_STATES),
-            )
-        )
-    ).all()
+    live = (await session.exec(_LIVE_SESSIONS, params=where)).all()
     if live:  # superseded: it leaves the live index before the new one enters
-        await session.exec(
-            sql_update(SESSIONS)
-            .where(SESSIONS.c.id.in_([old.id for old in live]))
-            .values(state=SessionState.REVOKED, revoked_at=now, revoke_reason=RevokeReason.REPLACED, psk_enc=None)
-        )
+        await session.exec(_SUPERSEDE, params={"b_ids": [old.id for old in live], "b_now": now})
         for old in live:
             enqueue_event(
                 session,
@@ -214,11 +214,7 @@ async def authorize(
         authorized_at=now,
         expires_at=expires_at,
     )
-    vpn_session.id = (
-        await session.exec(
-            insert(SESSIONS).values(vpn_session.model_dump(exclude={"id"})).returning(SESSIONS.c.id)
-        )
-    ).scalar_one()
+    vpn_session.id = (await session.exec(_INSERT_SESSION, params=vpn_session.model_dump(exclude={"id"}))).scalar_one()
     placement = LocationDevice(location_id=location.id, device_id=device.id, address=address, generation=generation)  # type: ignore[arg-type]
     enqueue_peer_state(
         session,
