@@ -4,8 +4,9 @@ HTTP API (not rows inserted by SQL).
 
     .venv/bin/python -m bench.memory [--sessions 2000] [--concurrency 16] [--postgres]
 
-Reports the core's resident set (VmRSS) after start, after the users exist, and with every
-session live, and the growth per live session.
+Reports the core's resident set (VmRSS) idle after start, after the users exist, and with
+every session live, as a ratio to the idle figure of the same run, and the growth per live
+session.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ async def main(args: argparse.Namespace) -> dict:
                 "core_rss_started_mib": started_mib,
                 "core_rss_with_users_mib": users_mib,
                 "bytes_per_live_session": (sessions_mib - users_mib) * 1024 * 1024 / args.sessions,
+                "rss_vs_idle": sessions_mib / started_mib,
             }
         finally:
             await stack.stop()
@@ -106,8 +108,8 @@ def cli() -> None:
 
 def show(report: dict) -> None:
     print(f"database {report['database']}: core RSS {report['core_rss_mib']:.1f} MiB with {report['live_sessions']} live sessions")
-    print(f"  at start {report['core_rss_started_mib']:.1f} MiB, with the users {report['core_rss_with_users_mib']:.1f} MiB,"
-          f" {report['bytes_per_live_session']:.0f} bytes per live session")
+    print(f"  idle at start {report['core_rss_started_mib']:.1f} MiB (ratio {report['rss_vs_idle']:.2f}),"
+          f" with the users {report['core_rss_with_users_mib']:.1f} MiB, {report['bytes_per_live_session']:.0f} bytes per live session")
 
 
 if __name__ == "__main__":
