@@ -35,6 +35,7 @@ class PendingRow:
     kind: str
     event_type: str
     payload: str
+    event: Event | None = None  # what `payload` encodes: published as is, not decoded again
     id: int | None = None
 
 
@@ -60,16 +61,16 @@ def _enqueue(session: AsyncSession, row: PendingRow) -> None:
 
 
 def enqueue_peer_state(session: AsyncSession, state: PeerAuthorized | PeerRevoked) -> None:
-    _enqueue(session, PendingRow(KIND_PEER, state.type, state.model_dump_json()))
+    _enqueue(session, PendingRow(KIND_PEER, state.type, state.model_dump_json(), state))
 
 
 def enqueue_event(session: AsyncSession, event: Event) -> None:
-    _enqueue(session, PendingRow(KIND_EVENT, event.type, event.model_dump_json()))
+    _enqueue(session, PendingRow(KIND_EVENT, event.type, event.model_dump_json(), event))
 
 
 def enqueue_notify(session: AsyncSession, event: LoginApproved) -> None:
     """A wake-up on core NATS (no stream), sent after the commit like everything else."""
-    _enqueue(session, PendingRow(KIND_NOTIFY, event.type, event.model_dump_json()))
+    _enqueue(session, PendingRow(KIND_NOTIFY, event.type, event.model_dump_json(), event))
 
 
 def pending_rows(session: AsyncSession) -> list[PendingRow]:
@@ -152,7 +153,7 @@ class OutboxRelay:
         # Peer states of one device go out in order; everything else concurrently.
         groups: dict[object, list[tuple[int, Event]]] = {}
         for row in rows:
-            event = ANY_EVENT_ADAPTER.validate_json(row.payload)
+            event = getattr(row, "event", None) or ANY_EVENT_ADAPTER.validate_json(row.payload)
             if isinstance(event, (PeerAuthorized, PeerRevoked)):
                 key: object = (event.location_id, event.device_id)
             else:
