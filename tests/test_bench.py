@@ -19,7 +19,7 @@ TINY = {
     "reaper": ["--peers", "50", "--samples", "2"],
     "revoke": ["--peers", "3", "--backend", "fake"],
     "gateway": ["--sizes", "20", "--backend", "fake"],
-    "memory": ["--sessions", "20", "--concurrency", "4"],
+    "memory": ["--sessions", "20", "--concurrency", "4", "--per-location", "15", "--step", "10"],
 }
 
 
