@@ -79,20 +79,6 @@ async def find_user(session: AsyncSession, username: str, *, lock: bool = False)
     return user
 
 
-async def lock_location_device(session: AsyncSession, location_id: int, device_id: int) -> LocationDevice:
-    """The device's row at the location, locked: it holds the generation counter."""
-    row = (
-        await session.exec(
-            select(LocationDevice)
-            .where(LocationDevice.location_id == location_id, LocationDevice.device_id == device_id)
-            .with_for_update()
-        )
-    ).first()
-    if row is None:
-        raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "device not found")
-    return row
-
-
 def peer_authorized(
     ctx: CoreContext,
     location: Location,
@@ -121,6 +107,20 @@ def peer_authorized(
     return ctx.vault.peer_signer.sign(state)
 
 
+def session_revoked(
+    location: Location,
+    device: Device,
+    user: User,
+    session_id: int,
+    generation: int,
+    reason: RevokeReason,
+    previous: SessionState,
+) -> SessionRevoked:
+    return SessionRevoked(
+        **names(location, device, user), session_id=session_id, generation=generation, reason=reason, previous_state=previous
+    )
+
+
 async def revoke(
     session: AsyncSession,
     vpn_session: VpnSession,
@@ -141,14 +141,7 @@ async def revoke(
     vpn_session.psk_enc = None
     session.add(vpn_session)
     enqueue_event(
-        session,
-        SessionRevoked(
-            **names(location, device, user),
-            session_id=vpn_session.id,
-            generation=vpn_session.generation,
-            reason=reason,
-            previous_state=previous,
-        ),
+        session, session_revoked(location, device, user, vpn_session.id, vpn_session.generation, reason, previous)  # type: ignore[arg-type]
     )
     if publish_peer:
         enqueue_peer_state(
@@ -191,13 +184,7 @@ async def authorize(
         for old in live:
             enqueue_event(
                 session,
-                SessionRevoked(
-                    **names(location, device, user),
-                    session_id=old.id,
-                    generation=old.generation,
-                    reason=RevokeReason.REPLACED,
-                    previous_state=SessionState(old.state),
-                ),
+                session_revoked(location, device, user, old.id, old.generation, RevokeReason.REPLACED, SessionState(old.state)),
             )
 
     psk = generate_psk()
