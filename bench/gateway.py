@@ -31,6 +31,13 @@ async def timed(coro) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - began
 
 
+async def timed_resync(gateway: Gateway) -> tuple[float, dict]:
+    """A resync's time and what it wrote: peers added, updated, removed, left alone."""
+    began = time.perf_counter()
+    synced = await gateway.resync()
+    return time.perf_counter() - began, {k: getattr(synced, k) for k in ("added", "updated", "removed", "unchanged")}
+
+
 SIGNER = PeerSigner(b"b" * 32)  # plays the core's key
 
 
@@ -60,13 +67,16 @@ async def run_size(url: str, size: int, location_id: int, backend_kind: str, net
     await backend.ensure_interface(gateway.interface)
 
     snapshot = await timed(gateway.snapshot())
-    cold = await timed(gateway.resync())
+    cold, _ = await timed_resync(gateway)
     read = await timed(backend.status())
-    warm = await timed(gateway.resync())
+    warm, warm_writes = await timed_resync(gateway)
     for device in range(0, size, 100):  # 1 % re-authorized with new PSKs
         await authorize(device, 2)
-    changed = await timed(gateway.resync())
+    changed, changed_writes = await timed_resync(gateway)
     assert len((await backend.status()).peers) == size
+    # no healthy peer touched: a warm resync writes nothing, the 1 % one only the 1 %
+    assert warm_writes == {"added": 0, "updated": 0, "removed": 0, "unchanged": size}, warm_writes
+    assert changed_writes["updated"] == len(range(0, size, 100)) and changed_writes["added"] == 0, changed_writes
     await backend.remove_interface()
     await bus.close()
     return {
@@ -76,6 +86,8 @@ async def run_size(url: str, size: int, location_id: int, backend_kind: str, net
         "cold_resync_s": cold,
         "warm_resync_s": warm,
         "one_percent_changed_resync_s": changed,
+        "one_percent_changed_writes": changed_writes,
+        "healthy_peers_written": changed_writes["added"] + changed_writes["updated"] - len(range(0, size, 100)),
         "warm_vs_baselines": warm / (snapshot + read),
         "cold_vs_baselines": cold / (snapshot + read),
     }
@@ -100,7 +112,8 @@ def show(report: dict) -> None:
         print(f"  {r['peers']:>6} peers: cold {r['cold_resync_s'] * 1000:8.0f} ms, warm {r['warm_resync_s'] * 1000:7.0f} ms, "
               f"1% changed {r['one_percent_changed_resync_s'] * 1000:7.0f} ms | baselines: snapshot "
               f"{r['snapshot_read_s'] * 1000:6.0f} ms + interface read {r['interface_read_s'] * 1000:6.0f} ms "
-              f"-> warm {r['warm_vs_baselines']:.2f}x, cold {r['cold_vs_baselines']:.2f}x")
+              f"-> warm {r['warm_vs_baselines']:.2f}x, cold {r['cold_vs_baselines']:.2f}x"
+              f" | healthy peers written: {r['healthy_peers_written']}")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,23 @@ measured in the same run with the same generator: an HTTP no-op (GET /api/v1/hea
 same proxy) and a NATS request/reply no-op (the core's hello RPC). Then logins arriving at
 half the peak rate, for the latency of `finish` when the system is not saturated.
 
-    .venv/bin/python -m bench.login [--users 400] [--concurrency 16] [--postgres]
+    .venv/bin/python -m bench.login [--users 400] [--wrk-users 4000] [--concurrency 16] [--postgres]
 
 Each TOTP time step is accepted once per user, so every login is a different user; the
-users are created before the clock starts. The generator is a bare HTTP/1.1 keep-alive
-client on asyncio streams (one connection per worker), far cheaper per request than the
-services it drives; its own CPU use is reported for every phase.
+users are created before the clock starts. Two generators, each with its own CPU use
+reported for every phase: wrk (compiled, Debian's package; bench/login.lua drives start
+and finish, one connection per thread, with codes computed here just before it starts),
+which measures the peak and the HTTP no-op floor; and a bare HTTP/1.1 keep-alive client on
+asyncio streams, for the same figures in Python, the NATS request/reply no-op (wrk speaks
+no NATS) and `finish` latency at half the peak rate (open loop). The core's and the
+proxy's CPU per operation are read from /proc for every phase.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -66,9 +71,90 @@ class HttpConnection:
             self.writer.close()
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, every core summed."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"), sum(ticks) / os.sysconf("SC_CLK_TCK")
+
+
+class ServerCpu:
+    """The CPU the services use during a phase, per operation, and how busy the whole
+    machine was (other work included: on a shared machine the figures are a floor)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.began: dict[str, float] = {}
+        self.machine = (0.0, 0.0)
+
+    def start(self) -> None:
+        self.began = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.machine = machine_cpu_seconds()
+
+    def per_operation_ms(self, operations: int) -> dict[str, float]:
+        busy, total = machine_cpu_seconds()
+        report = {
+            f"{name}_cpu_ms_per_op": (process_cpu_seconds(pid) - self.began[name]) * 1000 / max(operations, 1)
+            for name, pid in self.pids.items()
+        }
+        report["machine_busy"] = (busy - self.machine[0]) / max(total - self.machine[1], 1e-9)
+        return report
+
+
+WRK_SCRIPT = Path(__file__).with_name("login.lua")
+TOTP_STEP_S = 30
+
+
+async def run_wrk(url: str, connections: int, duration_s: float, script_args: list[str] | None = None) -> tuple[dict, float]:
+    """wrk against `url` (with bench/login.lua when given its arguments): (its report, its
+    own CPU share of one core)."""
+    command = ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{duration_s:g}s", "--timeout", "10s", "--latency"]
+    if script_args is not None:
+        command += ["-s", str(WRK_SCRIPT), url, "--", *script_args]
+    else:
+        command.append(url)
+    before = cpu_seconds(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    elapsed = time.perf_counter() - began
+    client_cpu = (cpu_seconds(resource.RUSAGE_CHILDREN) - before) / elapsed
+    text = out.decode()
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed ({process.returncode}): {text}{err.decode()}")
+    for line in text.splitlines():
+        if line.startswith("WRK_RESULT "):
+            return json.loads(line.split(" ", 1)[1]), client_cpu
+    report: dict = {}
+    for line in text.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            report["per_second"] = float(words[1])
+        elif len(words) == 2 and words[0] in ("50%", "99%"):
+            report[f"p{words[0][:-1]}_ms"] = wrk_ms(words[1])
+        elif "requests in" in line:
+            report["requests"] = int(words[0])
+        elif line.strip().startswith("Non-2xx") or line.strip().startswith("Socket errors"):
+            raise RuntimeError(f"wrk saw errors: {text}")
+    return report, client_cpu
+
+
+def wrk_ms(value: str) -> float:
+    for unit, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0), ("m", 60000.0)):
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * factor
+    raise ValueError(f"wrk latency {value!r}")
 
 
 async def run_concurrently(count: int, concurrency: int, job, url: str | None = None) -> tuple[float, list[float], float]:  # type: ignore[no-untyped-def]
@@ -140,11 +226,14 @@ def summary(name: str, count: int, elapsed: float, latencies: list[float], clien
 
 
 async def main(args: argparse.Namespace) -> dict:
+    if args.wrk_seconds > 25:
+        raise SystemExit("--wrk-seconds is at most 25: every code is computed before wrk starts")
     with nats_server() as nats:
-        return await run(args, nats.url)
+        assert nats.process is not None
+        return await run(args, nats.url, nats.process.pid)
 
 
-async def run(args: argparse.Namespace, nats_url: str) -> dict:
+async def run(args: argparse.Namespace, nats_url: str, nats_pid: int | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="wgmfa-bench-"))
     cluster = None
     database_url = None
@@ -163,7 +252,8 @@ async def run(args: argparse.Namespace, nats_url: str) -> dict:
             await stack.extra_core()
         location = (await stack.add_location("bench", network="10.64.0.0/16")).location
         paced_users = args.users // 2
-        total = args.users + paced_users
+        wrk_count = args.wrk_users if args.generator == "wrk" else 0
+        total = args.users + paced_users + wrk_count
         print(f"creating {total} users with TOTP and a device...", file=sys.stderr)
         users: list[tuple[str, str]] = [("", "")] * total
 
@@ -173,6 +263,7 @@ async def run(args: argparse.Namespace, nats_url: str) -> dict:
             users[i] = (secret, device.pubkey)
 
         await run_concurrently(total, args.concurrency, create)
+        wrk_users = users[args.users + paced_users:]
         finishes: list[float] = []
 
         async def login(i: int, http: HttpConnection) -> None:
@@ -200,29 +291,69 @@ async def run(args: argparse.Namespace, nats_url: str) -> dict:
             await bus.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.CoreHelloResult, timeout=10)
 
         url = stack.proxy_url
+        assert stack.core.process is not None and stack.proxy.process is not None
+        pids = {"core": stack.core.process.pid, "proxy": stack.proxy.process.pid}
+        if nats_pid is not None:
+            pids["nats"] = nats_pid
+        servers = ServerCpu(pids)
+
+        async def measured(name: str, count: int, job, connection_url: str | None = None) -> dict:  # type: ignore[no-untyped-def]
+            servers.start()
+            result = summary(name, count, *await run_concurrently(count, args.concurrency, job, connection_url))
+            return result | servers.per_operation_ms(count)
+
         await run_concurrently(min(200, args.floor), args.concurrency, health, url)  # warm-up
         await run_concurrently(min(200, args.floor), args.concurrency, hello)
-        floor_http = summary("http no-op (GET /api/v1/health)", args.floor, *await run_concurrently(args.floor, args.concurrency, health, url))
-        floor_nats = summary("nats request/reply no-op (core hello)", args.floor, *await run_concurrently(args.floor, args.concurrency, hello))
+        results = []
+        wrk_login = wrk_floor = None
+        if wrk_users:
+            servers.start()
+            floor, client_cpu = await run_wrk(f"{url}/api/v1/health", args.concurrency, args.wrk_floor_s)
+            wrk_floor = {"name": "wrk: http no-op (GET /api/v1/health)", "operations": floor["requests"],
+                         "per_second": floor["per_second"], "p50_ms": floor["p50_ms"], "p99_ms": floor["p99_ms"],
+                         "client_cpu": client_cpu} | servers.per_operation_ms(floor["requests"])
+            print(f"wrk: logins for up to {args.wrk_seconds:g} s...", file=sys.stderr)
+            users_file = work / "wrk-users.txt"
+            # each user's code of this time step, accepted for 30 to 60 s more (steps T, T-1)
+            users_file.write_text("".join(f"{pubkey} {pyotp.TOTP(secret).now()}\n" for secret, pubkey in wrk_users))
+            servers.start()
+            done, client_cpu = await run_wrk(url, args.concurrency, args.wrk_seconds,
+                                             [str(users_file), str(args.concurrency), str(location.id)])
+            seconds = done["duration_us"] / 1e6
+            wrk_login = {"name": "wrk: complete TOTP login (start + finish)", "operations": done["logins"],
+                         "per_second": done["logins"] / seconds, "p50_ms": done["request_p50_us"] / 1000,
+                         "p99_ms": done["request_p99_us"] / 1000, "client_cpu": client_cpu,
+                         "failed": done["failed"], "threads_out_of_users": done["threads_exhausted"],
+                         "latency_of": "each request (start or finish)"} | servers.per_operation_ms(done["logins"])
+            if done["failed"]:
+                raise RuntimeError(f"wrk: {done['failed']} logins failed")
+            results += [wrk_login, wrk_floor]
+        floor_http = await measured("http no-op (GET /api/v1/health)", args.floor, health, url)
+        floor_nats = await measured("nats request/reply no-op (core hello)", args.floor, hello)
         print(f"{args.users} logins...", file=sys.stderr)
-        logins = summary(
-            "complete TOTP login (start + finish)", args.users, *await run_concurrently(args.users, args.concurrency, login, url)
-        )
-        half_rate = logins["per_second"] / 2
+        logins = await measured("complete TOTP login (start + finish)", args.users, login, url)
+        results = [logins, floor_http, floor_nats] + results
+        peak = wrk_login["per_second"] if wrk_login else logins["per_second"]
+        half_rate = peak / 2
         finishes.clear()
+        servers.start()
         elapsed, _, paced_cpu = await run_paced(
             paced_users, half_rate, lambda i, http: login(args.users + i, http), url
         )
         paced = summary(f"finish, logins arriving at {half_rate:.0f}/s", paced_users, elapsed, finishes, paced_cpu)
+        results.insert(3, paced | servers.per_operation_ms(paced_users))
         await bus.close()
-        return {
+        report = {
             "database": "postgresql" if args.postgres else "sqlite",
             "concurrency": args.concurrency,
             "core_processes": args.core_processes,
-            "results": [logins, floor_http, floor_nats, paced],
+            "results": results,
             "login_vs_http_noop": logins["per_second"] / floor_http["per_second"],
             "login_vs_nats_noop": logins["per_second"] / floor_nats["per_second"],
         }
+        if wrk_login and wrk_floor:
+            report["wrk_login_vs_http_noop"] = wrk_login["per_second"] / wrk_floor["per_second"]
+        return report
     finally:
         await stack.stop()
         if cluster:
@@ -238,6 +369,11 @@ def cli() -> None:
     parser.add_argument("--postgres", action="store_true", help="core on a throwaway PostgreSQL instead of SQLite")
     parser.add_argument("--core-processes", type=int, default=1, help="core processes sharing the RPCs")
     parser.add_argument("--sqlite-thread", action="store_true", help="SQLite statements on aiosqlite's thread (WGMFA_SQLITE_INLINE=false)")
+    parser.add_argument("--generator", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
+                        help="the peak and HTTP floor with wrk (default when installed) as well as in Python")
+    parser.add_argument("--wrk-users", type=int, default=4000, help="users for wrk's logins (one login each)")
+    parser.add_argument("--wrk-seconds", type=float, default=15, help="wrk's login phase (at most 25: codes are computed before)")
+    parser.add_argument("--wrk-floor-s", type=float, default=5, help="wrk's HTTP no-op phase")
     run_benchmark(parser, main, show)
 
 
@@ -245,10 +381,15 @@ def show(report: dict) -> None:
     print(f"database {report['database']}, concurrency {report['concurrency']}, core processes {report['core_processes']}")
     for r in report["results"]:
         print(
-            f"  {r['name']:<42} {r['per_second']:8.1f}/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"
-            f"   client CPU {r['client_cpu'] * 100:3.0f}%"
+            f"  {r['name']:<46} {r['per_second']:8.1f}/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"
+            f"   client CPU {r['client_cpu'] * 100:3.0f}%   CPU ms/op: core {r['core_cpu_ms_per_op']:5.2f},"
+            f" proxy {r['proxy_cpu_ms_per_op']:5.2f}, nats {r.get('nats_cpu_ms_per_op', 0):5.2f}"
+            f"   machine busy {r['machine_busy'] * 100:3.0f}%"
         )
-    print(f"  a login costs {1 / report['login_vs_http_noop']:.1f} HTTP no-ops, {1 / report['login_vs_nats_noop']:.1f} NATS no-ops")
+    print(f"  Python generator: a login costs {1 / report['login_vs_http_noop']:.1f} HTTP no-ops,"
+          f" {1 / report['login_vs_nats_noop']:.1f} NATS no-ops")
+    if "wrk_login_vs_http_noop" in report:
+        print(f"  wrk: a login costs {1 / report['wrk_login_vs_http_noop']:.1f} HTTP no-ops")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,14 @@ def upgrade_schema(url: str) -> None:
 
 
 SQLITE_BUSY_TIMEOUT_S = 30
+PRE_COMMIT = "pre_commit"  # session.info key: what `before_commit` registered
+
+
+def before_commit(session: AsyncSession, key: str, write: Callable[[AsyncSession], Awaitable[None]]) -> None:
+    """Have `write(session)` run once, last, inside this transaction before it commits
+    (a body that raises skips it): writes a transaction gathers as it goes (its outbox
+    rows) go out as one statement."""
+    session.info.setdefault(PRE_COMMIT, {}).setdefault(key, write)
 
 
 class _InlineSqliteConnection(aiosqlite.Connection):
@@ -99,6 +107,8 @@ class Database:
             async with self.sessions() as session:
                 async with session.begin():
                     yield session
+                    for write in session.info.pop(PRE_COMMIT, {}).values():
+                        await write(session)
 
     @contextlib.asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:

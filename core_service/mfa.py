@@ -13,6 +13,8 @@ import logging
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from sqlalchemy import bindparam, insert
+from sqlalchemy import update as sql_update
 from sqlmodel import col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -114,6 +116,71 @@ async def lockout_state(session: AsyncSession, ctx: CoreContext, user: User) -> 
 _FactorFailed = FactorFailed
 # session.info key: {(user id, client address): whether _lockout found a failure counter}
 ADDRESS_COUNTERS_READ = "address_counters_read"
+LOGINS = MfaLogin.__table__
+
+# The login path's statements, built once: building a statement costs more CPU than
+# SQLite takes to run it. Values come as bound parameters (the b_ names).
+_LIVE_LOGIN_OF_DEVICE = (
+    LOGINS.c.location_id == bindparam("b_location"),
+    LOGINS.c.device_id == bindparam("b_device"),
+    LOGINS.c.state.in_(LIVE_LOGIN_STATES),
+)
+# the location, the device, its place there, its user and the user's failures from the
+# client's address
+_START_READ = (
+    select(Location, Device, LocationDevice.device_id, User, MfaAddressFailures)
+    .select_from(Location)
+    .outerjoin(Device, col(Device.pubkey) == bindparam("b_pubkey"))
+    .outerjoin(
+        LocationDevice,
+        (col(LocationDevice.location_id) == Location.id) & (col(LocationDevice.device_id) == Device.id),
+    )
+    .outerjoin(User, col(User.id) == Device.user_id)
+    .outerjoin(
+        MfaAddressFailures,
+        (col(MfaAddressFailures.user_id) == User.id) & (col(MfaAddressFailures.client_ip) == bindparam("b_address")),
+    )
+    .where(Location.id == bindparam("b_location"))
+)
+_INSERT_LOGIN = insert(LOGINS)
+# the login of a token and its user, locked (in that order, as recording a failure takes
+# them), with its location, device and the user's failures from the client's address
+_FINISH_READ = (
+    select(MfaLogin, User, Location, Device, MfaAddressFailures)
+    .join(User, col(User.id) == MfaLogin.user_id)
+    .join(Location, col(Location.id) == MfaLogin.location_id)
+    .join(Device, col(Device.id) == MfaLogin.device_id)
+    .outerjoin(
+        MfaAddressFailures,
+        (col(MfaAddressFailures.user_id) == User.id) & (col(MfaAddressFailures.client_ip) == bindparam("b_address")),
+    )
+    .where(MfaLogin.token_hash == bindparam("b_token"))
+    .with_for_update(of=[MfaLogin, User])  # type: ignore[list-item]
+)
+_FINISH_LOGIN = (
+    sql_update(LOGINS)
+    .where(LOGINS.c.id == bindparam("b_id"))
+    .values(state=LoginState.FINISHED, finished_at=bindparam("b_now"), challenge=None, email_code_hash=None)
+)
+
+
+def _spend_statement(*, remote: bool):  # type: ignore[no-untyped-def]
+    approve = method_name(MfaMethod.MOBILE_APPROVE)
+    return (
+        sql_update(LOGINS)
+        .where(
+            LOGINS.c.token_hash == bindparam("b_token"),
+            LOGINS.c.state == LoginState.PENDING,
+            LOGINS.c.expires_at > bindparam("b_now"),
+            LOGINS.c.attempts < bindparam("b_limit"),
+            (LOGINS.c.method == approve) if remote else (LOGINS.c.method != approve),
+        )
+        .values(attempts=LOGINS.c.attempts + 1)
+        .returning(LOGINS.c.id)
+    )
+
+
+_SPEND = {remote: _spend_statement(remote=remote) for remote in (False, True)}
 
 
 class Mfa:
@@ -124,6 +191,22 @@ class Mfa:
         oidc = self.factors[MfaMethod.OIDC]
         assert isinstance(oidc, OidcFactor)
         self.oidc = oidc  # its browser flow: auth_url and callback
+        # the same address's live login, and those from elsewhere beyond the newest
+        # max_live_logins - 1 (room for the new one), in one statement
+        surplus = (
+            select(LOGINS.c.id)
+            .where(*_LIVE_LOGIN_OF_DEVICE, LOGINS.c.client_ip.is_distinct_from(bindparam("b_address")))
+            .order_by(LOGINS.c.created_at.desc())
+            .offset(max(ctx.settings.max_live_logins - 1, 0))
+        )
+        self._make_room = (
+            sql_update(LOGINS)
+            .where(
+                *_LIVE_LOGIN_OF_DEVICE,
+                LOGINS.c.client_ip.is_not_distinct_from(bindparam("b_address")) | LOGINS.c.id.in_(surplus),
+            )
+            .values(state=LoginState.EXPIRED, **FORGOTTEN_WHEN_ENDED)
+        )
 
     # --- start ------------------------------------------------------------------------------
 
@@ -134,27 +217,20 @@ class Mfa:
         token = new_token(TOKEN_BITS)
         code = None
         async with self.ctx.transaction() as session:
-            location = await session.get(Location, req.location_id)
-            if location is None or location.removed_at is not None:
+            found = (
+                await session.exec(
+                    _START_READ,
+                    params={"b_location": req.location_id, "b_pubkey": req.pubkey, "b_address": _address_key(req.client.ip)},
+                )
+            ).first()
+            if found is None or found[0].removed_at is not None:
                 raise _bad(LOCATION_NOT_FOUND)
+            location, device, placed, user, counter = found
             mode = MfaMode(location.mfa_mode)
             if mode == MfaMode.DISABLED:
                 raise _bad(MFA_NOT_ENABLED)
-            # the device, its place at the location and its user in one statement
-            found = (
-                await session.exec(
-                    select(Device, LocationDevice.device_id, User)
-                    .outerjoin(
-                        LocationDevice,
-                        (col(LocationDevice.location_id) == location.id) & (col(LocationDevice.device_id) == Device.id),
-                    )
-                    .outerjoin(User, col(User.id) == Device.user_id)
-                    .where(Device.pubkey == req.pubkey)
-                )
-            ).first()
-            if found is None or found[1] is None:
+            if device is None or placed is None:
                 raise _bad(DEVICE_NOT_FOUND)
-            device, _, user = found
             if user is None:
                 raise _bad(USER_NOT_FOUND)
             if not user.is_active:
@@ -166,7 +242,7 @@ class Mfa:
             if method not in METHODS_BY_MODE[mode]:
                 raise _bad(METHOD_NOT_SUPPORTED)
             await self._check_configured(session, user, device, method)
-            lockout = await self._lockout(session, user, req.client.ip, now)
+            lockout = self._lockout(session, user, counter, req.client.ip, now)
             if lockout is not None:
                 metrics.LOGINS.labels(method_name(method), "locked_out").inc()
                 raise lockout
@@ -185,7 +261,7 @@ class Mfa:
                 expires_at=now + timedelta(seconds=self.ctx.settings.login_ttl_s),
             )
             code = self.factors[method].prepare(login)  # a challenge, or a code to deliver
-            session.add(login)
+            await session.exec(_INSERT_LOGIN, params=login.model_dump())
             ids = names(location, device, user)
             enqueue_event(
                 session,
@@ -196,36 +272,29 @@ class Mfa:
             await self.factors[method].deliver(login, location, device, user, code, req.client.ip)
         return MfaStartResult(token_sealed=seal(req.reply_key, token), challenge=login.challenge)
 
-    async def _lockout(self, session: AsyncSession, user: User, client_ip: str | None, now: datetime) -> RpcFailure | None:
-        """Why the user may not try a factor now from `client_ip`, if they may not: locked
-        for good (until an administrator unlocks), or this address for a while."""
+    def _lockout(
+        self, session: AsyncSession, user: User, counter: MfaAddressFailures | None, client_ip: str | None, now: datetime
+    ) -> RpcFailure | None:
+        """Why the user may not try a factor now from `client_ip` (whose failure counter,
+        read in this transaction, is `counter`), if they may not: locked for good (until an
+        administrator unlocks), or this address for a while."""
         if user.mfa_failures >= self.ctx.settings.mfa_hard_lock_failures:
             return RpcFailure(ErrorStatus.PERMISSION_DENIED, HARD_LOCKED)
-        counter = await session.get(MfaAddressFailures, (user.id, _address_key(client_ip)))
         session.info.setdefault(ADDRESS_COUNTERS_READ, {})[(user.id, _address_key(client_ip))] = counter is not None
         if counter is not None and counter.locked_until is not None and counter.locked_until > now:
             wait = int((counter.locked_until - now).total_seconds()) + 1
             return RpcFailure(ErrorStatus.RATE_LIMITED, TEMPORARILY_LOCKED, wait)
         return None
 
+    async def _address_counter(self, session: AsyncSession, user: User, client_ip: str | None) -> MfaAddressFailures | None:
+        return await session.get(MfaAddressFailures, (user.id, _address_key(client_ip)))
+
     async def _make_room_for_login(self, session: AsyncSession, location_id: int, device_id: int, client_ip: str | None) -> None:
         """A new start replaces the live login of the same device, location and client
         address (and with it a mailed code or a challenge), and leaves those started from
         elsewhere alone, so that someone who knows only the device's public key cannot end
         its owner's login. Beyond max_live_logins the oldest goes."""
-        live = (
-            col(MfaLogin.location_id) == location_id,
-            col(MfaLogin.device_id) == device_id,
-            col(MfaLogin.state).in_(LIVE_LOGIN_STATES),
-        )
-        ended = {"state": LoginState.EXPIRED, **FORGOTTEN_WHEN_ENDED}
-        await session.exec(
-            update(MfaLogin).where(*live, col(MfaLogin.client_ip).is_not_distinct_from(client_ip)).values(**ended)
-        )
-        others = (await session.exec(select(MfaLogin.id).where(*live).order_by(col(MfaLogin.created_at).desc()))).all()
-        surplus = list(others[max(self.ctx.settings.max_live_logins - 1, 0):])
-        if surplus:
-            await session.exec(update(MfaLogin).where(col(MfaLogin.id).in_(surplus)).values(**ended))
+        await session.exec(self._make_room, params={"b_location": location_id, "b_device": device_id, "b_address": client_ip})
 
     async def _check_configured(self, session: AsyncSession, user: User, device: Device, method: MfaMethod) -> None:
         await self.factors[method].check_available(session, user, device)
@@ -246,13 +315,9 @@ class Mfa:
         login = (
             await session.exec(select(MfaLogin).where(MfaLogin.token_hash == token_hash(token)).with_for_update())
         ).first()
-        if login is None or login.state not in states:
+        if login is None:
             raise _bad(LOGIN_NOT_FOUND)
-        if login.expires_at <= self.ctx.clock.now():
-            login.state = LoginState.EXPIRED
-            session.add(login)
-            return login, True
-        return login, False
+        return login, self._expired(session, login, states=states)
 
     async def finish(self, req: MfaFinishRequest) -> MfaFinishResult:
         if not is_key(req.reply_key):
@@ -266,10 +331,11 @@ class Mfa:
             if code is not None:
                 await self._spend_attempt(token, req.client.ip, remote=False)
             async with self.ctx.transaction() as session:
-                login, expired = await self._live_login(session, token, states=(LoginState.PENDING, LoginState.APPROVED))
+                login, user, location, device, counter = await self._finishing(session, token, req.client.ip)
+                expired = self._expired(session, login, states=(LoginState.PENDING, LoginState.APPROVED))
                 if not expired:
                     login_id = login.id
-                    psk = await self._verify_and_authorize(session, login, code, req)
+                    psk = await self._verify_and_authorize(session, login, user, location, device, counter, code, req)
         except _FactorFailed as failure:
             raise await self._failed(login_id, failure, req.client.ip) from None
         if expired:
@@ -279,13 +345,43 @@ class Mfa:
         metrics.LOGIN_SECONDS.labels(login.method).observe((self.ctx.clock.now() - login.created_at).total_seconds())
         return MfaFinishResult(psk_sealed=seal(req.reply_key, psk))
 
+    async def _finishing(
+        self, session: AsyncSession, token: str, client_ip: str | None
+    ) -> tuple[MfaLogin, User, Location, Device, MfaAddressFailures | None]:
+        """The login of `token` and its user, both locked, with its location, device and
+        the user's failure counter for `client_ip`, in one statement."""
+        found = (
+            await session.exec(_FINISH_READ, params={"b_token": token_hash(token), "b_address": _address_key(client_ip)})
+        ).first()
+        if found is None:
+            raise _bad(LOGIN_NOT_FOUND)
+        return found  # type: ignore[return-value]
+
+    def _expired(self, session: AsyncSession, login: MfaLogin, *, states: tuple[str, ...]) -> bool:
+        """Whether the locked `login` has run out (then it is marked so, to be committed
+        before answering `login session not found`); not in one of `states`: not found."""
+        if login.state not in states:
+            raise _bad(LOGIN_NOT_FOUND)
+        if login.expires_at <= self.ctx.clock.now():
+            login.state = LoginState.EXPIRED
+            session.add(login)
+            return True
+        return False
+
     async def _verify_and_authorize(
-        self, session: AsyncSession, login: MfaLogin, code: str | None, req: MfaFinishRequest
+        self,
+        session: AsyncSession,
+        login: MfaLogin,
+        user: User,
+        location: Location,
+        device: Device,
+        counter: MfaAddressFailures | None,
+        code: str | None,
+        req: MfaFinishRequest,
     ) -> str:
         now = self.ctx.clock.now()
         method = MfaMethod[login.method.upper()]
         factor = self.factors[method]
-        user = (await session.exec(select(User).where(User.id == login.user_id).with_for_update())).one()
         if factor.pending_message is not None:  # proven by another call: a phone, a browser
             if login.state != LoginState.APPROVED:
                 raise RpcFailure(ErrorStatus.FAILED_PRECONDITION, factor.pending_message)
@@ -294,22 +390,13 @@ class Mfa:
                 raise _bad(LOGIN_NOT_FOUND)
             if code is None:
                 raise _bad(factor.missing_code)
-            if await self._lockout(session, user, req.client.ip, now) is not None:
+            if self._lockout(session, user, counter, req.client.ip, now) is not None:
                 raise _FactorFailed("locked_out")
             if not user.is_active:
                 raise _FactorFailed("factor_unavailable")
             await factor.verify(session, login, user, code, now)
             await self._clear_failures(session, user, req.client.ip)
-        location, device = (
-            await session.exec(
-                select(Location, Device).join(Device, col(Device.id) == login.device_id).where(Location.id == login.location_id)
-            )
-        ).one()
-        login.state = LoginState.FINISHED
-        login.finished_at = now
-        login.challenge = None
-        login.email_code_hash = None
-        session.add(login)
+        await session.exec(_FINISH_LOGIN, params={"b_id": login.id, "b_now": now})
         vpn_session, psk = await authorize(
             self.ctx, session, location, device, user, method=login.method, login_id=login.id, now=now
         )
@@ -357,7 +444,9 @@ class Mfa:
                         raise _bad(AUTH_KEY_NOT_OURS)  # not a key of this login's user
                     user = await session.get(User, login.user_id)
                     now = self.ctx.clock.now()
-                    if user is None or await self._lockout(session, user, req.client.ip, now) is not None:
+                    if user is None or self._lockout(
+                        session, user, await self._address_counter(session, user, req.client.ip), req.client.ip, now
+                    ) is not None:
                         raise _FactorFailed("locked_out")
                     if login.challenge is None or not signature_valid(key.public_key, login.challenge, signature):
                         raise _FactorFailed("bad_signature")
@@ -398,23 +487,13 @@ class Mfa:
         are all taken answers 401 without a check (audited as attempts_exhausted). Logins
         that take no code here (another method, expired, unknown) are left to the caller,
         which answers for them."""
-        limit = self.ctx.settings.max_failed_attempts
         now = self.ctx.clock.now()
         approve = method_name(MfaMethod.MOBILE_APPROVE)
-        takes_a_code = (col(MfaLogin.method) == approve) if remote else (col(MfaLogin.method) != approve)
         async with self.ctx.transaction() as session:
             spent = (
                 await session.exec(
-                    update(MfaLogin)
-                    .where(
-                        col(MfaLogin.token_hash) == token_hash(token),
-                        col(MfaLogin.state) == LoginState.PENDING,
-                        col(MfaLogin.expires_at) > now,
-                        col(MfaLogin.attempts) < limit,
-                        takes_a_code,
-                    )
-                    .values(attempts=col(MfaLogin.attempts) + 1)
-                    .returning(col(MfaLogin.id))
+                    _SPEND[remote],
+                    params={"b_token": token_hash(token), "b_now": now, "b_limit": self.ctx.settings.max_failed_attempts},
                 )
             ).first()
             if spent is not None:

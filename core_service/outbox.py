@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import Protocol, Sequence
 
+from sqlalchemy import insert
 from sqlmodel import col, delete, func, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core_service.db import Database
+from core_service.db import Database, before_commit
 from core_service.models import Outbox
 from runtime.clock import Clock
+from schemas.common import utcnow
 from schemas.events import ANY_EVENT_ADAPTER, Event, LoginApproved, PeerAuthorized, PeerRevoked
 
 log = logging.getLogger(__name__)
@@ -21,28 +24,66 @@ KIND_PEER = "peer"
 KIND_EVENT = "event"
 KIND_NOTIFY = "notify"
 PENDING = "outbox_rows"  # session.info key: the rows this transaction adds
+OUTBOX = Outbox.__table__
+_INSERT = insert(OUTBOX).returning(OUTBOX.c.id)
 
 
-def _enqueue(session: AsyncSession, row: Outbox) -> None:
-    session.add(row)
+@dataclass
+class PendingRow:
+    """An outbox row this transaction writes; `id` once written (just before the commit)."""
+
+    kind: str
+    event_type: str
+    payload: str
+    event: Event | None = None  # what `payload` encodes: published as is, not decoded again
+    id: int | None = None
+
+
+async def _write_pending(session: AsyncSession) -> None:
+    """A transaction's outbox rows, in one INSERT just before its commit; their ids (in
+    the order they were queued: the relay publishes a device's peer states in id order)."""
+    rows: list[PendingRow] = session.info.get(PENDING, [])
+    if not rows:
+        return
+    now = utcnow()
+    values = [{"kind": r.kind, "event_type": r.event_type, "payload": r.payload, "created_at": now} for r in rows]
+    # One statement (SQLAlchemy's insertmanyvalues), whatever the number of rows. Rows of
+    # one INSERT take increasing ids in the order of its VALUES (SQLite and PostgreSQL
+    # insert them one after the other); RETURNING's own order is not promised, hence the sort.
+    result = await session.exec(_INSERT, params=values)
+    for row, row_id in zip(rows, sorted(result.scalars().all()), strict=True):
+        row.id = row_id
+
+
+def _enqueue(session: AsyncSession, row: PendingRow) -> None:
     session.info.setdefault(PENDING, []).append(row)
+    before_commit(session, PENDING, _write_pending)
 
 
 def enqueue_peer_state(session: AsyncSession, state: PeerAuthorized | PeerRevoked) -> None:
-    _enqueue(session, Outbox(kind=KIND_PEER, event_type=state.type, payload=state.model_dump_json()))
+    _enqueue(session, PendingRow(KIND_PEER, state.type, state.model_dump_json(), state))
 
 
 def enqueue_event(session: AsyncSession, event: Event) -> None:
-    _enqueue(session, Outbox(kind=KIND_EVENT, event_type=event.type, payload=event.model_dump_json()))
+    _enqueue(session, PendingRow(KIND_EVENT, event.type, event.model_dump_json(), event))
 
 
 def enqueue_notify(session: AsyncSession, event: LoginApproved) -> None:
     """A wake-up on core NATS (no stream), sent after the commit like everything else."""
-    _enqueue(session, Outbox(kind=KIND_NOTIFY, event_type=event.type, payload=event.model_dump_json()))
+    _enqueue(session, PendingRow(KIND_NOTIFY, event.type, event.model_dump_json(), event))
 
 
-def pending_rows(session: AsyncSession) -> list[Outbox]:
+def pending_rows(session: AsyncSession) -> list[PendingRow]:
+    """The rows this transaction queued; their ids are set once it has committed."""
     return list(session.info.get(PENDING, []))
+
+
+class _Row(Protocol):
+    @property
+    def id(self) -> int | None: ...
+
+    @property
+    def payload(self) -> str: ...
 
 
 class EventSink(Protocol):
@@ -76,7 +117,7 @@ class OutboxRelay:
         # which NATS deduplicates by Nats-Msg-Id.
         self._unmarked: set[int] = set()
 
-    async def publish(self, rows: list[Outbox]) -> None:
+    async def publish(self, rows: Sequence[_Row]) -> None:
         """Publish these committed rows now; failures stay for the loop."""
         self._unmarked.update(await self._publish(rows))
 
@@ -113,11 +154,11 @@ class OutboxRelay:
             self._unmarked.update(done)
             raise
 
-    async def _publish(self, rows: list[Outbox]) -> list[int]:
+    async def _publish(self, rows: Sequence[_Row]) -> list[int]:
         # Peer states of one device go out in order; everything else concurrently.
         groups: dict[object, list[tuple[int, Event]]] = {}
         for row in rows:
-            event = ANY_EVENT_ADAPTER.validate_json(row.payload)
+            event = getattr(row, "event", None) or ANY_EVENT_ADAPTER.validate_json(row.payload)
             if isinstance(event, (PeerAuthorized, PeerRevoked)):
                 key: object = (event.location_id, event.device_id)
             else:

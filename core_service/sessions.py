@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from sqlalchemy import bindparam, insert
+from sqlalchemy import update as sql_update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -14,6 +16,27 @@ from schemas.sealing import generate_psk, seal
 from schemas.common import LIVE_SESSION_STATES, MfaMode, RevokeReason, SessionState
 from schemas.events import PeerAuthorized, PeerRevoked, SessionAuthorized, SessionRevoked
 from schemas.rpc import ErrorStatus, RpcFailure
+
+PLACEMENTS = LocationDevice.__table__
+SESSIONS = VpnSession.__table__
+# authorize's statements, built once (every login runs them)
+_NEXT_GENERATION = (
+    sql_update(PLACEMENTS)
+    .where(PLACEMENTS.c.location_id == bindparam("b_location"), PLACEMENTS.c.device_id == bindparam("b_device"))
+    .values(generation=PLACEMENTS.c.generation + 1)
+    .returning(PLACEMENTS.c.generation, PLACEMENTS.c.address)
+)
+_LIVE_SESSIONS = select(SESSIONS.c.id, SESSIONS.c.generation, SESSIONS.c.state).where(
+    SESSIONS.c.location_id == bindparam("b_location"),
+    SESSIONS.c.device_id == bindparam("b_device"),
+    SESSIONS.c.state.in_(LIVE_SESSION_STATES),
+)
+_SUPERSEDE = (
+    sql_update(SESSIONS)
+    .where(SESSIONS.c.id.in_(bindparam("b_ids", expanding=True)))
+    .values(state=SessionState.REVOKED, revoked_at=bindparam("b_now"), revoke_reason=RevokeReason.REPLACED, psk_enc=None)
+)
+_INSERT_SESSION = insert(SESSIONS).returning(SESSIONS.c.id)
 
 
 def names(location: Location, device: Device, user: User) -> dict[str, object]:
@@ -57,20 +80,6 @@ async def find_user(session: AsyncSession, username: str, *, lock: bool = False)
     return user
 
 
-async def lock_location_device(session: AsyncSession, location_id: int, device_id: int) -> LocationDevice:
-    """The device's row at the location, locked: it holds the generation counter."""
-    row = (
-        await session.exec(
-            select(LocationDevice)
-            .where(LocationDevice.location_id == location_id, LocationDevice.device_id == device_id)
-            .with_for_update()
-        )
-    ).first()
-    if row is None:
-        raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "device not found")
-    return row
-
-
 def peer_authorized(
     ctx: CoreContext,
     location: Location,
@@ -99,6 +108,20 @@ def peer_authorized(
     return ctx.vault.peer_signer.sign(state)
 
 
+def session_revoked(
+    location: Location,
+    device: Device,
+    user: User,
+    session_id: int,
+    generation: int,
+    reason: RevokeReason,
+    previous: SessionState,
+) -> SessionRevoked:
+    return SessionRevoked(
+        **names(location, device, user), session_id=session_id, generation=generation, reason=reason, previous_state=previous
+    )
+
+
 async def revoke(
     session: AsyncSession,
     vpn_session: VpnSession,
@@ -120,14 +143,7 @@ async def revoke(
     session.add(vpn_session)
     metrics.SESSIONS_REVOKED.labels(reason.value).inc()
     enqueue_event(
-        session,
-        SessionRevoked(
-            **names(location, device, user),
-            session_id=vpn_session.id,
-            generation=vpn_session.generation,
-            reason=reason,
-            previous_state=previous,
-        ),
+        session, session_revoked(location, device, user, vpn_session.id, vpn_session.generation, reason, previous)  # type: ignore[arg-type]
     )
     if publish_peer:
         enqueue_peer_state(
@@ -156,26 +172,27 @@ async def authorize(
 ) -> tuple[VpnSession, str]:
     """Issue a fresh PSK for the device at the location: supersede its live session, take
     the next generation, and queue peer.authorized (PSK sealed to the location)."""
-    placement = await lock_location_device(session, location.id, device.id)  # type: ignore[arg-type]
-    live = (
-        await session.exec(
-            select(VpnSession).where(
-                VpnSession.location_id == location.id,
-                VpnSession.device_id == device.id,
-                col(VpnSession.state).in_(LIVE_SESSION_STATES),
+    # Core statements, not ORM loads and flushes: this is every login's path.
+    # The next generation first: it locks the device's row at the location, so that of two
+    # authorizations racing for one device the second sees the first's session below.
+    where = {"b_location": location.id, "b_device": device.id}
+    placed = (await session.exec(_NEXT_GENERATION, params=where)).first()
+    if placed is None:
+        raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "device not found")
+    generation, address = placed
+    live = (await session.exec(_LIVE_SESSIONS, params=where)).all()
+    if live:  # superseded: it leaves the live index before the new one enters
+        await session.exec(_SUPERSEDE, params={"b_ids": [old.id for old in live], "b_now": now})
+        for old in live:
+            enqueue_event(
+                session,
+                session_revoked(location, device, user, old.id, old.generation, RevokeReason.REPLACED, SessionState(old.state)),
             )
-        )
-    ).all()
-    for old in live:
-        await revoke(session, old, location, device, user, RevokeReason.REPLACED, now, publish_peer=False)
-    await session.flush()  # the old session leaves the live index before the new one enters
 
-    placement.generation += 1
-    session.add(placement)
     psk = generate_psk()
     expires_at = now + timedelta(seconds=location.session_lifetime_s)
     vpn_session = VpnSession(
-        generation=placement.generation,
+        generation=generation,
         location_id=location.id,  # type: ignore[arg-type]
         device_id=device.id,  # type: ignore[arg-type]
         user_id=user.id,  # type: ignore[arg-type]
@@ -186,8 +203,8 @@ async def authorize(
         authorized_at=now,
         expires_at=expires_at,
     )
-    session.add(vpn_session)
-    await session.flush()
+    vpn_session.id = (await session.exec(_INSERT_SESSION, params=vpn_session.model_dump(exclude={"id"}))).scalar_one()
+    placement = LocationDevice(location_id=location.id, device_id=device.id, address=address, generation=generation)  # type: ignore[arg-type]
     enqueue_peer_state(
         session,
         peer_authorized(

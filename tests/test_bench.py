@@ -4,6 +4,7 @@ and reports its figures."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,11 +14,12 @@ from tests.support.postgres import PostgresUnavailable, _bin_dir
 from tests.support.stack import REPO
 
 TINY = {
-    "login": ["--users", "4", "--floor", "20", "--concurrency", "2"],
+    "login": ["--users", "4", "--floor", "20", "--concurrency", "2", "--wrk-users", "40", "--wrk-seconds", "1",
+              "--wrk-floor-s", "1"],
     "reaper": ["--peers", "50", "--samples", "2"],
     "revoke": ["--peers", "3", "--backend", "fake"],
     "gateway": ["--sizes", "20", "--backend", "fake"],
-    "memory": ["--sessions", "20", "--concurrency", "4"],
+    "memory": ["--sessions", "20", "--concurrency", "4", "--per-location", "15", "--step", "10"],
     "rpc": ["--requests", "40", "--concurrency", "2", "--clients", "2", "--rounds", "1"],
 }
 
@@ -34,9 +36,14 @@ def run_bench(name: str, *extra: str) -> dict:
 def test_login_bench_runs_logins_and_both_floors() -> None:
     report = run_bench("login")
     names = [r["name"] for r in report["results"]]
-    assert names[0] == "complete TOTP login (start + finish)" and len(names) == 4
+    assert names[:3] == ["complete TOTP login (start + finish)", "http no-op (GET /api/v1/health)",
+                         "nats request/reply no-op (core hello)"] and len(names) == (6 if shutil.which("wrk") else 4)
     assert all(r["operations"] > 0 and r["per_second"] > 0 for r in report["results"])
     assert 0 < report["login_vs_http_noop"] and 0 < report["login_vs_nats_noop"]
+    assert all(r["core_cpu_ms_per_op"] >= 0 and 0 <= r["client_cpu"] for r in report["results"])
+    if shutil.which("wrk"):  # the compiled generator ran logins with the Lua script, every one good
+        wrk = next(r for r in report["results"] if r["name"].startswith("wrk: complete"))
+        assert wrk["operations"] > 0 and wrk["failed"] == 0 and 0 < report["wrk_login_vs_http_noop"]
 
 
 def test_login_bench_runs_on_postgresql_with_two_cores() -> None:
@@ -61,11 +68,12 @@ def test_revoke_bench_removes_every_peer() -> None:
 def test_gateway_bench_resyncs() -> None:
     report = run_bench("gateway")
     assert [r["peers"] for r in report["results"]] == [20]
+    assert report["results"][0]["healthy_peers_written"] == 0
 
 
 def test_memory_bench_holds_the_sessions_it_made() -> None:
     report = run_bench("memory")
-    assert report["newest_listed_live"] == 20 and report["core_rss_mib"] > 0
+    assert report["newest_listed_live"] == 20 and report["core_rss_mib"] > 0 and report["rss_vs_idle"] > 0
 
 
 def test_rpc_bench_measures_both_handlers() -> None:

@@ -324,3 +324,46 @@ async def test_an_unsigned_authorization_for_a_new_key_never_reaches_the_interfa
         assert setup.peer(2) is None
     finally:
         await gateway.stop()
+
+
+async def test_a_resync_of_many_peers_touches_only_those_whose_state_changed(setup: Setup) -> None:
+    devices = range(1, 201)
+    psks = {}
+    for device in devices:
+        state, psks[device] = setup.authorize(device)
+        await setup.put(state)
+    gateway = setup.gateway()
+    await gateway.start()
+    await gateway.stop()
+    assert len(setup.backend.peers) == 200
+    for device in devices:
+        setup.backend.handshake(setup.pubkey(device), at=1_700_000_000 + device)
+
+    # while it is down: 5 devices get new PSKs, 3 are revoked, 2 are new
+    changed = [10, 20, 30, 40, 50]
+    revoked = [60, 70, 80]
+    new = [201, 202]
+    for device in changed:
+        state, psks[device] = setup.authorize(device, generation=2)
+        await setup.put(state)
+    for device in revoked:
+        await setup.put(setup.revoke(device, generation=2))
+    for device in new:
+        state, psks[device] = setup.authorize(device)
+        await setup.put(state)
+    setup.backend.sets.clear()
+    setup.backend.removes.clear()
+
+    restarted = setup.gateway()
+    await restarted.start()
+    try:
+        healthy = [d for d in devices if d not in changed and d not in revoked]
+        assert [d for d in healthy if setup.backend.sets[setup.pubkey(d)]] == []  # no healthy peer written
+        assert all(setup.backend.peers[setup.pubkey(d)].latest_handshake == 1_700_000_000 + d for d in healthy)
+        assert sorted(d for d in (*devices, *new) if setup.backend.sets[setup.pubkey(d)]) == sorted(changed + new)
+        assert sorted(d for d in devices if setup.backend.removes[setup.pubkey(d)]) == revoked
+        assert all(setup.peer(d).preshared_key == psks[d] for d in healthy + changed + new)  # type: ignore[union-attr]
+        synced = (await setup.events("gateway.synced"))[-1]
+        assert (synced["added"], synced["updated"], synced["removed"], synced["unchanged"]) == (2, 5, 3, 192)
+    finally:
+        await restarted.stop()

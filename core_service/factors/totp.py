@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlmodel import col, update
+from sqlalchemy import bindparam, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service import totp
@@ -11,6 +11,16 @@ from core_service.factors.base import Factor, FactorFailed, METHOD_NOT_AVAILABLE
 from core_service.keys import Vault
 from core_service.models import Device, MfaLogin, User
 from schemas.common import MfaMethod
+
+
+_USERS = User.__table__
+# Each time step is accepted once per user, atomically: of two logins racing with one
+# code, exactly one moves the step forward.
+_CLAIM_STEP = (
+    update(_USERS)
+    .where(_USERS.c.id == bindparam("b_user"), _USERS.c.totp_last_step.is_(None) | (_USERS.c.totp_last_step < bindparam("b_step")))
+    .values(totp_last_step=bindparam("b_step"))
+)
 
 
 class TotpFactor(Factor):
@@ -30,12 +40,6 @@ class TotpFactor(Factor):
         step = totp.matching_step(self.vault.decrypt(user.totp_secret_enc), code, now)
         if step is None:
             raise FactorFailed("wrong_code")
-        # Each time step is accepted once per user, atomically: of two logins racing
-        # with one code, exactly one moves the step forward.
-        claimed = await session.exec(
-            update(User)
-            .where(col(User.id) == user.id, (col(User.totp_last_step).is_(None)) | (col(User.totp_last_step) < step))
-            .values(totp_last_step=step)
-        )
+        claimed = await session.exec(_CLAIM_STEP, params={"b_user": user.id, "b_step": step})
         if claimed.rowcount != 1:
             raise FactorFailed("replayed_code")

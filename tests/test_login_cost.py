@@ -1,0 +1,62 @@
+"""What a complete TOTP login costs the database: SQL statements and transactions, counted
+on the core's engine (SQLite and PostgreSQL). A count, not a timing: it only moves when the
+login path's SQL changes, and it may only go down."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import event
+
+from schemas import rpc
+from tests.test_core import Harness, running_core
+
+# start: one read (location, device, placement, user, the address's failures), the
+# replaced logins ended, the login and its audit event written. finish: the attempt taken
+# (its own committed transaction), one locked read (login, user, location, device, the
+# address's failures), the TOTP step claimed, the login finished, the generation taken,
+# the live session read, the new session and its outbox rows written; a login that
+# replaces a live session also ends that one.
+STATEMENTS_PER_LOGIN = [12, 13]  # the first login, one replacing a live session
+TRANSACTIONS_PER_LOGIN = 3  # start, the attempt, finish
+CLIENT = rpc.ClientInfo(ip="192.0.2.10")
+
+
+@contextmanager
+def counted(h: Harness) -> Iterator[dict[str, list]]:
+    seen: dict[str, list] = {"statements": [], "commits": []}
+    engine = h.core.db.engine.sync_engine
+
+    def statement(_conn, _cursor, sql, _params, _context, _many) -> None:  # type: ignore[no-untyped-def]
+        seen["statements"].append(sql[:120])
+
+    def commit(_conn) -> None:  # type: ignore[no-untyped-def]
+        seen["commits"].append(1)
+
+    event.listen(engine, "before_cursor_execute", statement)
+    event.listen(engine, "commit", commit)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "commit", commit)
+
+
+async def test_a_totp_login_takes_a_bounded_number_of_statements(nats_url: str, database_url: str, tmp_path: Path) -> None:
+    # the relay's retry loop out of the way: only the requests' own statements count
+    async with running_core(nats_url, database_url, tmp_path, outbox_interval_s=3600) as h:
+        location, _ = await h.location()
+        secret = await h.user("alice")
+        device = await h.device("alice", "laptop", "office")
+        h.clock.advance(60)  # a time step the enrollment did not use
+        for round_ in range(2):  # the first login, and one that replaces a live session
+            with counted(h) as seen:
+                token, _ = await h.client.start(location.id, device.pubkey, 0, CLIENT)
+                psk, _ = await h.client.finish(token, h.code(secret), None, CLIENT)
+            assert len(psk) == 44
+            assert len(seen["statements"]) <= STATEMENTS_PER_LOGIN[round_], seen["statements"]
+            assert len(seen["commits"]) <= TRANSACTIONS_PER_LOGIN
+            h.clock.advance(30)
+        sessions = await h.sql("SELECT state FROM vpn_session ORDER BY id")
+        assert [s for (s,) in sessions] == ["revoked", "authorized"]
