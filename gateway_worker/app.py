@@ -79,6 +79,10 @@ class Gateway:
             netns=settings.netns,
         )
         self.applied: dict[int, Applied] = {}  # device id -> the newest state applied
+        # device id -> the last authorization that passed `check` and its opened peer: a
+        # resync meets the same message again for every healthy peer, and checking its
+        # signature and opening its PSK again is most of a resync's time
+        self._accepted: dict[int, tuple[PeerAuthorized, PeerConfig]] = {}
         # One writer to the interface at a time, and the generation comparison made under
         # the same hold as the write it allows: two states of one device compared first and
         # applied afterwards could apply in the wrong order (an authorize after the revoke
@@ -182,8 +186,13 @@ class Gateway:
             raise PermanentFailure("refused: no disconnect threshold at an MFA location")
 
     def _peer(self, state: PeerAuthorized) -> PeerConfig:
+        accepted = self._accepted.get(state.device_id)
+        if accepted is not None and accepted[0] == state:  # every field equal, the signature included
+            return accepted[1]
         self.check(state)
-        return PeerConfig(public_key=state.pubkey, preshared_key=self._psk(state), allowed_ips=tuple(state.allowed_ips))
+        peer = PeerConfig(public_key=state.pubkey, preshared_key=self._psk(state), allowed_ips=tuple(state.allowed_ips))
+        self._accepted[state.device_id] = (state, peer)
+        return peer
 
     # --- resync ---------------------------------------------------------------------------
 
@@ -221,6 +230,8 @@ class Gateway:
                 for device, state in states.items()
                 if device not in refused
             }
+            self._accepted = {device: accepted for device, accepted in self._accepted.items()
+                              if isinstance(states.get(device), PeerAuthorized) and device not in refused}
         event = GatewaySynced(
             location_id=self.location_id,
             gateway_id=self.gateway_id,
@@ -265,6 +276,7 @@ class Gateway:
                     await self.backend.set_peer(self._peer(state))
                 else:
                     await self.backend.remove_peer(state.pubkey)
+                    self._accepted.pop(state.device_id, None)
                 metrics.APPLY_SECONDS.labels(action).observe(time.perf_counter() - applying)
                 self.applied[state.device_id] = Applied(peer_state_order(state), state.pubkey)
         except (PermanentFailure, BackendError) as exc:

@@ -367,3 +367,43 @@ async def test_a_resync_of_many_peers_touches_only_those_whose_state_changed(set
         assert (synced["added"], synced["updated"], synced["removed"], synced["unchanged"]) == (2, 5, 3, 192)
     finally:
         await restarted.stop()
+
+
+async def test_a_resync_checks_again_only_the_authorizations_it_has_not_seen(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway_worker import app as gateway_app
+
+    checked: list[int] = []
+    verify = gateway_app.signing.verify
+
+    def counting_verify(state: PeerAuthorized, key: str) -> None:
+        checked.append(state.device_id)
+        verify(state, key)
+
+    monkeypatch.setattr(gateway_app.signing, "verify", counting_verify)
+    setup.credentials = setup.credentials.model_copy(update={"mfa_required": True})
+    states = {}
+    for device in (1, 2, 3):
+        states[device], _ = setup.authorize(device)
+        await setup.put(states[device])
+    gateway = setup.gateway()
+    await gateway.start()
+    try:
+        assert sorted(checked) == [1, 2, 3]
+        newer, newer_psk = setup.authorize(2, generation=2)
+        await setup.put(newer)
+        await eventually(lambda: setup.peer(2) == PeerConfig(setup.pubkey(2), newer_psk, ("10.7.0.2/32",)),
+                         timeout=10, what="the newer authorization")
+        checked.clear()
+        await gateway.resync()
+        assert checked == []  # nothing it had not accepted already
+        # a message that keeps the signature and generation of an accepted one but not its
+        # content is checked again, refused, and the resync fails closed for that device
+        tampered = states[3].model_copy(update={"allowed_ips": ["10.7.0.99/32"], "event_id": uuid7()})
+        await setup.put(tampered)
+        await gateway.resync()
+        assert set(checked) == {3}  # (its stream consumer may meet it too, and refuse it as well)
+        assert setup.peer(3) is None and setup.peer(1) is not None
+    finally:
+        await gateway.stop()
