@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STOP_TIMEOUT_S = 10.0
-RPC_CONCURRENCY = 64
+RPC_CONCURRENCY = 16  # requests of one client-facing subject a process handles at once
+ADMIN_RPC_CONCURRENCY = 4  # an administrator's commands come one by one
 # In no registry of its own: each service's registry (its `metrics` module) registers it.
 DEAD_LETTERS = Counter(
     "wgmfa_dead_letters", "Messages dead-lettered, by the service that gave up on them and the first two tokens of "
@@ -45,9 +46,23 @@ DEAD_LETTERS = Counter(
 
 class Bus:
     def __init__(
-        self, broker: NatsBroker, service: str, *, publish_timeout_s: float = 5.0, inbox_prefix: str = "_INBOX"
+        self,
+        broker: NatsBroker,
+        service: str,
+        *,
+        publish_timeout_s: float = 5.0,
+        inbox_prefix: str = "_INBOX",
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.broker = broker
+        # FastStream's Prometheus middleware, on the routers (what this service takes in)
+        # rather than the broker: on the broker it also wraps every publish, and a login
+        # publishes five messages; those are counted by the domain metrics and the streams
+        self.message_metrics: list[Any] = []
+        if registry is not None:
+            from faststream.nats.prometheus import NatsPrometheusMiddleware
+
+            self.message_metrics.append(NatsPrometheusMiddleware(registry=registry, app_name=service))
         self.service = service
         self.inbox_prefix = inbox_prefix  # the connection's; a pull consumer must fetch into it too
         self.publish_timeout_s = publish_timeout_s
@@ -72,7 +87,8 @@ class Bus:
         """Connect, retrying until `wait_s` (None: forever); reconnect forever afterwards.
         With `nkey_seed`, authenticate with that NKey (the server sends a nonce, the seed
         signs it: no secret crosses the wire); `ca_file` trusts a private CA for tls:// URLs.
-        With `registry`, FastStream's Prometheus middleware counts every message there."""
+        With `registry`, FastStream's Prometheus middleware counts every message its
+        subscribers take there."""
         loop = asyncio.get_running_loop()
         deadline = None if wait_s is None else loop.time() + wait_s
         delay = 0.2
@@ -95,11 +111,6 @@ class Bus:
             if bus is not None and not bus.closing:
                 log.warning("NATS error: %s", exc)
 
-        middlewares: list[Any] = []
-        if registry is not None:
-            from faststream.nats.prometheus import NatsPrometheusMiddleware
-
-            middlewares.append(NatsPrometheusMiddleware(registry=registry, app_name=service))
         while True:
             broker = NatsBroker(
                 [u.strip() for u in url.split(",") if u.strip()],
@@ -116,14 +127,14 @@ class Bus:
                 reconnected_cb=on_reconnected,
                 error_cb=on_error,
                 security=security,
-                middlewares=middlewares,
                 logger=None,  # our own log lines say what happened; FastStream's per-message lines are noise
                 graceful_timeout=STOP_TIMEOUT_S,
             )
             try:
                 await broker.connect()
                 nats_direct.reconnect_forever(broker)
-                bus = cls(broker, service, publish_timeout_s=publish_timeout_s, inbox_prefix=inbox_prefix)
+                bus = cls(broker, service, publish_timeout_s=publish_timeout_s, inbox_prefix=inbox_prefix,
+                          registry=registry)
                 await broker.start()  # its publishers; routers come with serve()
                 return bus
             except nats_direct.CONNECT_ERRORS as exc:
@@ -220,6 +231,10 @@ class Bus:
         return nats_direct.is_connected(self.broker)
 
     # --- routers ----------------------------------------------------------------------
+
+    def router(self) -> NatsRouter:
+        """A router for plain subscribers (no replies, no stream)."""
+        return NatsRouter(middlewares=self.message_metrics)
 
     def rpc_router(self) -> "RpcRouter":
         return RpcRouter(self)
@@ -319,11 +334,11 @@ class RpcRouter(NatsRouter):
     def __init__(self, bus: Bus) -> None:
         self.request_names: dict[str, str] = {}
         self.replies: dict[str, Any] = {}  # subject -> result type, for the AsyncAPI document
-        super().__init__(middlewares=[rpc_outcomes(bus, self.request_names)])
+        super().__init__(middlewares=[*bus.message_metrics, rpc_outcomes(bus, self.request_names)])
 
     def endpoint(
         self, subject: str, handler: Callable[..., Any], *, queue: str = subjects.CORE_QUEUE,
-        concurrency: int = RPC_CONCURRENCY,
+        concurrency: int | None = None,
     ) -> None:
         hints = typing.get_type_hints(handler)
         arguments = [name for name in hints if name != "return"]
@@ -335,7 +350,16 @@ class RpcRouter(NatsRouter):
             raise TypeError(f"the request argument of {subject}'s handler must not start with '_'")
         self.request_names[subject] = getattr(hints[arguments[0]], "__name__", "request")
         self.replies[subject] = hints.get("return")
-        self.subscriber(subject, queue=queue, max_workers=concurrency, title=subject)(handler)
+        # `concurrency` subscribers of the queue group, each taking one request at a time:
+        # FastStream's concurrent subscriber (max_workers) costs several times more CPU per
+        # message than its plain one (bench.rpc), about a fifth of the core's CPU per login
+        # (a request waits only when the subscriber NATS hands it to is busy: a slow SMTP or
+        # OpenID provider holds up at most the requests that land on the subscribers it holds)
+        if concurrency is None:
+            concurrency = ADMIN_RPC_CONCURRENCY if subject.startswith(subjects.RPC_ADMIN_PREFIX) else RPC_CONCURRENCY
+        for worker in range(concurrency):
+            self.subscriber(subject, queue=queue, title=subject if worker == 0 else f"{subject} #{worker + 1}",
+                            include_in_schema=worker == 0)(handler)
 
 
 class StreamRouter(NatsRouter):
@@ -348,7 +372,7 @@ class StreamRouter(NatsRouter):
         # FastStream fetches a pull consumer's messages into `_inbox.` unless told otherwise,
         # whatever the connection's prefix: a role may subscribe to its own inbox only.
         self.inbox_prefix = f"{bus.inbox_prefix}.".encode()
-        super().__init__(middlewares=[stream_outcomes(bus, max_deliver)])
+        super().__init__(middlewares=[*bus.message_metrics, stream_outcomes(bus, max_deliver)])
 
     def consumer(
         self,

@@ -89,12 +89,12 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         connector = None
         if bus is not None:
-            await bus.serve(wakeups.router())
+            await bus.serve(wakeups.router(bus))
         else:
 
             async def connect() -> None:
                 connected = await Bus.connect_as(settings, permissions.PROXY, "proxy", registry=registry)
-                await connected.serve(wakeups.router())
+                await connected.serve(wakeups.router(connected))
                 holder.bus = connected
                 log.info("connected to NATS")
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from events import subjects
-from events.bus import BusUnavailable
+from events.bus import Bus, BusUnavailable
 from proxy_service.core_client import CoreClient
 from schemas.common import utcnow
 from schemas.events import LoginApproved
@@ -38,8 +38,8 @@ class ApprovalWakeups:
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Event]] = {}
 
-    def router(self) -> NatsRouter:
-        router = NatsRouter()
+    def router(self, bus: Bus) -> NatsRouter:
+        router = bus.router()
         router.subscriber(subjects.NOTIFY_LOGIN_ALL, title=subjects.NOTIFY_LOGIN_ALL)(self.on_login_approved)
         return router
 

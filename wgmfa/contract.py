@@ -49,7 +49,7 @@ def _routers(bus: Bus) -> list[Any]:
         address="10.0.0.1/24", network="10.0.0.0/24", mfa_required=True, core_signing_key=public,
     )
     gateway = Gateway(GatewaySettings(gateway_id="documented"), credentials, backend=None)  # type: ignore[arg-type]
-    return [*Core(settings).build(bus), *gateway.build(bus), ApprovalWakeups().router()]
+    return [*Core(settings).build(bus), *gateway.build(bus), ApprovalWakeups().router(bus)]
 
 
 def build_app() -> tuple[FastStream, list[Any]]:
