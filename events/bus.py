@@ -209,11 +209,14 @@ class Bus:
 
     async def serve(self, *routers: NatsRouter) -> None:
         """Start these routers' subscribers (the connection is already up, and the broker
-        started with it: FastStream's `start` would start every subscriber again)."""
+        started with it: FastStream's `start` would start every subscriber again), and
+        return once the server has their subscriptions, so that a request sent next finds
+        them."""
         for router in routers:
             self.broker.include_router(router)
             for subscriber in router.subscribers:
                 await subscriber.start()
+        await nats_direct.client(self.broker).flush()
 
     async def close(self) -> None:
         self.closing = True

@@ -164,7 +164,6 @@ async def test_core_serves_rpc_owns_streams_and_publishes_peer_state(bed: Bed) -
             return rpc.Empty()
 
         await serve_endpoints(core, {subjects.RPC_CORE_HELLO: hello})
-        await nats_direct.client(core.broker).flush()
         await call_when_served(admin, subjects.RPC_CORE_HELLO)
         signer = PeerSigner(b"k" * 32)
         state = signer.sign(authorization(1))
@@ -190,10 +189,10 @@ async def test_proxy_requests_client_rpc_only(bed: Bed) -> None:
         async def hello(request: rpc.CoreHello) -> rpc.Empty:
             return rpc.Empty()
 
-        await serve_endpoints(core, {subject: hello for subject in (
-            subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device", f"{subjects.RPC_OIDC_PREFIX}.callback")})
-        await nats_direct.client(core.broker).flush()
-        for subject in (subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device", f"{subjects.RPC_OIDC_PREFIX}.callback"):
+        client_subjects = (subjects.RPC_MFA_START, f"{subjects.RPC_ENROLL_PREFIX}.device",
+                           f"{subjects.RPC_OIDC_PREFIX}.callback")
+        await serve_endpoints(core, {subject: hello for subject in client_subjects})
+        for subject in client_subjects:
             await call_when_served(proxy, subject)
         notified = await nats_direct.client(proxy.broker).subscribe(subjects.notify_login("x1"))
         await nats_direct.client(proxy.broker).flush()
@@ -226,7 +225,6 @@ async def test_admin_requests_admin_rpc_only(bed: Bed) -> None:
             return rpc.Empty()
 
         await serve_endpoints(core, {subjects.admin_rpc("gateway_credentials"): answer})
-        await nats_direct.client(core.broker).flush()
         await call_when_served(admin, subjects.admin_rpc("gateway_credentials"))
         await refused_publish(raw, errors, subjects.peer(LOCATION, 1))
         await refused_publish(raw, errors, subjects.RPC_MFA_FINISH)
@@ -246,7 +244,6 @@ async def test_only_the_admin_role_reaches_gateway_credentials(bed: Bed) -> None
         return rpc.Empty()
 
     await serve_endpoints(core, {subjects.admin_rpc("gateway_credentials"): answer})
-    await nats_direct.client(core.broker).flush()
     admin = await bed.connect(permissions.ADMIN)
     try:
         await call_when_served(admin, subjects.admin_rpc("gateway_credentials"))  # the admin is answered
@@ -449,7 +446,6 @@ async def test_an_answer_in_flight_during_a_reload_still_arrives() -> None:
 
         try:
             await serve_endpoints(core, {subjects.RPC_CORE_HELLO: slow})
-            await nats_direct.client(core.broker).flush()
             call = asyncio.create_task(admin.call(subjects.RPC_CORE_HELLO, rpc.CoreHello(), rpc.Empty, timeout=10))
             await asyncio.wait_for(received.wait(), 10)
             log_before = server.log_file.read_text().count("Reloaded server configuration")
