@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 from faststream import AckPolicy
 from faststream.nats import AckPolicy as JsAckPolicy
 from faststream.nats import ConsumerConfig, DeliverPolicy, JStream, NatsBroker, NatsRouter, PubAck, PullSub
+from faststream.nats.prometheus.provider import NatsMetricsSettingsProvider
 from faststream.nats.security import NatsNKey, NatsSecurity
+from faststream.prometheus import PrometheusMiddleware
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ValidationError
 
@@ -44,6 +46,32 @@ DEAD_LETTERS = Counter(
 )
 
 
+class _SubjectTemplates(NatsMetricsSettingsProvider):
+    """FastStream's NATS metrics settings, with a message's subject labelled by its
+    template: FastStream's own label is the subject itself, one time series per device for
+    the peer stream's consumers, which grew the services' memory and `/metrics` with every
+    device and cost a new set of histogram buckets on a device's first message."""
+
+    def get_consume_attrs_from_message(self, msg: Any) -> Any:
+        attrs = super().get_consume_attrs_from_message(msg)
+        attrs["destination_name"] = subjects.template_of(attrs["destination_name"])
+        return attrs
+
+    def get_publish_destination_name_from_cmd(self, cmd: Any) -> str:
+        return subjects.template_of(super().get_publish_destination_name_from_cmd(cmd))
+
+
+_SUBJECT_TEMPLATES = _SubjectTemplates()
+
+
+def message_metrics(registry: CollectorRegistry, service: str) -> PrometheusMiddleware:
+    """FastStream's Prometheus middleware for a service's subscribers (one message each:
+    every subscriber here fetches or receives one at a time)."""
+    return PrometheusMiddleware(
+        settings_provider_factory=lambda _msg: _SUBJECT_TEMPLATES, registry=registry, app_name=service
+    )
+
+
 class Bus:
     def __init__(
         self,
@@ -60,9 +88,7 @@ class Bus:
         # publishes five messages; those are counted by the domain metrics and the streams
         self.message_metrics: list[Any] = []
         if registry is not None:
-            from faststream.nats.prometheus import NatsPrometheusMiddleware
-
-            self.message_metrics.append(NatsPrometheusMiddleware(registry=registry, app_name=service))
+            self.message_metrics.append(message_metrics(registry, service))
         self.service = service
         self.inbox_prefix = inbox_prefix  # the connection's; a pull consumer must fetch into it too
         self.publish_timeout_s = publish_timeout_s

@@ -104,6 +104,30 @@ def notify_login(login_id: object) -> str:
     return f"{NOTIFY_LOGIN_PREFIX}.{token(login_id)}"
 
 
+_TEMPLATE_OF_PREFIX: Final = {
+    PEER_PREFIX: PEER_TEMPLATE,
+    STATS_PREFIX: STATS_TEMPLATE,
+    DLQ_PREFIX: DLQ_TEMPLATE,
+    NOTIFY_LOGIN_PREFIX: NOTIFY_LOGIN_TEMPLATE,
+}
+_FIXED_PREFIXES: Final = (f"{ROOT}.rpc.", f"{EVENTS_PREFIX}.")
+
+
+def template_of(subject: str) -> str:
+    """The subject as the AsyncAPI document names it: a subject with a device, gateway or
+    login in it becomes its template, a fixed one (RPC, audit event) stays itself, a reply
+    inbox becomes its role's prefix and `>`, and any other its first two tokens and `>`.
+    Metrics label by this, so that a label has a bounded number of values however many
+    devices, logins and connections there are."""
+    if subject.startswith(_FIXED_PREFIXES):
+        return subject
+    for prefix, template in _TEMPLATE_OF_PREFIX.items():
+        if subject.startswith(f"{prefix}."):
+            return template
+    tokens = subject.split(".")
+    return ".".join([*tokens[: 1 if tokens[0].startswith("_INBOX") else 2], ">"])
+
+
 def parse_peer(subject: str) -> tuple[int, int]:
     """(location_id, device_id) of a wgmfa.peer.<location>.<device> subject."""
     parts = subject.split(".")

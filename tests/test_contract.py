@@ -62,6 +62,18 @@ def test_subjects() -> None:
             subjects.token(bad)
 
 
+def test_a_subject_template_has_no_device_login_or_connection_in_it() -> None:
+    """What metrics label a message by: a bounded set however many devices there are."""
+    assert subjects.template_of(subjects.peer(3, 7)) == subjects.template_of(subjects.peer(4, 9)) == subjects.PEER_TEMPLATE
+    assert subjects.template_of(subjects.stats(3, "gw1")) == subjects.STATS_TEMPLATE
+    assert subjects.template_of(subjects.dlq(subjects.peer(3, 7))) == subjects.DLQ_TEMPLATE
+    assert subjects.template_of(subjects.notify_login("abc")) == subjects.NOTIFY_LOGIN_TEMPLATE
+    assert subjects.template_of(subjects.RPC_MFA_START) == subjects.RPC_MFA_START
+    assert subjects.template_of(subjects.event("mfa.started")) == "wgmfa.events.mfa.started"
+    assert subjects.template_of("_INBOX_proxy.Xy1.7") == "_INBOX_proxy.>"
+    assert subjects.template_of("elsewhere.a.b.c") == "elsewhere.a.>"
+
+
 def test_sealed_boxes_open_only_with_the_recipient_key() -> None:
     private, public = generate_keypair()
     assert public_key_of(private) == public

@@ -12,7 +12,7 @@ import pyotp
 from prometheus_client.parser import text_string_to_metric_families
 
 from events import nats_direct, subjects
-from events.bus import Bus
+from events.bus import Bus, message_metrics
 from schemas import rpc
 from schemas.common import RevokeReason
 from schemas.events import PeerRevoked
@@ -38,6 +38,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def total(samples: Samples, name: str) -> float:
     return sum(v for (sample, _), v in samples.items() if sample == name)
+
+
+def handlers(samples: Samples) -> set[str]:
+    """The subjects FastStream's own series are labelled with."""
+    return {dict(labels)["handler"] for (name, labels), _ in samples.items()
+            if name.startswith("faststream_") and "handler" in dict(labels)}
 
 
 class Scraper:
@@ -194,6 +200,13 @@ async def test_a_login_a_revoke_and_a_dead_letter_move_every_services_metrics(na
             "both bad peer states dead-lettered")
         failures = "wgmfa_gateway_apply_failures_total"
         assert value(gateway_now, failures, action="revoke") == value(before["gateway"], failures, action="revoke") + 1
+        # FastStream's series are per subject template, not per device: three devices'
+        # peer states reached the gateway and two the core, under one handler label each
+        assert handlers(gateway_now) == {subjects.PEER_TEMPLATE}
+        core = await scraper.scrape("core")
+        assert subjects.PEER_TEMPLATE in handlers(core)
+        assert {h for h in handlers(core) if h.startswith(subjects.PEER_PREFIX)} == {subjects.PEER_TEMPLATE}
+        assert subjects.RPC_MFA_START in handlers(core)
         # the proxy serves the same dead-letter family (it has nothing to give up on here)
         assert "# TYPE wgmfa_dead_letters_total counter" in (await scraper.http.get(
             f"http://127.0.0.1:{ports['proxy']}/metrics")).text
@@ -207,7 +220,6 @@ async def test_a_login_a_revoke_and_a_dead_letter_move_every_services_metrics(na
 
 def registered_metric_names() -> set[str]:
     """Every sample name the services' registries can produce."""
-    from faststream.nats.prometheus import NatsPrometheusMiddleware
     from prometheus_client import CollectorRegistry
 
     from core_service.metrics import registry as core
@@ -221,7 +233,7 @@ def registered_metric_names() -> set[str]:
     names = set()
     for registry in (core, gateway, reaper, proxy):
         # what the bus adds to each service's registry when it connects (events.bus)
-        NatsPrometheusMiddleware(registry=registry, app_name="dashboard")
+        message_metrics(registry, "dashboard")
         for family in registry.collect():
             names.add(family.name)
             names.update(sample.name for sample in family.samples)
