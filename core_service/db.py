@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
+from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -43,45 +42,61 @@ def before_commit(session: AsyncSession, key: str, write: Callable[[AsyncSession
     session.info.setdefault(PRE_COMMIT, {}).setdefault(key, write)
 
 
-class _InlineSqliteConnection(aiosqlite.Connection):
-    """aiosqlite, with every statement run on the event loop's own thread once connected.
+class InlineSession:
+    """The part of sqlmodel's AsyncSession the core uses, over a synchronous Session whose
+    statements run on the event loop's own thread: SQLite in WAL mode takes microseconds
+    per statement, and the async adaption around each one (a greenlet switch per call,
+    aiosqlite's cursor objects, a thread hop each unless inlined) cost more CPU than the
+    statements. The price: while SQLite waits for a lock another process holds, the loop
+    waits too, so it is for one core process per SQLite file (whose writes are serialised
+    in-process), chosen with WGMFA_SQLITE_INLINE=true."""
 
-    aiosqlite hands each call (cursor, execute, fetch, close: four per statement) to a
-    thread and back; with SQLite in WAL mode a statement takes microseconds, so those hops
-    were most of a login's CPU. The price: while SQLite waits for a lock another process
-    holds, the loop waits too, so it is for one core process per SQLite file (whose writes
-    are serialised in-process), chosen with WGMFA_SQLITE_INLINE=true."""
+    def __init__(self, session: Session) -> None:
+        self.sync_session = session
+        self.info = session.info
 
-    async def _execute(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if not self._running or not self._connection:
-            raise ValueError("Connection closed")
-        return partial(fn, *args, **kwargs)()
+    async def exec(self, statement: Any, **kwargs: Any) -> Any:
+        return self.sync_session.exec(statement, **kwargs)
 
+    async def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.sync_session.execute(statement, *args, **kwargs)
 
-def _inline_sqlite_creator(path: str) -> Any:
-    async def connect() -> aiosqlite.Connection:
-        def connector() -> sqlite3.Connection:
-            # used from the loop's thread after being opened in aiosqlite's
-            return sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False)
+    async def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
+        return self.sync_session.get(entity, ident, **kwargs)
 
-        connection = _InlineSqliteConnection(connector, 64)
-        connection._thread.daemon = True
-        return await connection
+    def add(self, instance: object) -> None:
+        self.sync_session.add(instance)
 
-    return connect
+    async def delete(self, instance: object) -> None:
+        self.sync_session.delete(instance)
+
+    async def flush(self) -> None:
+        self.sync_session.flush()
+
+    async def refresh(self, instance: object, *args: Any, **kwargs: Any) -> None:
+        self.sync_session.refresh(instance, *args, **kwargs)
 
 
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10, sqlite_inline: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        path = make_url(url).database if self.is_sqlite else None
+        # SQLite statements on the loop's thread (InlineSession), through a synchronous engine
+        self.inline = bool(sqlite_inline and path and path != ":memory:")
+        self.inline_sessions: sessionmaker[Session] | None = None
+        if self.inline:
+            # A session never waits for a pooled connection: with statements on the loop's
+            # thread, a wait would block the very loop that returns connections.
+            self.inline_engine = create_engine(
+                make_url(url).set(drivername="sqlite+pysqlite"), pool_size=pool_size, max_overflow=-1,
+                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+            )
+            self.inline_sessions = sessionmaker(self.inline_engine, class_=Session, expire_on_commit=False)
         if self.is_sqlite:
-            path = make_url(url).database
-            if sqlite_inline and path and path != ":memory:":
-                self.engine = create_async_engine(url, async_creator=_inline_sqlite_creator(path))
-            else:
-                self.engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            self.engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
+            @event.listens_for(self.sync_engine, "connect")
             @event.listens_for(self.engine.sync_engine, "connect")
             def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
                 cursor = dbapi_connection.cursor()
@@ -100,10 +115,22 @@ class Database:
     async def migrate(self) -> None:
         await asyncio.to_thread(upgrade_schema, self.url)
 
+    @property
+    def sync_engine(self) -> Engine:
+        """The engine the statements go through (for event listeners)."""
+        return self.inline_engine if self.inline else self.engine.sync_engine
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session in a transaction, committed on success and rolled back on error."""
         async with self._write_lock if self._write_lock is not None else contextlib.nullcontext():
+            if self.inline_sessions is not None:
+                with self.inline_sessions() as sync_session, sync_session.begin():
+                    session = InlineSession(sync_session)
+                    yield session  # type: ignore[misc]
+                    for write in session.info.pop(PRE_COMMIT, {}).values():
+                        await write(session)  # type: ignore[arg-type]
+                return
             async with self.sessions() as session:
                 async with session.begin():
                     yield session
@@ -112,8 +139,14 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:
+        if self.inline_sessions is not None:
+            with self.inline_sessions() as sync_session:
+                yield InlineSession(sync_session)  # type: ignore[misc]
+            return
         async with self.sessions() as session:
             yield session
 
     async def close(self) -> None:
+        if self.inline:
+            self.inline_engine.dispose()
         await self.engine.dispose()

@@ -26,7 +26,7 @@ CLIENT = rpc.ClientInfo(ip="192.0.2.10")
 @contextmanager
 def counted(h: Harness) -> Iterator[dict[str, list]]:
     seen: dict[str, list] = {"statements": [], "commits": []}
-    engine = h.core.db.engine.sync_engine
+    engine = h.core.db.sync_engine
 
     def statement(_conn, _cursor, sql, _params, _context, _many) -> None:  # type: ignore[no-untyped-def]
         seen["statements"].append(sql[:120])
@@ -43,20 +43,33 @@ def counted(h: Harness) -> Iterator[dict[str, list]]:
         event.remove(engine, "commit", commit)
 
 
+async def two_logins_counted(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user("alice")
+    device = await h.device("alice", "laptop", "office")
+    h.clock.advance(60)  # a time step the enrollment did not use
+    for round_ in range(2):  # the first login, and one that replaces a live session
+        with counted(h) as seen:
+            token, _ = await h.client.start(location.id, device.pubkey, 0, CLIENT)
+            psk, _ = await h.client.finish(token, h.code(secret), None, CLIENT)
+        assert len(psk) == 44
+        assert len(seen["statements"]) <= STATEMENTS_PER_LOGIN[round_], seen["statements"]
+        assert len(seen["commits"]) <= TRANSACTIONS_PER_LOGIN
+        h.clock.advance(30)
+    sessions = await h.sql("SELECT state FROM vpn_session ORDER BY id")
+    assert [s for (s,) in sessions] == ["revoked", "authorized"]
+
+
 async def test_a_totp_login_takes_a_bounded_number_of_statements(nats_url: str, database_url: str, tmp_path: Path) -> None:
     # the relay's retry loop out of the way: only the requests' own statements count
     async with running_core(nats_url, database_url, tmp_path, outbox_interval_s=3600) as h:
-        location, _ = await h.location()
-        secret = await h.user("alice")
-        device = await h.device("alice", "laptop", "office")
-        h.clock.advance(60)  # a time step the enrollment did not use
-        for round_ in range(2):  # the first login, and one that replaces a live session
-            with counted(h) as seen:
-                token, _ = await h.client.start(location.id, device.pubkey, 0, CLIENT)
-                psk, _ = await h.client.finish(token, h.code(secret), None, CLIENT)
-            assert len(psk) == 44
-            assert len(seen["statements"]) <= STATEMENTS_PER_LOGIN[round_], seen["statements"]
-            assert len(seen["commits"]) <= TRANSACTIONS_PER_LOGIN
-            h.clock.advance(30)
-        sessions = await h.sql("SELECT state FROM vpn_session ORDER BY id")
-        assert [s for (s,) in sessions] == ["revoked", "authorized"]
+        assert h.core.db.inline == database_url.startswith("sqlite")  # SQLite: statements on the loop by default
+        await two_logins_counted(h)
+
+
+async def test_the_same_on_sqlite_through_aiosqlites_thread(nats_url: str, tmp_path: Path) -> None:
+    """WGMFA_SQLITE_INLINE=false, for several core processes on one SQLite file."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'core.db'}"
+    async with running_core(nats_url, url, tmp_path, outbox_interval_s=3600, sqlite_inline=False) as h:
+        assert not h.core.db.inline
+        await two_logins_counted(h)
