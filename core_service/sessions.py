@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, insert
 from sqlalchemy import update as sql_update
@@ -37,6 +38,20 @@ _SUPERSEDE = (
     .values(state=SessionState.REVOKED, revoked_at=bindparam("b_now"), revoke_reason=RevokeReason.REPLACED, psk_enc=None)
 )
 _INSERT_SESSION = insert(SESSIONS).returning(SESSIONS.c.id)
+
+
+class Placed(NamedTuple):
+    """A device's address and generation at a location, as a login's authorize takes them."""
+
+    address: str
+    generation: int
+
+
+class Authorized(NamedTuple):
+    """The session a login's authorize issued."""
+
+    id: int
+    generation: int
 
 
 def names(location: Location, device: Device, user: User) -> dict[str, object]:
@@ -84,7 +99,7 @@ def peer_authorized(
     ctx: CoreContext,
     location: Location,
     device: Device,
-    placement: LocationDevice,
+    placement: LocationDevice | Placed,
     *,
     session_id: int | None,
     psk: str | None,
@@ -169,7 +184,7 @@ async def authorize(
     method: str,
     login_id: object,
     now: datetime,
-) -> tuple[VpnSession, str]:
+) -> tuple[Authorized, str]:
     """Issue a fresh PSK for the device at the location: supersede its live session, take
     the next generation, and queue peer.authorized (PSK sealed to the location)."""
     # Core statements, not ORM loads and flushes: this is every login's path.
@@ -191,37 +206,35 @@ async def authorize(
 
     psk = generate_psk()
     expires_at = now + timedelta(seconds=location.session_lifetime_s)
-    vpn_session = VpnSession(
-        generation=generation,
-        location_id=location.id,  # type: ignore[arg-type]
-        device_id=device.id,  # type: ignore[arg-type]
-        user_id=user.id,  # type: ignore[arg-type]
-        login_id=login_id,  # type: ignore[arg-type]
-        method=method,
-        psk_enc=ctx.vault.encrypt(psk),
-        state=SessionState.AUTHORIZED,
-        authorized_at=now,
-        expires_at=expires_at,
-    )
-    vpn_session.id = (await session.exec(_INSERT_SESSION, params=vpn_session.model_dump(exclude={"id"}))).scalar_one()
-    placement = LocationDevice(location_id=location.id, device_id=device.id, address=address, generation=generation)  # type: ignore[arg-type]
+    # the row's values as they are (a VpnSession instance would cost more than the insert)
+    session_id = (
+        await session.exec(
+            _INSERT_SESSION,
+            params={
+                "generation": generation, "location_id": location.id, "device_id": device.id, "user_id": user.id,
+                "login_id": login_id, "method": method, "psk_enc": ctx.vault.encrypt(psk),
+                "state": SessionState.AUTHORIZED, "authorized_at": now, "expires_at": expires_at,
+            },
+        )
+    ).scalar_one()
     enqueue_peer_state(
         session,
         peer_authorized(
-            ctx, location, device, placement, session_id=vpn_session.id, psk=psk, authorized_at=now, expires_at=expires_at
+            ctx, location, device, Placed(address, generation), session_id=session_id, psk=psk, authorized_at=now,
+            expires_at=expires_at,
         ),
     )
     enqueue_event(
         session,
         SessionAuthorized(
             **names(location, device, user),
-            session_id=vpn_session.id,
-            generation=vpn_session.generation,
+            session_id=session_id,
+            generation=generation,
             method=method,  # type: ignore[arg-type]
             expires_at=expires_at,
         ),
     )
-    return vpn_session, psk
+    return Authorized(session_id, generation), psk
 
 
 async def live_sessions(session: AsyncSession, location_id: int, device_id: int) -> list[VpnSession]:
