@@ -12,7 +12,7 @@ import pyotp
 from prometheus_client.parser import text_string_to_metric_families
 
 from events import nats_direct, subjects
-from events.bus import Bus, message_metrics
+from events.bus import Bus, MessageMetrics
 from schemas import rpc
 from schemas.common import RevokeReason
 from schemas.events import PeerRevoked
@@ -233,7 +233,7 @@ def registered_metric_names() -> set[str]:
     names = set()
     for registry in (core, gateway, reaper, proxy):
         # what the bus adds to each service's registry when it connects (events.bus)
-        message_metrics(registry, "dashboard")
+        MessageMetrics(registry, "dashboard")
         for family in registry.collect():
             names.add(family.name)
             names.update(sample.name for sample in family.samples)
