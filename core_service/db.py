@@ -5,11 +5,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event
+from sqlalchemy import Table, create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
@@ -40,6 +41,37 @@ def before_commit(session: AsyncSession, key: str, write: Callable[[AsyncSession
     (a body that raises skips it): writes a transaction gathers as it goes (its outbox
     rows) go out as one statement."""
     session.info.setdefault(PRE_COMMIT, {}).setdefault(key, write)
+
+
+class Snapshot(SimpleNamespace):
+    """One table's part of a row read in a transaction, under the model's attribute names.
+    Read only: a change goes through a statement."""
+
+
+class JoinedRead:
+    """The columns of several tables for one select, each labelled `<table>__<column>`, and
+    the split of its row back into a Snapshot per table (None for a table an outer join
+    found no row of). For the reads every login makes: building ORM entities from a
+    joined row (an instance state, a loader built per execution, every column copied in
+    through the instrumentation) cost the core more CPU than the rest of the statement."""
+
+    def __init__(self, *tables: Table) -> None:
+        self.columns = [column.label(f"{table.name}__{column.key}") for table in tables for column in table.c]
+        self._parts = [
+            (
+                [f"{table.name}__{key}" for key in table.c.keys()],
+                list(table.c.keys()),
+                f"{table.name}__{next(iter(table.primary_key)).key}",
+            )
+            for table in tables
+        ]
+
+    def split(self, row: Any) -> list[Snapshot | None]:
+        values = row._mapping
+        return [
+            None if values[present] is None else Snapshot(**{key: values[label] for label, key in zip(labels, keys)})
+            for labels, keys, present in self._parts
+        ]
 
 
 class InlineSession:

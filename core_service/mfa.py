@@ -14,12 +14,14 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from sqlalchemy import bindparam, insert
+from sqlalchemy import select as sql_select
 from sqlalchemy import update as sql_update
 from sqlmodel import col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service import metrics
 from core_service.context import CoreContext
+from core_service.db import JoinedRead
 from core_service.factors import build_factors
 from core_service.factors.base import FactorFailed, token_hash
 from core_service.factors.challenge import signature_valid
@@ -125,38 +127,44 @@ _LIVE_LOGIN_OF_DEVICE = (
     LOGINS.c.device_id == bindparam("b_device"),
     LOGINS.c.state.in_(LIVE_LOGIN_STATES),
 )
+PLACEMENTS = LocationDevice.__table__
+USERS = User.__table__
+LOCATIONS = Location.__table__
+DEVICES = Device.__table__
+ADDRESS_FAILURES = MfaAddressFailures.__table__
 # the location, the device, its place there, its user and the user's failures from the
-# client's address
+# client's address (rows, not entities: db.JoinedRead)
+_START_COLUMNS = JoinedRead(LOCATIONS, DEVICES, PLACEMENTS, USERS, ADDRESS_FAILURES)
 _START_READ = (
-    select(Location, Device, LocationDevice.device_id, User, MfaAddressFailures)
-    .select_from(Location)
-    .outerjoin(Device, col(Device.pubkey) == bindparam("b_pubkey"))
+    sql_select(*_START_COLUMNS.columns)
+    .select_from(LOCATIONS)
+    .outerjoin(DEVICES, DEVICES.c.pubkey == bindparam("b_pubkey"))
+    .outerjoin(PLACEMENTS, (PLACEMENTS.c.location_id == LOCATIONS.c.id) & (PLACEMENTS.c.device_id == DEVICES.c.id))
+    .outerjoin(USERS, USERS.c.id == DEVICES.c.user_id)
     .outerjoin(
-        LocationDevice,
-        (col(LocationDevice.location_id) == Location.id) & (col(LocationDevice.device_id) == Device.id),
+        ADDRESS_FAILURES,
+        (ADDRESS_FAILURES.c.user_id == USERS.c.id) & (ADDRESS_FAILURES.c.client_ip == bindparam("b_address")),
     )
-    .outerjoin(User, col(User.id) == Device.user_id)
-    .outerjoin(
-        MfaAddressFailures,
-        (col(MfaAddressFailures.user_id) == User.id) & (col(MfaAddressFailures.client_ip) == bindparam("b_address")),
-    )
-    .where(Location.id == bindparam("b_location"))
+    .where(LOCATIONS.c.id == bindparam("b_location"))
 )
 _INSERT_LOGIN = insert(LOGINS)
 # the login of a token and its user, locked (in that order, as recording a failure takes
 # them), with its location, device and the user's failures from the client's address
+_FINISH_COLUMNS = JoinedRead(LOGINS, USERS, LOCATIONS, DEVICES, ADDRESS_FAILURES)
 _FINISH_READ = (
-    select(MfaLogin, User, Location, Device, MfaAddressFailures)
-    .join(User, col(User.id) == MfaLogin.user_id)
-    .join(Location, col(Location.id) == MfaLogin.location_id)
-    .join(Device, col(Device.id) == MfaLogin.device_id)
+    sql_select(*_FINISH_COLUMNS.columns)
+    .select_from(LOGINS)
+    .join(USERS, USERS.c.id == LOGINS.c.user_id)
+    .join(LOCATIONS, LOCATIONS.c.id == LOGINS.c.location_id)
+    .join(DEVICES, DEVICES.c.id == LOGINS.c.device_id)
     .outerjoin(
-        MfaAddressFailures,
-        (col(MfaAddressFailures.user_id) == User.id) & (col(MfaAddressFailures.client_ip) == bindparam("b_address")),
+        ADDRESS_FAILURES,
+        (ADDRESS_FAILURES.c.user_id == USERS.c.id) & (ADDRESS_FAILURES.c.client_ip == bindparam("b_address")),
     )
-    .where(MfaLogin.token_hash == bindparam("b_token"))
-    .with_for_update(of=[MfaLogin, User])  # type: ignore[list-item]
+    .where(LOGINS.c.token_hash == bindparam("b_token"))
+    .with_for_update(of=[LOGINS, USERS])
 )
+_EXPIRE_LOGIN = sql_update(LOGINS).where(LOGINS.c.id == bindparam("b_id")).values(state=LoginState.EXPIRED)
 _FINISH_LOGIN = (
     sql_update(LOGINS)
     .where(LOGINS.c.id == bindparam("b_id"))
@@ -217,15 +225,17 @@ class Mfa:
         token = new_token(TOKEN_BITS)
         code = None
         async with self.ctx.transaction() as session:
-            found = (
+            row = (
                 await session.exec(
                     _START_READ,
                     params={"b_location": req.location_id, "b_pubkey": req.pubkey, "b_address": _address_key(req.client.ip)},
                 )
             ).first()
-            if found is None or found[0].removed_at is not None:
+            if row is None:
                 raise _bad(LOCATION_NOT_FOUND)
-            location, device, placed, user, counter = found
+            location, device, placed, user, counter = _START_COLUMNS.split(row)
+            if location is None or location.removed_at is not None:
+                raise _bad(LOCATION_NOT_FOUND)
             mode = MfaMode(location.mfa_mode)
             if mode == MfaMode.DISABLED:
                 raise _bad(MFA_NOT_ENABLED)
@@ -317,7 +327,7 @@ class Mfa:
         ).first()
         if login is None:
             raise _bad(LOGIN_NOT_FOUND)
-        return login, self._expired(session, login, states=states)
+        return login, await self._expired(session, login, states=states)
 
     async def finish(self, req: MfaFinishRequest) -> MfaFinishResult:
         if not is_key(req.reply_key):
@@ -332,7 +342,7 @@ class Mfa:
                 await self._spend_attempt(token, req.client.ip, remote=False)
             async with self.ctx.transaction() as session:
                 login, user, location, device, counter = await self._finishing(session, token, req.client.ip)
-                expired = self._expired(session, login, states=(LoginState.PENDING, LoginState.APPROVED))
+                expired = await self._expired(session, login, states=(LoginState.PENDING, LoginState.APPROVED))
                 if not expired:
                     login_id = login.id
                     psk = await self._verify_and_authorize(session, login, user, location, device, counter, code, req)
@@ -350,21 +360,20 @@ class Mfa:
     ) -> tuple[MfaLogin, User, Location, Device, MfaAddressFailures | None]:
         """The login of `token` and its user, both locked, with its location, device and
         the user's failure counter for `client_ip`, in one statement."""
-        found = (
+        row = (
             await session.exec(_FINISH_READ, params={"b_token": token_hash(token), "b_address": _address_key(client_ip)})
         ).first()
-        if found is None:
+        if row is None:
             raise _bad(LOGIN_NOT_FOUND)
-        return found  # type: ignore[return-value]
+        return _FINISH_COLUMNS.split(row)  # type: ignore[return-value]
 
-    def _expired(self, session: AsyncSession, login: MfaLogin, *, states: tuple[str, ...]) -> bool:
+    async def _expired(self, session: AsyncSession, login: MfaLogin, *, states: tuple[str, ...]) -> bool:
         """Whether the locked `login` has run out (then it is marked so, to be committed
         before answering `login session not found`); not in one of `states`: not found."""
         if login.state not in states:
             raise _bad(LOGIN_NOT_FOUND)
         if login.expires_at <= self.ctx.clock.now():
-            login.state = LoginState.EXPIRED
-            session.add(login)
+            await session.exec(_EXPIRE_LOGIN, params={"b_id": login.id})
             return True
         return False
 
