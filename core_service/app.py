@@ -60,7 +60,7 @@ class Core:
             asyncio.create_task(self._relay.run(self.settings.outbox_interval_s), name="outbox"),
             asyncio.create_task(every(HOUSEKEEPING_INTERVAL_S, self._housekeeping, "housekeeping", log)),
         ]
-        log.info("core ready (version %s, database %s)", VERSION, self.db.engine.url.render_as_string(hide_password=True))
+        log.info("core ready (version %s, database %s)", VERSION, self.db.sync_engine.url.render_as_string(hide_password=True))
 
     def build(self, bus: Bus) -> list[NatsRouter]:
         """The core's services over this bus, and the routers of every RPC endpoint and

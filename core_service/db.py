@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Table, create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -77,9 +77,8 @@ class JoinedRead:
 class InlineSession:
     """The part of sqlmodel's AsyncSession the core uses, over a synchronous Session whose
     statements run on the event loop's own thread: SQLite in WAL mode takes microseconds
-    per statement, and the async adaption around each one (a greenlet switch per call,
-    aiosqlite's cursor objects, a thread hop each unless inlined) cost more CPU than the
-    statements. The price: while SQLite waits for a lock another process holds, the loop
+    per statement, and the async adaption around each one (greenlet switches, aiosqlite's
+    cursor objects and its thread hops) cost more CPU than the statements. The price: while SQLite waits for a lock another process holds, the loop
     waits too, so it is for one core process per SQLite file (whose writes are serialised
     in-process), chosen with WGMFA_SQLITE_INLINE=true."""
 
@@ -109,48 +108,51 @@ class InlineSession:
         self.sync_session.refresh(instance, *args, **kwargs)
 
 
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10, sqlite_inline: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         path = make_url(url).database if self.is_sqlite else None
-        # SQLite statements on the loop's thread (InlineSession), through a synchronous engine
-        self.inline = bool(sqlite_inline and path and path != ":memory:")
+        # one engine: a synchronous one for SQLite statements on the loop's thread
+        # (InlineSession), else the async one
         self.inline_sessions: sessionmaker[Session] | None = None
-        if self.inline:
+        self.engine: AsyncEngine | None = None
+        if self.is_sqlite and sqlite_inline and path and path != ":memory:":
             # A session never waits for a pooled connection: with statements on the loop's
             # thread, a wait would block the very loop that returns connections.
-            self.inline_engine = create_engine(
+            self.sync_engine: Engine = create_engine(
                 make_url(url).set(drivername="sqlite+pysqlite"), pool_size=pool_size, max_overflow=-1,
                 connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
             )
-            self.inline_sessions = sessionmaker(self.inline_engine, class_=Session, expire_on_commit=False)
-        if self.is_sqlite:
-            self.engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
-
-            @event.listens_for(self.sync_engine, "connect")
-            @event.listens_for(self.engine.sync_engine, "connect")
-            def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA foreign_keys=ON")
-                cursor.execute("PRAGMA busy_timeout=30000")
-                cursor.close()
-
+            self.inline_sessions = sessionmaker(self.sync_engine, class_=Session, expire_on_commit=False)
         else:
-            self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
-        self.sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
+            if self.is_sqlite:
+                self.engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+            else:
+                self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            self.sync_engine = self.engine.sync_engine  # the one statements go through, for event listeners
+            self.sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
+        if self.is_sqlite:
+            event.listen(self.sync_engine, "connect", _sqlite_pragmas)
         # SQLite has one writer; serialising write transactions in the process avoids
         # "database is locked" when a read transaction upgrades to a write.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
+    @property
+    def inline(self) -> bool:
+        """Whether SQLite statements run on the event loop's thread."""
+        return self.inline_sessions is not None
+
     async def migrate(self) -> None:
         await asyncio.to_thread(upgrade_schema, self.url)
-
-    @property
-    def sync_engine(self) -> Engine:
-        """The engine the statements go through (for event listeners)."""
-        return self.inline_engine if self.inline else self.engine.sync_engine
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -179,6 +181,7 @@ class Database:
             yield session
 
     async def close(self) -> None:
-        if self.inline:
-            self.inline_engine.dispose()
-        await self.engine.dispose()
+        if self.engine is not None:
+            await self.engine.dispose()
+        else:
+            self.sync_engine.dispose()
