@@ -58,9 +58,6 @@ class _SubjectTemplates(NatsMetricsSettingsProvider):
         attrs["destination_name"] = subjects.template_of(attrs["destination_name"])
         return attrs
 
-    def get_publish_destination_name_from_cmd(self, cmd: Any) -> str:
-        return subjects.template_of(super().get_publish_destination_name_from_cmd(cmd))
-
 
 _SUBJECT_TEMPLATES = _SubjectTemplates()
 
