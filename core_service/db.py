@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,11 +12,15 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Table, create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Dialect, Engine, make_url
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel.sql.expression import SelectOfScalar
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -74,23 +79,160 @@ class JoinedRead:
         ]
 
 
+PREPARED = "wgmfa_prepared"  # the execution option that marks a `prepared` statement
+_GIVEN = object()  # a parameter slot the caller's params fill
+_MAX_PREPARED_ROWS = 64  # a longer multi-row INSERT goes through SQLAlchemy (its batching)
+
+
+def prepared(statement: Any) -> Any:
+    """Mark a statement built once at import that every login runs. On the inline SQLite
+    connection (InlineSession) it is compiled once and each execution goes straight to the
+    driver, with SQLAlchemy's own type conversions; elsewhere SQLAlchemy runs it as usual.
+    Per execution, SQLAlchemy's general path (cache key, execution context, parameter
+    construction, result metadata) cost several times what SQLite takes to run a small
+    statement."""
+    return statement.execution_options(**{PREPARED: True})
+
+
+class _Statement:
+    """A marked statement compiled for SQLite: its SQL with every literal list expanded, a
+    slot per positional parameter (a fixed value, or a name the caller gives, with its bind
+    processor), and the result's keys and per-column result processors."""
+
+    def __init__(self, statement: Any, dialect: Dialect, keys: list[str] | None, *, many: bool) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=keys, for_executemany=many)
+        given = {name for name, bind in compiled.binds.items() if bind.required}
+        if any(compiled.binds[name].expanding for name in given):
+            raise _NotPreparable  # a list the caller gives: its SQL differs per call
+        if getattr(compiled, "insert_prefetch", None) or getattr(compiled, "update_prefetch", None):
+            raise _NotPreparable  # a column default SQLAlchemy computes per execution
+        expanded = compiled._process_parameters_for_postcompile(
+            compiled.construct_params({name: None for name in given}, _check=False)
+        )
+        processors = {**compiled._bind_processors, **(expanded.processors or {})}
+        self.sql: str = expanded.statement
+        # per positional parameter: (name, its bind processor, _GIVEN) for a value the caller
+        # gives, (name, None, the value processed) for one fixed in the statement
+        self.slots: list[tuple[str, Callable[[Any], Any] | None, Any]] = []
+        for name in expanded.positiontup or ():
+            processor = processors.get(name)
+            if name in given:
+                self.slots.append((name, processor, _GIVEN))
+            else:
+                value = expanded.parameters[name]
+                self.slots.append((name, None, processor(value) if processor is not None else value))
+        columns = compiled._result_columns
+        self.returns_rows = bool(columns)
+        self.metadata = SimpleResultMetaData([column.keyname for column in columns])
+        self.result_processors = [
+            (index, processor)
+            for index, column in enumerate(columns)
+            if (processor := column.type._cached_result_processor(dialect, None)) is not None
+        ]
+        # a multi-row INSERT repeats its VALUES group once per row
+        many_values = compiled._insertmanyvalues if many else None
+        self.values_group = f"({many_values.single_values_expr})" if many_values is not None else None
+
+    def parameters(self, params: dict[str, Any]) -> list[Any]:
+        values = []
+        for name, processor, value in self.slots:
+            if value is _GIVEN:
+                value = params[name]
+                if processor is not None:
+                    value = processor(value)
+            values.append(value)
+        return values
+
+    def rows(self, raw_rows: list[tuple]) -> list[tuple]:
+        if not self.result_processors:
+            return raw_rows
+        out = []
+        for raw in raw_rows:
+            row = list(raw)
+            for index, processor in self.result_processors:
+                row[index] = processor(row[index])
+            out.append(tuple(row))
+        return out
+
+
+class _NotPreparable(Exception):
+    """The statement runs through SQLAlchemy after all."""
+
+
 class InlineSession:
     """The part of sqlmodel's AsyncSession the core uses, over a synchronous Session whose
     statements run on the event loop's own thread: SQLite in WAL mode takes microseconds
     per statement, and the async adaption around each one (greenlet switches, aiosqlite's
-    cursor objects and its thread hops) cost more CPU than the statements. The price: while SQLite waits for a lock another process holds, the loop
-    waits too, so it is for one core process per SQLite file (whose writes are serialised
-    in-process), chosen with WGMFA_SQLITE_INLINE=true."""
+    cursor objects and its thread hops) cost more CPU than the statements. The price: while
+    SQLite waits for a lock another process holds, the loop waits too, so it is for one core
+    process per SQLite file (whose writes are serialised in-process), chosen with
+    WGMFA_SQLITE_INLINE=true. Statements marked `prepared` run on the session's own
+    driver connection, in its transaction."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, compiled: dict[Any, _Statement | None]) -> None:
         self.sync_session = session
         self.info = session.info
+        self._compiled = compiled
+        self._connection: Any = None  # the session's SQLAlchemy connection, once asked for
 
-    async def exec(self, statement: Any, **kwargs: Any) -> Any:
-        return self.sync_session.exec(statement, **kwargs)
+    async def exec(self, statement: Any, *, params: Any = None, **kwargs: Any) -> Any:
+        if not kwargs and isinstance(statement, Executable) and statement._execution_options.get(PREPARED):
+            result = self._run_prepared(statement, params)
+            if result is not None:
+                return result.scalars() if isinstance(statement, SelectOfScalar) else result  # as sqlmodel's exec
+        return self.sync_session.exec(statement, params=params, **kwargs)
 
-    async def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
-        return self.sync_session.execute(statement, *args, **kwargs)
+    async def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+        if not kwargs and isinstance(statement, Executable) and statement._execution_options.get(PREPARED):
+            result = self._run_prepared(statement, params)
+            if result is not None:
+                return result
+        return self.sync_session.execute(statement, params, **kwargs)
+
+    def _run_prepared(self, statement: Any, params: Any) -> Any:
+        """Run a marked statement on the driver connection; None when it cannot be
+        (SQLAlchemy runs it then)."""
+        rows = params if isinstance(params, list) else None
+        if rows is not None and not 0 < len(rows) <= _MAX_PREPARED_ROWS:
+            return None
+        # an INSERT's SQL names the columns its values give
+        keys = sorted(rows[0] if rows else params or ()) if statement.is_insert else None
+        key = (statement, tuple(keys), rows is not None) if keys is not None else statement
+        if key not in self._compiled:
+            try:
+                self._compiled[key] = _Statement(statement, self.sync_session.get_bind().dialect, keys, many=rows is not None)
+            except _NotPreparable:
+                self._compiled[key] = None
+        compiled = self._compiled[key]
+        if compiled is None or (rows is not None and compiled.values_group is None):
+            return None
+        if self.sync_session.autoflush:
+            self.sync_session.flush()  # pending ORM changes first, as the session's own execute does
+        if self._connection is None:
+            self._connection = self.sync_session.connection()
+        connection = self._connection
+        if rows is None:
+            sql, values = compiled.sql, compiled.parameters(params or {})
+        else:
+            group = compiled.values_group
+            sql = compiled.sql.replace(group, ", ".join([group] * len(rows)), 1)
+            values = [value for row in rows for value in compiled.parameters(row)]
+        driver = connection.connection.dbapi_connection
+        cursor = driver.cursor()
+        for listener in connection.dispatch.before_cursor_execute:
+            listener(connection, cursor, sql, values, None, False)
+        try:
+            cursor.execute(sql, values)
+            # every row now: a statement left unfinished would stay open in the transaction
+            raw_rows = cursor.fetchall() if compiled.returns_rows else []
+            rowcount = cursor.rowcount
+        except sqlite3.Error as error:
+            raise DBAPIError.instance(sql, values, error, sqlite3.Error) from error
+        finally:
+            cursor.close()
+        result = IteratorResult(compiled.metadata, iter(compiled.rows(raw_rows)))
+        result.rowcount = rowcount  # type: ignore[attr-defined]
+        return result
 
     async def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
         return self.sync_session.get(entity, ident, **kwargs)
@@ -145,6 +287,7 @@ class Database:
         # SQLite has one writer; serialising write transactions in the process avoids
         # "database is locked" when a read transaction upgrades to a write.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._prepared: dict[Any, _Statement | None] = {}  # `prepared` statements, compiled for InlineSession
 
     @property
     def inline(self) -> bool:
@@ -160,7 +303,7 @@ class Database:
         async with self._write_lock if self._write_lock is not None else contextlib.nullcontext():
             if self.inline_sessions is not None:
                 with self.inline_sessions() as sync_session, sync_session.begin():
-                    session = InlineSession(sync_session)
+                    session = InlineSession(sync_session, self._prepared)
                     yield session  # type: ignore[misc]
                     for write in session.info.pop(PRE_COMMIT, {}).values():
                         await write(session)  # type: ignore[arg-type]
@@ -175,7 +318,7 @@ class Database:
     async def reader(self) -> AsyncIterator[AsyncSession]:
         if self.inline_sessions is not None:
             with self.inline_sessions() as sync_session:
-                yield InlineSession(sync_session)  # type: ignore[misc]
+                yield InlineSession(sync_session, self._prepared)  # type: ignore[misc]
             return
         async with self.sessions() as session:
             yield session

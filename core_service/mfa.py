@@ -21,7 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service import metrics
 from core_service.context import CoreContext
-from core_service.db import JoinedRead
+from core_service.db import JoinedRead, prepared
 from core_service.factors import build_factors
 from core_service.factors.base import FactorFailed, token_hash
 from core_service.factors.challenge import signature_valid
@@ -135,7 +135,7 @@ ADDRESS_FAILURES = MfaAddressFailures.__table__
 # the location, the device, its place there, its user and the user's failures from the
 # client's address (rows, not entities: db.JoinedRead)
 _START_COLUMNS = JoinedRead(LOCATIONS, DEVICES, PLACEMENTS, USERS, ADDRESS_FAILURES)
-_START_READ = (
+_START_READ = prepared(
     sql_select(*_START_COLUMNS.columns)
     .select_from(LOCATIONS)
     .outerjoin(DEVICES, DEVICES.c.pubkey == bindparam("b_pubkey"))
@@ -147,11 +147,11 @@ _START_READ = (
     )
     .where(LOCATIONS.c.id == bindparam("b_location"))
 )
-_INSERT_LOGIN = insert(LOGINS)
+_INSERT_LOGIN = prepared(insert(LOGINS))
 # the login of a token and its user, locked (in that order, as recording a failure takes
 # them), with its location, device and the user's failures from the client's address
 _FINISH_COLUMNS = JoinedRead(LOGINS, USERS, LOCATIONS, DEVICES, ADDRESS_FAILURES)
-_FINISH_READ = (
+_FINISH_READ = prepared(
     sql_select(*_FINISH_COLUMNS.columns)
     .select_from(LOGINS)
     .join(USERS, USERS.c.id == LOGINS.c.user_id)
@@ -164,8 +164,8 @@ _FINISH_READ = (
     .where(LOGINS.c.token_hash == bindparam("b_token"))
     .with_for_update(of=[LOGINS, USERS])
 )
-_EXPIRE_LOGIN = sql_update(LOGINS).where(LOGINS.c.id == bindparam("b_id")).values(state=LoginState.EXPIRED)
-_FINISH_LOGIN = (
+_EXPIRE_LOGIN = prepared(sql_update(LOGINS).where(LOGINS.c.id == bindparam("b_id")).values(state=LoginState.EXPIRED))
+_FINISH_LOGIN = prepared(
     sql_update(LOGINS)
     .where(LOGINS.c.id == bindparam("b_id"))
     .values(state=LoginState.FINISHED, finished_at=bindparam("b_now"), challenge=None, email_code_hash=None)
@@ -174,7 +174,7 @@ _FINISH_LOGIN = (
 
 def _spend_statement(*, remote: bool):  # type: ignore[no-untyped-def]
     approve = method_name(MfaMethod.MOBILE_APPROVE)
-    return (
+    return prepared(
         sql_update(LOGINS)
         .where(
             LOGINS.c.token_hash == bindparam("b_token"),
@@ -207,7 +207,7 @@ class Mfa:
             .order_by(LOGINS.c.created_at.desc())
             .offset(max(ctx.settings.max_live_logins - 1, 0))
         )
-        self._make_room = (
+        self._make_room = prepared(
             sql_update(LOGINS)
             .where(
                 *_LIVE_LOGIN_OF_DEVICE,

@@ -12,7 +12,7 @@ from sqlalchemy import insert
 from sqlmodel import col, delete, func, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from core_service.db import Database, before_commit
+from core_service.db import Database, before_commit, prepared
 from core_service.models import Outbox
 from runtime.clock import Clock
 from schemas.common import utcnow
@@ -25,7 +25,7 @@ KIND_EVENT = "event"
 KIND_NOTIFY = "notify"
 PENDING = "outbox_rows"  # session.info key: the rows this transaction adds
 OUTBOX = Outbox.__table__
-_INSERT = insert(OUTBOX).returning(OUTBOX.c.id)
+_INSERT = prepared(insert(OUTBOX).returning(OUTBOX.c.id))
 
 
 @dataclass

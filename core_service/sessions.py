@@ -11,6 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service import metrics
 from core_service.context import CoreContext
+from core_service.db import prepared
 from core_service.models import Device, Location, LocationDevice, User, VpnSession
 from core_service.outbox import enqueue_event, enqueue_peer_state
 from schemas.sealing import generate_psk, seal
@@ -21,23 +22,25 @@ from schemas.rpc import ErrorStatus, RpcFailure
 PLACEMENTS = LocationDevice.__table__
 SESSIONS = VpnSession.__table__
 # authorize's statements, built once (every login runs them)
-_NEXT_GENERATION = (
+_NEXT_GENERATION = prepared(
     sql_update(PLACEMENTS)
     .where(PLACEMENTS.c.location_id == bindparam("b_location"), PLACEMENTS.c.device_id == bindparam("b_device"))
     .values(generation=PLACEMENTS.c.generation + 1)
     .returning(PLACEMENTS.c.generation, PLACEMENTS.c.address)
 )
-_LIVE_SESSIONS = select(SESSIONS.c.id, SESSIONS.c.generation, SESSIONS.c.state).where(
-    SESSIONS.c.location_id == bindparam("b_location"),
-    SESSIONS.c.device_id == bindparam("b_device"),
-    SESSIONS.c.state.in_(LIVE_SESSION_STATES),
+_LIVE_SESSIONS = prepared(
+    select(SESSIONS.c.id, SESSIONS.c.generation, SESSIONS.c.state).where(
+        SESSIONS.c.location_id == bindparam("b_location"),
+        SESSIONS.c.device_id == bindparam("b_device"),
+        SESSIONS.c.state.in_(LIVE_SESSION_STATES),
+    )
 )
 _SUPERSEDE = (
     sql_update(SESSIONS)
     .where(SESSIONS.c.id.in_(bindparam("b_ids", expanding=True)))
     .values(state=SessionState.REVOKED, revoked_at=bindparam("b_now"), revoke_reason=RevokeReason.REPLACED, psk_enc=None)
 )
-_INSERT_SESSION = insert(SESSIONS).returning(SESSIONS.c.id)
+_INSERT_SESSION = prepared(insert(SESSIONS).returning(SESSIONS.c.id))
 
 
 class Placed(NamedTuple):

@@ -7,6 +7,7 @@ from sqlalchemy import bindparam, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service import totp
+from core_service.db import prepared
 from core_service.factors.base import Factor, FactorFailed, METHOD_NOT_AVAILABLE, bad_request
 from core_service.keys import Vault
 from core_service.models import Device, MfaLogin, User
@@ -16,7 +17,7 @@ from schemas.common import MfaMethod
 _USERS = User.__table__
 # Each time step is accepted once per user, atomically: of two logins racing with one
 # code, exactly one moves the step forward.
-_CLAIM_STEP = (
+_CLAIM_STEP = prepared(
     update(_USERS)
     .where(_USERS.c.id == bindparam("b_user"), _USERS.c.totp_last_step.is_(None) | (_USERS.c.totp_last_step < bindparam("b_step")))
     .values(totp_last_step=bindparam("b_step"))

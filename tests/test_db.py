@@ -1,0 +1,127 @@
+"""The SQLite inline session's prepared statements (core_service.db.prepared): run on the
+driver connection, they must give what SQLAlchemy's own execution gives, in the same
+transaction, with the same errors."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import bindparam, event, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from core_service.db import Database, JoinedRead, prepared
+from core_service.models import Device, Location, MfaLogin, Outbox, User
+
+USERS = User.__table__
+LOCATIONS = Location.__table__
+LOGINS = MfaLogin.__table__
+OUTBOX = Outbox.__table__
+NOW = datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
+
+# a read over types SQLAlchemy converts (UUID, aware datetime, bool, JSON) and a literal list
+_LOGIN_READ = JoinedRead(LOGINS, USERS, LOCATIONS)
+_READ = (
+    select(*_LOGIN_READ.columns)
+    .select_from(LOGINS)
+    .join(USERS, USERS.c.id == LOGINS.c.user_id)
+    .join(LOCATIONS, LOCATIONS.c.id == LOGINS.c.location_id)
+    .where(LOGINS.c.token_hash == bindparam("b_token"), LOGINS.c.state.in_(["pending", "approved"]))
+)
+_PREPARED_READ = prepared(_READ)
+_INSERT_LOGIN = prepared(insert(LOGINS))
+_OUTBOX_ROWS = prepared(insert(OUTBOX).returning(OUTBOX.c.id))
+_FAIL_USER = prepared(
+    update(USERS).where(USERS.c.username == bindparam("b_name")).values(mfa_failures=USERS.c.mfa_failures + 1)
+)
+
+
+@pytest_asyncio.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'core.db'}", sqlite_inline=True)
+    await database.migrate()
+    assert database.inline
+    async with database.transaction() as session:
+        session.add(User(username="alice", email="alice@example.com", mfa_locked_until=NOW))
+        session.add(
+            Location(
+                name="office", endpoint="vpn.example.com", listen_port=51820, network="10.0.0.0/24",
+                gateway_address="10.0.0.1/24", wg_public_key="k", wg_private_key_enc="e", sealing_public_key="s",
+                sealing_private_key_enc="e", mfa_mode="internal", allowed_groups=["staff", "ops"],
+            )
+        )
+        await session.flush()
+        session.add(Device(user_id=1, name="laptop", pubkey="p"))
+    yield database
+    await database.close()
+
+
+def login_values(token: str) -> dict[str, object]:
+    login = MfaLogin(
+        id=uuid.uuid4(), token_hash=token, location_id=1, device_id=1, user_id=1, method="totp", state="pending",
+        client_ip="192.0.2.1", created_at=NOW, expires_at=NOW + timedelta(minutes=5),
+    )
+    return login.model_dump()
+
+
+async def test_a_prepared_statement_reads_and_writes_what_sqlalchemy_does(db: Database) -> None:
+    values = login_values("t1")
+    async with db.transaction() as session:
+        await session.exec(_INSERT_LOGIN, params=values)
+    async with db.transaction() as session:
+        driver = (await session.exec(_PREPARED_READ, params={"b_token": "t1"})).first()
+        orm = (await session.exec(_READ, params={"b_token": "t1"})).first()
+    assert db._prepared[_PREPARED_READ] is not None  # the driver path, not a fallback
+    assert tuple(driver) == tuple(orm)
+    login, user, location = _LOGIN_READ.split(driver)
+    assert login.id == values["id"] and isinstance(login.id, uuid.UUID)
+    assert login.expires_at == NOW + timedelta(minutes=5) and login.expires_at.tzinfo is not None
+    assert user.is_active is True and user.mfa_locked_until == NOW
+    assert location.allowed_groups == ["staff", "ops"]
+
+
+async def test_prepared_statements_share_the_transaction_and_its_rollback(db: Database) -> None:
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as session:
+            changed = await session.exec(_FAIL_USER, params={"b_name": "alice"})
+            assert changed.rowcount == 1
+            raise RuntimeError("the body fails")
+    async with db.transaction() as session:
+        session.add(Outbox(kind="event", event_type="pending.orm", payload="{}", created_at=NOW))
+        # a pending ORM object is flushed before a prepared statement runs, as SQLAlchemy's own execute does
+        ids = (
+            await session.exec(
+                _OUTBOX_ROWS,
+                params=[{"kind": "event", "event_type": f"e{i}", "payload": "{}", "created_at": NOW} for i in range(3)],
+            )
+        ).scalars().all()
+        assert (await session.exec(_FAIL_USER, params={"b_name": "alice"})).rowcount == 1
+    assert sorted(ids) == [2, 3, 4]
+    async with db.reader() as session:
+        user = (await session.exec(select(User).where(User.username == "alice"))).scalar_one()
+        types = (await session.exec(select(Outbox.event_type).order_by(Outbox.id))).scalars().all()
+    assert user.mfa_failures == 1  # the rolled-back increment is gone, the committed one stayed
+    assert types == ["pending.orm", "e0", "e1", "e2"]
+
+
+async def test_a_prepared_statement_fails_as_sqlalchemy_does_and_is_seen_by_listeners(db: Database) -> None:
+    seen: list[str] = []
+
+    def statement(_conn, _cursor, sql, _params, _context, _many) -> None:  # type: ignore[no-untyped-def]
+        seen.append(sql.split()[0])
+
+    event.listen(db.sync_engine, "before_cursor_execute", statement)
+    try:
+        async with db.transaction() as session:
+            await session.exec(_INSERT_LOGIN, params=login_values("same"))
+        with pytest.raises(IntegrityError):  # token_hash is unique
+            async with db.transaction() as session:
+                await session.exec(_INSERT_LOGIN, params=login_values("same"))
+    finally:
+        event.remove(db.sync_engine, "before_cursor_execute", statement)
+    assert seen == ["INSERT", "INSERT"]
+    async with db.reader() as session:
+        assert len((await session.exec(select(MfaLogin))).scalars().all()) == 1
