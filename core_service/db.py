@@ -12,7 +12,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Table, create_engine, event
-from sqlalchemy.engine import Dialect, Engine, make_url
+from sqlalchemy.engine import Connection, Dialect, Engine, make_url
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.base import Executable
@@ -167,13 +167,33 @@ class InlineSession:
     SQLite waits for a lock another process holds, the loop waits too, so it is for one core
     process per SQLite file (whose writes are serialised in-process), chosen with
     WGMFA_SQLITE_INLINE=true. Statements marked `prepared` run on the session's own
-    driver connection, in its transaction."""
+    driver connection, in its transaction. The ORM session exists only once something
+    asks for it (a login's statements never do) and is joined to the same transaction."""
 
-    def __init__(self, session: Session, compiled: dict[Any, _Statement | None]) -> None:
-        self.sync_session = session
-        self.info = session.info
+    def __init__(self, connection: Connection, sessions: sessionmaker[Session], compiled: dict[Any, _Statement | None]) -> None:
+        self._connection = connection
+        self._sessions = sessions
+        self._orm: Session | None = None
         self._compiled = compiled
-        self._connection: Any = None  # the session's SQLAlchemy connection, once asked for
+        self.info: dict[Any, Any] = {}
+
+    @property
+    def sync_session(self) -> Session:
+        """The ORM session, in this connection's transaction (which it never commits)."""
+        if self._orm is None:
+            self._orm = self._sessions(bind=self._connection)
+        return self._orm
+
+    def close(self, *, flush: bool) -> None:
+        """Let go of the ORM session's objects (they keep their loaded values), after
+        writing what it holds when `flush`."""
+        if self._orm is not None:
+            try:
+                if flush:
+                    self._orm.flush()
+            finally:
+                self._orm.close()
+                self._orm = None
 
     async def exec(self, statement: Any, *, params: Any = None, **kwargs: Any) -> Any:
         if not kwargs and isinstance(statement, Executable) and statement._execution_options.get(PREPARED):
@@ -200,16 +220,14 @@ class InlineSession:
         key = (statement, tuple(keys), rows is not None) if keys is not None else statement
         if key not in self._compiled:
             try:
-                self._compiled[key] = _Statement(statement, self.sync_session.get_bind().dialect, keys, many=rows is not None)
+                self._compiled[key] = _Statement(statement, self._connection.dialect, keys, many=rows is not None)
             except _NotPreparable:
                 self._compiled[key] = None
         compiled = self._compiled[key]
         if compiled is None or (rows is not None and compiled.values_group is None):
             return None
-        if self.sync_session.autoflush:
-            self.sync_session.flush()  # pending ORM changes first, as the session's own execute does
-        if self._connection is None:
-            self._connection = self.sync_session.connection()
+        if self._orm is not None and self._orm.autoflush:
+            self._orm.flush()  # pending ORM changes first, as the session's own execute does
         connection = self._connection
         if rows is None:
             sql, values = compiled.sql, compiled.parameters(params or {})
@@ -288,6 +306,7 @@ class Database:
         # "database is locked" when a read transaction upgrades to a write.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._prepared: dict[Any, _Statement | None] = {}  # `prepared` statements, compiled for InlineSession
+        self._writer: Connection | None = None  # the inline mode's connection for write transactions
 
     @property
     def inline(self) -> bool:
@@ -302,11 +321,8 @@ class Database:
         """A session in a transaction, committed on success and rolled back on error."""
         async with self._write_lock if self._write_lock is not None else contextlib.nullcontext():
             if self.inline_sessions is not None:
-                with self.inline_sessions() as sync_session, sync_session.begin():
-                    session = InlineSession(sync_session, self._prepared)
+                async with self._inline_transaction() as session:
                     yield session  # type: ignore[misc]
-                    for write in session.info.pop(PRE_COMMIT, {}).values():
-                        await write(session)  # type: ignore[arg-type]
                 return
             async with self.sessions() as session:
                 async with session.begin():
@@ -315,15 +331,52 @@ class Database:
                         await write(session)
 
     @contextlib.asynccontextmanager
+    async def _inline_transaction(self) -> AsyncIterator[InlineSession]:
+        """A write transaction on the one connection kept for them: the write lock makes
+        them one at a time, and a connection (and ORM session) per transaction, checked out
+        of the pool and back, cost a login more CPU than its statements."""
+        assert self.inline_sessions is not None
+        if self._writer is None:
+            self._writer = self.sync_engine.connect()
+        connection = self._writer
+        begun = connection.begin()
+        session = InlineSession(connection, self.inline_sessions, self._prepared)
+        try:
+            yield session
+            for write in session.info.pop(PRE_COMMIT, {}).values():
+                await write(session)  # type: ignore[arg-type]
+            session.close(flush=True)
+            begun.commit()
+        except BaseException:
+            session.close(flush=False)
+            try:
+                if begun.is_active:
+                    begun.rollback()
+                clean = not connection.connection.dbapi_connection.in_transaction
+            except Exception:
+                clean = False
+            if not clean:  # left in a transaction (a commit that failed): not used again
+                self._writer = None
+                connection.invalidate()
+            raise
+
+    @contextlib.asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:
         if self.inline_sessions is not None:
-            with self.inline_sessions() as sync_session:
-                yield InlineSession(sync_session, self._prepared)  # type: ignore[misc]
+            with self.sync_engine.connect() as connection:
+                session = InlineSession(connection, self.inline_sessions, self._prepared)
+                try:
+                    yield session  # type: ignore[misc]
+                finally:
+                    session.close(flush=False)
             return
         async with self.sessions() as session:
             yield session
 
     async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self.engine is not None:
             await self.engine.dispose()
         else:
