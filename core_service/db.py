@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
 
 
 def alembic_config(url: str) -> Config:
@@ -129,8 +132,9 @@ class _Statement:
             for index, column in enumerate(columns)
             if (processor := column.type._cached_result_processor(dialect, None)) is not None
         ]
-        # a multi-row INSERT repeats its VALUES group once per row
-        many_values = compiled._insertmanyvalues if many else None
+        # a multi-row INSERT repeats its VALUES group once per row (with `?` placeholders;
+        # numbered ones would have to be renumbered)
+        many_values = compiled._insertmanyvalues if many and dialect.paramstyle == "qmark" else None
         self.values_group = f"({many_values.single_values_expr})" if many_values is not None else None
 
     def parameters(self, params: dict[str, Any]) -> list[Any]:
@@ -143,20 +147,63 @@ class _Statement:
             values.append(value)
         return values
 
-    def rows(self, raw_rows: list[tuple]) -> list[tuple]:
-        if not self.result_processors:
-            return raw_rows
-        out = []
-        for raw in raw_rows:
-            row = list(raw)
-            for index, processor in self.result_processors:
-                row[index] = processor(row[index])
-            out.append(tuple(row))
-        return out
+    def result(self, raw_rows: list[Any], rowcount: int) -> IteratorResult:
+        """The driver's rows as SQLAlchemy's result, converted as SQLAlchemy converts them."""
+        if self.result_processors:
+            rows = []
+            for raw in raw_rows:
+                row = list(raw)
+                for index, processor in self.result_processors:
+                    row[index] = processor(row[index])
+                rows.append(tuple(row))
+        else:
+            rows = [tuple(raw) for raw in raw_rows]
+        result = IteratorResult(self.metadata, iter(rows))
+        result.rowcount = rowcount  # type: ignore[attr-defined]
+        return result
+
+
+    def statement_for(self, params: Any) -> tuple[str, list[Any]]:
+        """The SQL and positional values for one execution: `params` a dict, or a list of
+        dicts for a multi-row INSERT."""
+        if not isinstance(params, list):
+            return self.sql, self.parameters(params or {})
+        assert self.values_group is not None
+        sql = self.sql.replace(self.values_group, ", ".join([self.values_group] * len(params)), 1)
+        return sql, [value for row in params for value in self.parameters(row)]
 
 
 class _NotPreparable(Exception):
     """The statement runs through SQLAlchemy after all."""
+
+
+def _compiled_for(
+    cache: dict[Any, _Statement | None], statement: Any, params: Any, dialect: Dialect
+) -> _Statement | None:
+    """A marked statement compiled for `dialect` (once; cached), or None when SQLAlchemy
+    must run it: not marked, a list the caller gives, a column default computed per
+    execution, too many rows, or a SQLAlchemy whose compiler no longer offers what
+    `_Statement` reads."""
+    if not (isinstance(statement, Executable) and statement._execution_options.get(PREPARED)):
+        return None
+    rows = params if isinstance(params, list) else None
+    if rows is not None and not 0 < len(rows) <= _MAX_PREPARED_ROWS:
+        return None
+    # an INSERT's SQL names the columns its values give
+    keys = sorted(rows[0] if rows else params or ()) if statement.is_insert else None
+    key = (statement, tuple(keys), rows is not None) if keys is not None else statement
+    if key not in cache:
+        try:
+            cache[key] = _Statement(statement, dialect, keys, many=rows is not None)
+        except _NotPreparable:
+            cache[key] = None
+        except Exception:  # noqa: BLE001 - SQLAlchemy's own path still works
+            log.warning("running a prepared statement through SQLAlchemy: it cannot be compiled here", exc_info=True)
+            cache[key] = None
+    compiled = cache[key]
+    if compiled is None or (rows is not None and compiled.values_group is None):
+        return None
+    return compiled
 
 
 class InlineSession:
@@ -196,47 +243,25 @@ class InlineSession:
                 self._orm = None
 
     async def exec(self, statement: Any, *, params: Any = None, **kwargs: Any) -> Any:
-        if not kwargs and isinstance(statement, Executable) and statement._execution_options.get(PREPARED):
-            result = self._run_prepared(statement, params)
-            if result is not None:
-                return result.scalars() if isinstance(statement, SelectOfScalar) else result  # as sqlmodel's exec
-        return self.sync_session.exec(statement, params=params, **kwargs)
+        compiled = None if kwargs else _compiled_for(self._compiled, statement, params, self._connection.dialect)
+        if compiled is None:
+            return self.sync_session.exec(statement, params=params, **kwargs)
+        result = self._run(compiled, params)
+        return result.scalars() if isinstance(statement, SelectOfScalar) else result  # as sqlmodel's exec
 
     async def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
-        if not kwargs and isinstance(statement, Executable) and statement._execution_options.get(PREPARED):
-            result = self._run_prepared(statement, params)
-            if result is not None:
-                return result
-        return self.sync_session.execute(statement, params, **kwargs)
+        compiled = None if kwargs else _compiled_for(self._compiled, statement, params, self._connection.dialect)
+        if compiled is None:
+            return self.sync_session.execute(statement, params, **kwargs)
+        return self._run(compiled, params)
 
-    def _run_prepared(self, statement: Any, params: Any) -> Any:
-        """Run a marked statement on the driver connection; None when it cannot be
-        (SQLAlchemy runs it then)."""
-        rows = params if isinstance(params, list) else None
-        if rows is not None and not 0 < len(rows) <= _MAX_PREPARED_ROWS:
-            return None
-        # an INSERT's SQL names the columns its values give
-        keys = sorted(rows[0] if rows else params or ()) if statement.is_insert else None
-        key = (statement, tuple(keys), rows is not None) if keys is not None else statement
-        if key not in self._compiled:
-            try:
-                self._compiled[key] = _Statement(statement, self._connection.dialect, keys, many=rows is not None)
-            except _NotPreparable:
-                self._compiled[key] = None
-        compiled = self._compiled[key]
-        if compiled is None or (rows is not None and compiled.values_group is None):
-            return None
+    def _run(self, compiled: _Statement, params: Any) -> IteratorResult:
+        """A marked statement on the driver connection, in this transaction."""
         if self._orm is not None and self._orm.autoflush:
             self._orm.flush()  # pending ORM changes first, as the session's own execute does
         connection = self._connection
-        if rows is None:
-            sql, values = compiled.sql, compiled.parameters(params or {})
-        else:
-            group = compiled.values_group
-            sql = compiled.sql.replace(group, ", ".join([group] * len(rows)), 1)
-            values = [value for row in rows for value in compiled.parameters(row)]
-        driver = connection.connection.dbapi_connection
-        cursor = driver.cursor()
+        sql, values = compiled.statement_for(params)
+        cursor = connection.connection.dbapi_connection.cursor()
         for listener in connection.dispatch.before_cursor_execute:
             listener(connection, cursor, sql, values, None, False)
         try:
@@ -248,9 +273,7 @@ class InlineSession:
             raise DBAPIError.instance(sql, values, error, sqlite3.Error) from error
         finally:
             cursor.close()
-        result = IteratorResult(compiled.metadata, iter(compiled.rows(raw_rows)))
-        result.rowcount = rowcount  # type: ignore[attr-defined]
-        return result
+        return compiled.result(raw_rows, rowcount)
 
     async def get(self, entity: Any, ident: Any, **kwargs: Any) -> Any:
         return self.sync_session.get(entity, ident, **kwargs)
@@ -266,6 +289,69 @@ class InlineSession:
 
     async def refresh(self, instance: object, *args: Any, **kwargs: Any) -> None:
         self.sync_session.refresh(instance, *args, **kwargs)
+
+
+_STATUS_COUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+) (\d+)")
+
+
+class PostgresSession:
+    """sqlmodel's AsyncSession on PostgreSQL (asyncpg), with statements marked `prepared`
+    run on the asyncpg connection of its transaction, as SQLAlchemy's own asyncpg adapter
+    runs them (its lock, its transaction, its prepared-statement cache and its error
+    translation) without a greenlet switch and SQLAlchemy's general execution path around
+    each. Everything else is the AsyncSession's."""
+
+    def __init__(self, session: AsyncSession, dialect: Dialect, compiled: dict[Any, _Statement | None]) -> None:
+        self._session = session
+        self._dialect = dialect
+        self._compiled = compiled
+        self._connection: Connection | None = None  # the transaction's, once a marked statement ran
+        self._adapted: Any = None  # its asyncpg connection, as SQLAlchemy adapts it
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    async def exec(self, statement: Any, *, params: Any = None, **kwargs: Any) -> Any:
+        compiled = None if kwargs else _compiled_for(self._compiled, statement, params, self._dialect)
+        if compiled is None:
+            return await self._session.exec(statement, params=params, **kwargs)
+        result = await self._run(compiled, params)
+        return result.scalars() if isinstance(statement, SelectOfScalar) else result  # as sqlmodel's exec
+
+    async def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+        compiled = None if kwargs else _compiled_for(self._compiled, statement, params, self._dialect)
+        if compiled is None:
+            return await self._session.execute(statement, params, **kwargs)
+        return await self._run(compiled, params)
+
+    async def _run(self, compiled: _Statement, params: Any) -> IteratorResult:
+        orm = self._session.sync_session
+        if orm.autoflush and (orm.new or orm.dirty or orm.deleted):
+            await self._session.flush()  # pending ORM changes first, as the session's own execute does
+        if self._adapted is None:
+            connection = await self._session.connection()
+            self._connection = connection.sync_connection
+            self._adapted = (await connection.get_raw_connection()).dbapi_connection
+        assert self._connection is not None
+        adapted = self._adapted
+        sql, values = compiled.statement_for(params)
+        for listener in self._connection.dispatch.before_cursor_execute:
+            listener(self._connection, None, sql, values, None, False)
+        async with adapted._execute_mutex:
+            try:
+                if adapted._transaction is None:
+                    await adapted._start_transaction()
+                prepared_statement, _ = await adapted._prepare(sql, self._dialect._invalidate_schema_cache_asof)
+                records = await prepared_statement.fetch(*values)
+                status = prepared_statement.get_statusmsg()
+            except Exception as error:
+                try:
+                    adapted._handle_exception(error)  # raises it as the adapted DBAPI's error
+                except Exception as translated:
+                    raise DBAPIError.instance(sql, values, translated, self._dialect.loaded_dbapi.Error) from error
+                raise
+        counted = _STATUS_COUNT.match(status or "")
+        return compiled.result(records, int(counted.group(1)) if counted else -1)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -324,8 +410,9 @@ class Database:
                 async with self._inline_transaction() as session:
                     yield session  # type: ignore[misc]
                 return
-            async with self.sessions() as session:
-                async with session.begin():
+            async with self.sessions() as async_session:
+                async with async_session.begin():
+                    session = self._wrapped(async_session)
                     yield session
                     for write in session.info.pop(PRE_COMMIT, {}).values():
                         await write(session)
@@ -371,7 +458,13 @@ class Database:
                     session.close(flush=False)
             return
         async with self.sessions() as session:
-            yield session
+            yield self._wrapped(session)
+
+    def _wrapped(self, session: AsyncSession) -> AsyncSession:
+        """On PostgreSQL, the session with its marked statements on asyncpg directly."""
+        if self.engine is not None and self.engine.dialect.driver == "asyncpg":
+            return PostgresSession(session, self.engine.dialect, self._prepared)  # type: ignore[return-value]
+        return session
 
     async def close(self) -> None:
         if self._writer is not None:

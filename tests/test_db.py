@@ -1,12 +1,11 @@
-"""The SQLite inline session's prepared statements (core_service.db.prepared): run on the
-driver connection, they must give what SQLAlchemy's own execution gives, in the same
-transaction, with the same errors."""
+"""Prepared statements (core_service.db.prepared), run on the driver connection (SQLite's
+in the inline mode, asyncpg's on PostgreSQL): they must give what SQLAlchemy's own
+execution gives, in the same transaction, with the same errors."""
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -40,10 +39,11 @@ _FAIL_USER = prepared(
 
 
 @pytest_asyncio.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'core.db'}", sqlite_inline=True)
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """SQLite in the inline mode (statements on SQLite's driver), or PostgreSQL (on asyncpg)."""
+    database = Database(database_url, sqlite_inline=True)
     await database.migrate()
-    assert database.inline
+    assert database.inline == database.is_sqlite
     async with database.transaction() as session:
         session.add(User(username="alice", email="alice@example.com", mfa_locked_until=NOW))
         session.add(
