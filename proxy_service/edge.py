@@ -9,9 +9,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 class ClientAddress:
@@ -184,15 +183,17 @@ def retry_after_header(seconds: float) -> str:
 
 
 def slow_client_protocol(read_timeout_s: float, max_per_address: int, trusted: ClientAddress) -> type:
-    """uvicorn's HTTP/1.1 protocol, with two limits on what a client can hold: a request's
+    """uvicorn's HTTP/1.1 protocol (httptools' parser, in C: h11's, in Python, was a sixth
+    of the proxy's CPU per request), with two limits on what a client can hold: a request's
     headers and body must arrive within `read_timeout_s` of its start (a new connection,
     or the end of the previous response), and one address (not a trusted proxy) holds at
     most `max_per_address` connections; past either, the connection is closed."""
     open_by_address: dict[str, int] = {}
 
-    class EdgeProtocol(H11Protocol):  # type: ignore[misc]
+    class EdgeProtocol(HttpToolsProtocol):  # type: ignore[misc]
         _deadline: asyncio.TimerHandle | None = None
         _counted: str | None = None
+        _receiving = False  # a request begun and not yet whole
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -229,21 +230,27 @@ def slow_client_protocol(read_timeout_s: float, max_per_address: int, trusted: C
                     open_by_address.pop(self._counted, None)
                 self._counted = None
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            # the whole request arrived (or became a WebSocket): the handler has it now
-            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
-                self._disarm()
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._receiving = True
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._receiving = False
+            self._disarm()  # the whole request arrived: the handler has it now
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
-                self._arm()  # the next request on this connection has as long as the first
+            # the next request on this connection has as long as the first, unless it
+            # arrived whole already (pipelined) and is being handled
+            waiting = not self._receiving and self.cycle is not None and not self.cycle.response_complete
+            if not self.transport.is_closing() and not waiting:
+                self._arm()
 
-        def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        def handle_websocket_upgrade(self) -> None:
             self._disarm()
             self._uncount()  # the WebSocket protocol takes the connection over
-            super().handle_websocket_upgrade(event)
+            super().handle_websocket_upgrade()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
