@@ -52,8 +52,9 @@ def before_commit(session: AsyncSession, key: str, write: Callable[[AsyncSession
 
 
 class Snapshot(SimpleNamespace):
-    """One table's part of a row read in a transaction, under the model's attribute names.
-    Read only: a change goes through a statement."""
+    """One table's row as plain values under the model's attribute names: a row read in a
+    transaction (read only: a change goes through a statement), or a new row before its
+    INSERT."""
 
 
 class JoinedRead:

@@ -21,7 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from core_service import metrics
 from core_service.context import CoreContext
-from core_service.db import JoinedRead, prepared
+from core_service.db import JoinedRead, Snapshot, prepared
 from core_service.factors import build_factors
 from core_service.factors.base import FactorFailed, token_hash
 from core_service.factors.challenge import signature_valid
@@ -148,6 +148,11 @@ _START_READ = prepared(
     .where(LOCATIONS.c.id == bindparam("b_location"))
 )
 _INSERT_LOGIN = prepared(insert(LOGINS))
+# a new login's columns as they start (the start sets the rest)
+_NEW_LOGIN = {
+    column.key: column.default.arg if column.default is not None and column.default.is_scalar else None
+    for column in LOGINS.c
+}
 # the login of a token and its user, locked (in that order, as recording a failure takes
 # them), with its location, device and the user's failures from the client's address
 _FINISH_COLUMNS = JoinedRead(LOGINS, USERS, LOCATIONS, DEVICES, ADDRESS_FAILURES)
@@ -258,20 +263,23 @@ class Mfa:
                 raise lockout
             await self.factors[method].before_start(session, user, now)
             await self._make_room_for_login(session, location.id, device.id, req.client.ip)  # type: ignore[arg-type]
-            login = MfaLogin(
-                id=uuid7(),
-                token_hash=token_hash(token),
-                location_id=location.id,  # type: ignore[arg-type]
-                device_id=device.id,  # type: ignore[arg-type]
-                user_id=user.id,  # type: ignore[arg-type]
-                method=method_name(method),
-                state=LoginState.PENDING,
-                client_ip=req.client.ip,
-                created_at=now,
-                expires_at=now + timedelta(seconds=self.ctx.settings.login_ttl_s),
+            login = Snapshot(  # its values only: an ORM instance cost more than the insert
+                **_NEW_LOGIN
+                | {
+                    "id": uuid7(),
+                    "token_hash": token_hash(token),
+                    "location_id": location.id,
+                    "device_id": device.id,
+                    "user_id": user.id,
+                    "method": method_name(method),
+                    "state": LoginState.PENDING,
+                    "client_ip": req.client.ip,
+                    "created_at": now,
+                    "expires_at": now + timedelta(seconds=self.ctx.settings.login_ttl_s),
+                }
             )
             code = self.factors[method].prepare(login)  # a challenge, or a code to deliver
-            await session.exec(_INSERT_LOGIN, params=login.model_dump())
+            await session.exec(_INSERT_LOGIN, params=vars(login))
             ids = names(location, device, user)
             enqueue_event(
                 session,
