@@ -1,4 +1,5 @@
-"""The database: async engine, transactions, and schema migrations (Alembic)."""
+"""The database: engines, transactions, the login path's prepared statements, and schema
+migrations (Alembic)."""
 from __future__ import annotations
 
 import asyncio
@@ -89,12 +90,12 @@ _MAX_PREPARED_ROWS = 64  # a longer multi-row INSERT goes through SQLAlchemy (it
 
 
 def prepared(statement: Any) -> Any:
-    """Mark a statement built once at import that every login runs. On the inline SQLite
-    connection (InlineSession) it is compiled once and each execution goes straight to the
-    driver, with SQLAlchemy's own type conversions; elsewhere SQLAlchemy runs it as usual.
-    Per execution, SQLAlchemy's general path (cache key, execution context, parameter
-    construction, result metadata) cost several times what SQLite takes to run a small
-    statement."""
+    """Mark a statement built once at import that every login runs. On SQLite's inline
+    connection (InlineSession) and on PostgreSQL (PostgresSession) it is compiled once and
+    each execution goes straight to the driver, with SQLAlchemy's own type conversions;
+    on aiosqlite SQLAlchemy runs it as usual. Per execution, SQLAlchemy's general path
+    (cache key, execution context, parameter construction, result metadata) cost several
+    times what SQLite takes to run a small statement."""
     return statement.execution_options(**{PREPARED: True})
 
 
@@ -208,15 +209,15 @@ def _compiled_for(
 
 
 class InlineSession:
-    """The part of sqlmodel's AsyncSession the core uses, over a synchronous Session whose
-    statements run on the event loop's own thread: SQLite in WAL mode takes microseconds
-    per statement, and the async adaption around each one (greenlet switches, aiosqlite's
-    cursor objects and its thread hops) cost more CPU than the statements. The price: while
-    SQLite waits for a lock another process holds, the loop waits too, so it is for one core
-    process per SQLite file (whose writes are serialised in-process), chosen with
-    WGMFA_SQLITE_INLINE=true. Statements marked `prepared` run on the session's own
-    driver connection, in its transaction. The ORM session exists only once something
-    asks for it (a login's statements never do) and is joined to the same transaction."""
+    """The part of sqlmodel's AsyncSession the core uses, over a synchronous connection
+    whose statements run on the event loop's own thread: SQLite in WAL mode takes
+    microseconds per statement, and the async adaption around each one (greenlet switches,
+    aiosqlite's cursor objects and its thread hops) cost more CPU than the statements. The
+    price: while SQLite waits for a lock another process holds, the loop waits too, so it
+    is for one core process per SQLite file (whose writes are serialised in-process),
+    chosen with WGMFA_SQLITE_INLINE=true. Statements marked `prepared` run on the
+    connection's driver cursor; the rest go through a synchronous ORM session, made only
+    once something asks for it (a login never does) and joined to the same transaction."""
 
     def __init__(self, connection: Connection, sessions: sessionmaker[Session], compiled: dict[Any, _Statement | None]) -> None:
         self._connection = connection
