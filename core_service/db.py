@@ -393,7 +393,7 @@ class Database:
         # SQLite has one writer; serialising write transactions in the process avoids
         # "database is locked" when a read transaction upgrades to a write.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
-        self._prepared: dict[Any, _Statement | None] = {}  # `prepared` statements, compiled for InlineSession
+        self._prepared: dict[Any, _Statement | None] = {}  # `prepared` statements, compiled per statement
         self._writer: Connection | None = None  # the inline mode's connection for write transactions
 
     @property
