@@ -100,9 +100,9 @@ def prepared(statement: Any) -> Any:
 
 
 class _Statement:
-    """A marked statement compiled for SQLite: its SQL with every literal list expanded, a
-    slot per positional parameter (a fixed value, or a name the caller gives, with its bind
-    processor), and the result's keys and per-column result processors."""
+    """A marked statement compiled for one dialect: its SQL with every literal list
+    expanded, a slot per positional parameter (a fixed value, or a name the caller gives,
+    with its bind processor), and the result's keys and per-column result processors."""
 
     def __init__(self, statement: Any, dialect: Dialect, keys: list[str] | None, *, many: bool) -> None:
         compiled = statement.compile(dialect=dialect, column_keys=keys, for_executemany=many)
@@ -163,7 +163,6 @@ class _Statement:
         result = IteratorResult(self.metadata, iter(rows))
         result.rowcount = rowcount  # type: ignore[attr-defined]
         return result
-
 
     def statement_for(self, params: Any) -> tuple[str, list[Any]]:
         """The SQL and positional values for one execution: `params` a dict, or a list of
