@@ -17,8 +17,10 @@ class CoreSettings(LivenessSettings):
     on first start."""
     sqlite_inline: bool = True
     """SQLite only: run statements on the core's event loop instead of through aiosqlite's
-    thread, write transactions on one connection kept for them, and a login's statements
-    straight on SQLite's driver (about 3x less core CPU per login). For one core process per
+    thread, write transactions on one connection kept for them and committed together when
+    they run at the same time (one COMMIT and one fsync for the group; each returns only
+    once its writes are committed), and a login's statements straight on SQLite's driver
+    (about 3x less core CPU per login). For one core process per
     SQLite file, as `wgmfa up` runs it; set false when several core processes share one
     file, or a statement waiting for another process's lock holds up every request."""
     core_metrics_port: int | None = Field(None, ge=1, le=65535)

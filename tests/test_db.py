@@ -1,8 +1,11 @@
 """Prepared statements (core_service.db.prepared), run on the driver connection (SQLite's
 in the inline mode, asyncpg's on PostgreSQL): they must give what SQLAlchemy's own
-execution gives, in the same transaction, with the same errors."""
+execution gives, in the same transaction, with the same errors. And write transactions
+that run together (committed as one group in SQLite's inline mode) each commit, or fail,
+as if alone."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -12,7 +15,7 @@ import pytest_asyncio
 from sqlalchemy import bindparam, event, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from core_service.db import Database, JoinedRead, prepared
+from core_service.db import Database, JoinedRead, NotCommitted, prepared
 from core_service.models import Device, Location, MfaLogin, Outbox, User
 
 USERS = User.__table__
@@ -125,3 +128,72 @@ async def test_a_prepared_statement_fails_as_sqlalchemy_does_and_is_seen_by_list
     assert seen == ["INSERT", "INSERT"]
     async with db.reader() as session:
         assert len((await session.exec(select(MfaLogin))).scalars().all()) == 1
+
+
+def count_commits(db: Database) -> list[object]:
+    commits: list[object] = []
+    event.listen(db.sync_engine, "commit", commits.append)
+    return commits
+
+
+async def outbox_types(db: Database) -> list[str]:
+    async with db.reader() as session:
+        return list((await session.exec(select(Outbox.event_type).order_by(Outbox.id))).scalars().all())
+
+
+async def add_event(db: Database, event_type: str, *, then_fail: bool = False) -> list[str]:
+    """One write transaction; what a reader sees right after it (its row must be there)."""
+    async with db.transaction() as session:
+        await session.exec(
+            _OUTBOX_ROWS, params=[{"kind": "event", "event_type": event_type, "payload": "{}", "created_at": NOW}]
+        )
+        if then_fail:
+            raise RuntimeError("the body fails")
+    return await outbox_types(db)
+
+
+async def test_write_transactions_that_run_together_each_return_committed(db: Database) -> None:
+    commits = count_commits(db)
+    seen = await asyncio.gather(*(add_event(db, f"e{i}") for i in range(5)))
+    for i, types in enumerate(seen):
+        assert f"e{i}" in types  # committed before its transaction returned
+    assert sorted(await outbox_types(db)) == [f"e{i}" for i in range(5)]
+    # SQLite in the inline mode: one COMMIT (one fsync) for the five; PostgreSQL: one each
+    assert len(commits) == (1 if db.inline else 5)
+
+
+async def test_a_failing_transaction_takes_back_its_own_writes_only(db: Database) -> None:
+    async with db.transaction() as session:
+        await session.exec(_INSERT_LOGIN, params=login_values("taken"))
+
+    async def duplicate_login() -> None:
+        async with db.transaction() as session:
+            await session.exec(_FAIL_USER, params={"b_name": "alice"})
+            await session.exec(_INSERT_LOGIN, params=login_values("taken"))  # token_hash is unique
+
+    results = await asyncio.gather(
+        add_event(db, "first"), add_event(db, "failed", then_fail=True), duplicate_login(), add_event(db, "last"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], RuntimeError) and isinstance(results[2], IntegrityError)
+    assert sorted(await outbox_types(db)) == ["first", "last"]
+    async with db.reader() as session:
+        alice = (await session.exec(select(User).where(User.username == "alice"))).scalar_one()
+    assert alice.mfa_failures == 0  # the failed transaction's first write went with it
+
+
+async def test_a_failed_commit_fails_every_transaction_waiting_for_it(db: Database) -> None:
+    if not db.inline:
+        pytest.skip("transactions commit together in SQLite's inline mode only")
+    failures = [OSError("disk I/O error")]
+
+    def failing_commit(_connection) -> None:  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+
+    event.listen(db.sync_engine, "commit", failing_commit)
+    results = await asyncio.gather(*(add_event(db, f"lost{i}") for i in range(3)), return_exceptions=True)
+    assert all(isinstance(result, NotCommitted) for result in results), results
+    assert "disk I/O error" in str(results[0])
+    assert await outbox_types(db) == []  # none of them was committed
+    assert await add_event(db, "next") == ["next"]  # and the next transaction works
