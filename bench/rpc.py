@@ -46,7 +46,7 @@ async def serve_raw(url: str) -> None:
 
 
 async def serve_faststream(url: str, kind: str) -> None:
-    from events.bus import Bus
+    from events.bus import Bus, payload_decoder
 
     bus = await Bus.connect(url, "bench", wait_s=5)
 
@@ -57,7 +57,7 @@ async def serve_faststream(url: str, kind: str) -> None:
     if kind == "faststream":
         router.endpoint(SUBJECT, hello)  # as the core serves its client-facing subjects
     else:  # one subscriber with FastStream's own concurrency
-        router.subscriber(SUBJECT, queue="core", max_workers=RPC_CONCURRENCY)(hello)
+        router.subscriber(SUBJECT, queue="core", max_workers=RPC_CONCURRENCY)(hello, decoder=payload_decoder(hello))
     await bus.serve(router)
     print("ready", flush=True)
     await asyncio.Event().wait()

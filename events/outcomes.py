@@ -18,6 +18,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, Protocol
 
@@ -40,13 +41,11 @@ _SECRET_PAIRS = re.compile(
 _FLOW_CONTROL = (AckMessage, NackMessage, RejectMessage, SkipMessage)
 
 
-def describe_validation_error(exc: ValidationError, *, skip_argument: bool = False) -> str:
-    """A reason without the offending values (they may be secrets). `skip_argument` drops
-    the handler's argument name FastStream puts first in each location."""
+def describe_validation_error(exc: ValidationError) -> str:
+    """A reason without the offending values (they may be secrets)."""
     parts = []
     for error in exc.errors(include_url=False, include_input=False):
-        loc = error["loc"][1:] if skip_argument else error["loc"]
-        where = ".".join(str(p) for p in loc) or "body"
+        where = ".".join(str(p) for p in error["loc"]) or "body"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)[:1000]
 
@@ -96,7 +95,7 @@ class RpcOutcomes(BaseMiddleware):
             result = await call_next(msg)
         except ValidationError as exc:
             name = self.request_names.get(subject, "request")
-            reason = f"invalid {name}: {describe_validation_error(exc, skip_argument=True)}"
+            reason = f"invalid {name}: {describe_validation_error(exc)}"
             await self.letters.dead_letter(subject, data, headers, reason)
             return RpcReply(ok=False, error=RpcError(status=ErrorStatus.INVALID_ARGUMENT, message=reason))
         except RpcFailure as failure:
@@ -105,6 +104,16 @@ class RpcOutcomes(BaseMiddleware):
             log.exception("handler for %s failed", subject)
             return RpcReply(ok=False, error=RpcError(status=ErrorStatus.INTERNAL, message="Internal server error"))
         return RpcReply(ok=True, result=result.model_dump(mode="json") if result is not None else {})
+
+
+# which delivery of the stream message being handled this is: for a handler, which takes
+# its payload only (events.bus.payload_decoder)
+_DELIVERY: ContextVar[int] = ContextVar("wgmfa_stream_delivery", default=1)
+
+
+def delivery_attempt() -> int:
+    """Which delivery of the stream message being handled this is (1: the first)."""
+    return _DELIVERY.get()
 
 
 class StreamOutcomes(BaseMiddleware):
@@ -117,12 +126,13 @@ class StreamOutcomes(BaseMiddleware):
 
     async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: Any) -> Any:
         subject, data, headers = _original(msg)
+        delivery = _DELIVERY.set(msg.raw_message.metadata.num_delivered)
         try:
             return await call_next(msg)
         except _FLOW_CONTROL:
             raise
         except ValidationError as exc:
-            reason = f"undecodable: {describe_validation_error(exc, skip_argument=True)}"
+            reason = f"undecodable: {describe_validation_error(exc)}"
             await self.letters.dead_letter(subject, data, headers, reason)
             raise RejectMessage() from None
         except Exception as exc:
@@ -133,6 +143,8 @@ class StreamOutcomes(BaseMiddleware):
                 raise RejectMessage() from None
             log.warning("handler for %s failed (delivery %s): %s", subject, delivered, exc)
             raise NackMessage(delay=min(2.0 ** (delivered - 1), MAX_REDELIVERY_DELAY_S)) from None
+        finally:
+            _DELIVERY.reset(delivery)
 
 
 def rpc_outcomes(letters: DeadLetters, request_names: dict[str, str]) -> Callable[..., RpcOutcomes]:

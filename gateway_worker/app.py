@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from faststream.nats import DeliverPolicy, NatsRouter
-from faststream.nats.annotations import NatsMessage
 from pydantic import ValidationError
 
 from events import nats_direct, permissions, streams, subjects
 from events.bus import Bus, PermanentFailure
-from events.outcomes import describe_validation_error
+from events.outcomes import delivery_attempt, describe_validation_error
 from runtime.clock import Clock, SystemClock
 from runtime.service import cancel_all, every
 from gateway_worker import metrics
@@ -254,10 +253,10 @@ class Gateway:
 
     # --- following the stream ---------------------------------------------------------------
 
-    async def on_peer_state(self, state: PeerAuthorized | PeerRevoked, msg: NatsMessage) -> None:
+    async def on_peer_state(self, state: PeerAuthorized | PeerRevoked) -> None:
         """The stream consumer: a refusal raises PermanentFailure (dead-lettered at once), a
         failed write BackendError (redelivered with a growing delay, never acked before it holds)."""
-        await self.apply(state, attempt=msg.raw_message.metadata.num_delivered)
+        await self.apply(state, attempt=delivery_attempt())
 
     async def apply(self, state: PeerAuthorized | PeerRevoked, *, attempt: int = 1) -> None:
         """Put one device's state on the interface unless a newer one is there already."""

@@ -14,12 +14,11 @@ import logging
 from collections.abc import Callable, Iterator
 
 from fastapi import WebSocket
-from faststream.nats import NatsRouter
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from events import subjects
-from events.bus import Bus, BusUnavailable
+from events.bus import Bus, BusUnavailable, EventRouter
 from proxy_service.core_client import CoreClient
 from schemas.common import utcnow
 from schemas.events import LoginApproved
@@ -38,9 +37,9 @@ class ApprovalWakeups:
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Event]] = {}
 
-    def router(self, bus: Bus) -> NatsRouter:
+    def router(self, bus: Bus) -> EventRouter:
         router = bus.router()
-        router.subscriber(subjects.NOTIFY_LOGIN_ALL, title=subjects.NOTIFY_LOGIN_ALL)(self.on_login_approved)
+        router.listen(subjects.NOTIFY_LOGIN_ALL, self.on_login_approved)
         return router
 
     async def on_login_approved(self, event: LoginApproved) -> None:

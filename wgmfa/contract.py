@@ -59,6 +59,7 @@ def build_app() -> tuple[FastStream, list[Any]]:
         description="wgmfa's bus: request/reply with the core, the peer log, gateway stats, the audit trail "
         "and the dead letters. Every connection authenticates with its role's NKey.",
         logger=None,
+        apply_types=False,  # as Bus.connect makes it
     )
     bus = Bus(broker, "contract")
     routers = _routers(bus)
