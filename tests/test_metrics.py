@@ -9,10 +9,14 @@ from pathlib import Path
 
 import httpx
 import pyotp
+from faststream.prometheus.container import MetricsContainer
+from faststream.prometheus.manager import MetricsManager
+from faststream.prometheus.types import ProcessingStatus
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from events import nats_direct, subjects
-from events.bus import Bus, MessageMetrics
+from events.bus import Bus, MessageMetrics, SeriesOnce
 from schemas import rpc
 from schemas.common import RevokeReason
 from schemas.events import PeerRevoked
@@ -267,3 +271,32 @@ def test_the_grafana_dashboard_queries_only_metrics_the_services_export() -> Non
                  "wgmfa_gateway_apply_seconds", "wgmfa_gateway_apply_failures", "wgmfa_dead_letters",
                  "faststream_received_processed_messages", "faststream_received_processed_messages_duration_seconds"):
         assert name in families, name
+
+
+def test_the_services_metrics_manager_writes_the_series_faststreams_own_writes() -> None:
+    """MessageMetrics keeps each series it looked up (SeriesOnce); what it exports must be
+    what FastStream's manager exports for the same messages, series by series."""
+    exported = []
+    for manager_type in (MetricsManager, SeriesOnce):
+        registry = CollectorRegistry()
+        manager = manager_type(MetricsContainer(registry, custom_label_names=()), app_name="core")
+        for handler, size, status, error in [
+            ("wgmfa.rpc.mfa.start", 120, ProcessingStatus.acked, None),
+            ("wgmfa.rpc.mfa.start", 90, ProcessingStatus.acked, None),
+            ("wgmfa.peer.{location_id}.{device_id}", 400, ProcessingStatus.nacked, "BackendError"),
+            ("wgmfa.peer.{location_id}.{device_id}", 400, ProcessingStatus.rejected, "PermanentFailure"),
+        ]:
+            manager.add_received_message(broker="nats", handler=handler)
+            manager.observe_received_messages_size(broker="nats", handler=handler, size=size)
+            manager.add_received_message_in_process(broker="nats", handler=handler)
+            if error is not None:
+                manager.add_received_processed_message_exception(broker="nats", handler=handler, exception_type=error)
+            manager.observe_received_processed_message_duration(duration=0.004, broker="nats", handler=handler)
+            manager.remove_received_message_in_process(broker="nats", handler=handler)
+            manager.add_received_processed_message(broker="nats", handler=handler, status=status)
+        exported.append({series: v for series, v in parse(generate_latest(registry).decode()).items()
+                         if not series[0].endswith("_created")})  # when each series was made
+    faststreams, ours = exported
+    assert value(ours, "faststream_received_messages_total", app_name="core", broker="nats",
+                 handler="wgmfa.rpc.mfa.start") == 2
+    assert ours == faststreams
