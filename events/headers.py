@@ -9,3 +9,9 @@ EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
 
 SERVICE: Final = "Wgmfa-Service"
 """The publishing service, for operators reading DLQ copies."""
+
+CONTENT_TYPE: Final = "content-type"
+"""`application/json` on every event, as FastStream sets it on what its publishers send."""
+
+CORRELATION_ID: Final = "correlation_id"
+"""The event's `event_id` again, FastStream's name for it (docs/asyncapi.yaml)."""

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from events import subjects
+from events import headers, nats_direct, streams, subjects
 from schemas.sealing import ReplyKey, SealError, generate_keypair, generate_psk, public_key_of, seal, unseal
 from schemas.common import RevokeReason, utcnow, uuid7
 from schemas.events import ANY_EVENT_ADAPTER, PeerAuthorized, PeerRevoked, UserCreated, peer_state_order
@@ -96,3 +96,34 @@ def test_log_lines_are_scrubbed_of_keys_and_secret_query_parameters() -> None:
     line = scrub(f'"GET /api/v1/client-mfa/remote?token=abc123&x=1" psk {key} /cb?code=654321&state=s3cr3t')
     assert "abc123" not in line and key not in line and "654321" not in line and "s3cr3t" not in line
     assert "x=1" in line and "[redacted]" in line and "[key]" in line
+
+
+async def test_a_published_event_is_the_message_the_asyncapi_document_describes(nats_url: str, tmp_path) -> None:
+    """Plain JSON of the event in its stream, with its content type, its id as correlation
+    id and as NATS's deduplication id, and the publishing service; published twice, once."""
+    from core_service.app import Core
+    from core_service.settings import CoreSettings
+    from events.bus import Bus
+
+    core = Core(CoreSettings(nats_url=nats_url, state_dir=tmp_path))
+    await core.start()  # declares the streams
+    bus = await Bus.connect(nats_url, "test", wait_s=5)
+    try:
+        event = UserCreated(user_id=1, username="alice")
+        ack = await bus.publish_event(event)
+        assert ack.stream == streams.EVENTS.name
+        stored = await nats_direct.stored_message(bus.broker, streams.EVENTS.name, ack.seq)
+        assert stored.subject == "wgmfa.events.admin.user_created"
+        assert ANY_EVENT_ADAPTER.validate_json(stored.data) == event
+        assert {name: stored.headers[name] for name in (headers.CONTENT_TYPE, headers.CORRELATION_ID, headers.MSG_ID,
+                                                        headers.SERVICE)} == {
+            headers.CONTENT_TYPE: "application/json", headers.CORRELATION_ID: str(event.event_id),
+            headers.MSG_ID: str(event.event_id), headers.SERVICE: "test",
+        }
+        again = await bus.publish_event(event)
+        assert again.duplicate and again.seq == ack.seq
+        with pytest.raises(ValueError, match="no publisher"):  # only what the document declares goes out
+            await bus.publish("wgmfa.events.anything", event.model_copy(update={"type": "admin.unknown"}))
+    finally:
+        await bus.close()
+        await core.stop()
