@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import pytest_asyncio
 from sqlalchemy import bindparam, event, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, MultipleResultsFound, NoResultFound
 
 from core_service.db import Database, JoinedRead, NotCommitted, prepared
 from core_service.models import Device, Location, MfaLogin, Outbox, User
@@ -84,6 +84,38 @@ async def test_a_prepared_statement_reads_and_writes_what_sqlalchemy_does(db: Da
     assert login.expires_at == NOW + timedelta(minutes=5) and login.expires_at.tzinfo is not None
     assert user.is_active is True and user.mfa_locked_until == NOW
     assert location.allowed_groups == ["staff", "ops"]
+
+
+_USER_NAMES = select(USERS.c.id, USERS.c.username).where(USERS.c.is_active == bindparam("b_active")).order_by(USERS.c.id)
+_PREPARED_USER_NAMES = prepared(_USER_NAMES)
+
+
+async def test_a_prepared_result_answers_as_sqlalchemys_result(db: Database) -> None:
+    async with db.transaction() as session:
+        session.add(User(username="bob", email="bob@example.com"))
+    async with db.transaction() as session:
+        async def both(method, active: bool = True):  # type: ignore[no-untyped-def]
+            answers = []
+            for statement in (_PREPARED_USER_NAMES, _USER_NAMES):
+                result = await session.exec(statement, params={"b_active": active})
+                try:
+                    answers.append(method(result))
+                except Exception as error:  # noqa: BLE001 - the same error either way
+                    answers.append(type(error))
+            assert answers[0] == answers[1], answers
+            return answers[0]
+
+        assert await both(lambda r: [tuple(row) for row in r.all()]) == [(1, "alice"), (2, "bob")]
+        assert await both(lambda r: r.first().username) == "alice"
+        assert await both(lambda r: r.scalars().all()) == [1, 2]
+        assert await both(lambda r: r.one()) is MultipleResultsFound
+        assert await both(lambda r: r.first(), active=False) is None
+        assert await both(lambda r: r.scalar_one(), active=False) is NoResultFound
+        assert await both(lambda r: [dict(m) for m in r.mappings()]) == [{"id": 1, "username": "alice"},
+                                                                        {"id": 2, "username": "bob"}]
+        assert await both(lambda r: r.scalar()) == 1  # what PreparedResult leaves to SQLAlchemy's Result
+        assert await both(lambda r: [row.username for row in r]) == ["alice", "bob"]
+    assert db._prepared[_PREPARED_USER_NAMES] is not None  # the driver path, not a fallback
 
 
 async def test_prepared_statements_share_the_transaction_and_its_rollback(db: Database) -> None:
