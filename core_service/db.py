@@ -610,7 +610,7 @@ class Database:
 
     async def close(self) -> None:
         if self._committer is not None:
-            await asyncio.shield(self._committer)  # what waits for a commit gets it
+            await asyncio.wait([self._committer])  # what waits for a commit gets it
         if self._writer is not None:
             self._writer.close()
             self._writer = None
