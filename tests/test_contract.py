@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -98,9 +99,10 @@ def test_log_lines_are_scrubbed_of_keys_and_secret_query_parameters() -> None:
     assert "x=1" in line and "[redacted]" in line and "[key]" in line
 
 
-async def test_a_published_event_is_the_message_the_asyncapi_document_describes(nats_url: str, tmp_path) -> None:
+async def test_a_published_event_is_the_message_the_asyncapi_document_describes(nats_url: str, tmp_path: Path) -> None:
     """Plain JSON of the event in its stream, with its content type, its id as correlation
-    id and as NATS's deduplication id, and the publishing service; published twice, once."""
+    id and as NATS's deduplication id, and the publishing service; a second publish of the
+    same event is not stored again."""
     from core_service.app import Core
     from core_service.settings import CoreSettings
     from events.bus import Bus
