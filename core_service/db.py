@@ -44,13 +44,12 @@ def upgrade_schema(url: str) -> None:
 
 SQLITE_BUSY_TIMEOUT_S = 30
 _JOINED = "wgmfa_joined"  # the SAVEPOINT of a transaction that joins a group commit
+PRE_COMMIT = "pre_commit"  # session.info key: what `before_commit` registered
 
 
 class NotCommitted(Exception):
     """A write transaction whose block succeeded was not committed: the COMMIT of its group
     failed, or the connection failed under another transaction of the group first."""
-
-PRE_COMMIT = "pre_commit"  # session.info key: what `before_commit` registered
 
 
 def before_commit(session: AsyncSession, key: str, write: Callable[[AsyncSession], Awaitable[None]]) -> None:
@@ -138,8 +137,8 @@ class _Statement:
         self.returns_rows = bool(columns)
         self.metadata = SimpleResultMetaData([column.keyname for column in columns])
         # per column, SQLAlchemy's result processor or None; applied as each Row is made
-        processors = [column.type._cached_result_processor(dialect, None) for column in columns]
-        self.result_processors = processors if any(processors) else None
+        result_processors = [column.type._cached_result_processor(dialect, None) for column in columns]
+        self.result_processors = result_processors if any(result_processors) else None
         # a multi-row INSERT repeats its VALUES group once per row (with `?` placeholders;
         # numbered ones would have to be renumbered)
         many_values = compiled._insertmanyvalues if many and dialect.paramstyle == "qmark" else None
@@ -263,12 +262,18 @@ def _compiled_for(
     return compiled
 
 
+def _announce(connection: Connection, cursor: Any, sql: str, values: list[Any]) -> None:
+    """Show `before_cursor_execute` listeners a statement that runs past SQLAlchemy's
+    execution (a prepared one, a group commit's SAVEPOINT), as SQLAlchemy shows its own."""
+    for listener in connection.dispatch.before_cursor_execute:
+        listener(connection, cursor, sql, values, None, False)
+
+
 def _on_driver(connection: Connection, sql: str, values: list[Any], *, fetch: bool) -> tuple[list[Any], int]:
     """One statement on `connection`'s SQLite driver cursor, its rows (when `fetch`) and
     row count; seen by `before_cursor_execute` listeners, errors raised as SQLAlchemy's."""
     cursor = connection.connection.dbapi_connection.cursor()
-    for listener in connection.dispatch.before_cursor_execute:
-        listener(connection, cursor, sql, values, None, False)
+    _announce(connection, cursor, sql, values)
     try:
         cursor.execute(sql, values)
         # every row now: a statement left unfinished would stay open in the transaction
@@ -396,8 +401,7 @@ class PostgresSession:
         assert self._connection is not None
         adapted = self._adapted
         sql, values = compiled.statement_for(params)
-        for listener in self._connection.dispatch.before_cursor_execute:
-            listener(self._connection, None, sql, values, None, False)
+        _announce(self._connection, None, sql, values)
         async with adapted._execute_mutex:
             try:
                 if adapted._transaction is None:
