@@ -69,8 +69,8 @@ class _ReceivedMessages(BasePrometheusMiddleware):  # type: ignore[type-arg]
     """FastStream's metrics of one message a subscriber takes, without FastStream's
     metrics of an RPC's reply: sending the reply is part of the handling already timed,
     and those metrics (under `faststream_published_*`, labelled with the caller's inbox)
-    cost a tenth of an RPC's CPU. The services' events go through their own publishers,
-    which these middlewares never wrapped."""
+    cost a tenth of an RPC's CPU. The services' events go out through `Bus.publish`, which
+    these middlewares never wrapped."""
 
     async def publish_scope(self, call_next: Callable[[Any], Any], cmd: Any) -> Any:
         return await call_next(cmd)
