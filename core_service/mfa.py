@@ -177,23 +177,13 @@ _FINISH_LOGIN = prepared(
 )
 
 
-def _spend_statement(*, remote: bool):  # type: ignore[no-untyped-def]
-    approve = method_name(MfaMethod.MOBILE_APPROVE)
-    return prepared(
-        sql_update(LOGINS)
-        .where(
-            LOGINS.c.token_hash == bindparam("b_token"),
-            LOGINS.c.state == LoginState.PENDING,
-            LOGINS.c.expires_at > bindparam("b_now"),
-            LOGINS.c.attempts < bindparam("b_limit"),
-            (LOGINS.c.method == approve) if remote else (LOGINS.c.method != approve),
-        )
-        .values(attempts=LOGINS.c.attempts + 1)
-        .returning(LOGINS.c.id)
-    )
-
-
-_SPEND = {remote: _spend_statement(remote=remote) for remote in (False, True)}
+# one of a login's max_failed_attempts, taken in the transaction that checks the code
+_TAKE_ATTEMPT = prepared(
+    sql_update(LOGINS)
+    .where(LOGINS.c.id == bindparam("b_id"), LOGINS.c.attempts < bindparam("b_limit"))
+    .values(attempts=LOGINS.c.attempts + 1)
+)
+ATTEMPTS_EXHAUSTED = "attempts_exhausted"
 
 
 class Mfa:
@@ -343,19 +333,18 @@ class Mfa:
         token = self._open(req.token_sealed)
         code = self._open(req.code_sealed)
         assert token is not None
-        login_id: UUID | None = None
-        expired = False
-        try:
-            if code is not None:
-                await self._spend_attempt(token, req.client.ip, remote=False)
-            async with self.ctx.transaction() as session:
-                login, user, location, device, counter = await self._finishing(session, token, req.client.ip)
-                expired = await self._expired(session, login, states=(LoginState.PENDING, LoginState.APPROVED))
-                if not expired:
-                    login_id = login.id
+        failure: _FactorFailed | None = None
+        async with self.ctx.transaction() as session:
+            login, user, location, device, counter = await self._finishing(session, token, req.client.ip)
+            expired = await self._expired(session, login, states=(LoginState.PENDING, LoginState.APPROVED))
+            if not expired:
+                try:
                     psk = await self._verify_and_authorize(session, login, user, location, device, counter, code, req)
-        except _FactorFailed as failure:
-            raise await self._failed(login_id, failure, req.client.ip) from None
+                except _FactorFailed as failed:
+                    failure = failed
+                    login = await self._count_failure(session, login.id, failure.reason, req.client.ip)
+        if failure is not None:
+            raise self._refused(login, failure.reason)
         if expired:
             metrics.LOGINS.labels(login.method, "expired").inc()
             raise _bad(LOGIN_NOT_FOUND)
@@ -407,6 +396,7 @@ class Mfa:
                 raise _bad(LOGIN_NOT_FOUND)
             if code is None:
                 raise _bad(factor.missing_code)
+            await self._take_attempt(session, login.id)
             if self._lockout(session, user, counter, req.client.ip, now) is not None:
                 raise _FactorFailed("locked_out")
             if not user.is_active:
@@ -440,45 +430,56 @@ class Mfa:
             raise _bad(SIGNATURE_MISSING)
         if req.auth_pub_key is None:
             raise _bad(AUTH_KEY_MISSING)
-        login_id: UUID | None = None
-        expired = False
-        try:
-            await self._spend_attempt(token, req.client.ip, remote=True)
-            async with self.ctx.transaction() as session:
-                login, expired = await self._live_login(session, token, states=(LoginState.PENDING,))
-                if not expired:
-                    login_id = login.id
-                    if login.method != method_name(MfaMethod.MOBILE_APPROVE):
-                        raise _bad(WRONG_METHOD)
-                    key = (
-                        await session.exec(
-                            select(MobileKey).where(
-                                MobileKey.public_key == req.auth_pub_key, MobileKey.user_id == login.user_id
-                            )
-                        )
-                    ).first()
-                    if key is None:
-                        raise _bad(AUTH_KEY_NOT_OURS)  # not a key of this login's user
-                    user = await session.get(User, login.user_id)
-                    now = self.ctx.clock.now()
-                    if user is None or self._lockout(
-                        session, user, await self._address_counter(session, user, req.client.ip), req.client.ip, now
-                    ) is not None:
-                        raise _FactorFailed("locked_out")
-                    if login.challenge is None or not signature_valid(key.public_key, login.challenge, signature):
-                        raise _FactorFailed("bad_signature")
-                    login.state = LoginState.APPROVED
-                    login.challenge = None  # single use
-                    session.add(login)
-                    await self._clear_failures(session, user, req.client.ip)
-                    enqueue_notify(session, LoginApproved(login_id=login.id))
-        except _FactorFailed as failure:
-            raise await self._failed(login_id, failure, req.client.ip) from None
+        failure: _FactorFailed | None = None
+        refusal: RpcFailure | None = None
+        async with self.ctx.transaction() as session:
+            login, expired = await self._live_login(session, token, states=(LoginState.PENDING,))
+            if not expired:
+                if login.method != method_name(MfaMethod.MOBILE_APPROVE):
+                    raise _bad(WRONG_METHOD)
+                try:
+                    await self._take_attempt(session, login.id)
+                    await self._approve(session, login, req.auth_pub_key, signature, req.client.ip)
+                except _FactorFailed as failed:
+                    failure = failed
+                    login = await self._count_failure(session, login.id, failure.reason, req.client.ip)
+                except RpcFailure as refused:  # answered once the attempt it took is committed
+                    refusal = refused
+        if failure is not None:
+            raise self._refused(login, failure.reason)
+        if refusal is not None:
+            raise refusal
         if expired:
             metrics.LOGINS.labels(login.method, "expired").inc()
             raise _bad(LOGIN_NOT_FOUND)
-        log.info("login %s approved by a mobile key", login_id)
+        log.info("login %s approved by a mobile key", login.id)
         return Empty()
+
+    async def _approve(
+        self, session: AsyncSession, login: MfaLogin, auth_pub_key: str, signature: str, client_ip: str | None
+    ) -> None:
+        """Mark the locked `login` approved if `signature` is its challenge signed by
+        `auth_pub_key`, a mobile key of the login's user."""
+        key = (
+            await session.exec(
+                select(MobileKey).where(MobileKey.public_key == auth_pub_key, MobileKey.user_id == login.user_id)
+            )
+        ).first()
+        if key is None:
+            raise _bad(AUTH_KEY_NOT_OURS)  # not a key of this login's user
+        user = await session.get(User, login.user_id)
+        now = self.ctx.clock.now()
+        if user is None or self._lockout(
+            session, user, await self._address_counter(session, user, client_ip), client_ip, now
+        ) is not None:
+            raise _FactorFailed("locked_out")
+        if login.challenge is None or not signature_valid(key.public_key, login.challenge, signature):
+            raise _FactorFailed("bad_signature")
+        login.state = LoginState.APPROVED
+        login.challenge = None  # single use
+        session.add(login)
+        await self._clear_failures(session, user, client_ip)
+        enqueue_notify(session, LoginApproved(login_id=login.id))
 
     async def token_status(self, req: TokenStatusRequest) -> TokenStatusResult:
         token = self._open(req.token_sealed)
@@ -491,42 +492,29 @@ class Mfa:
 
     # --- failures ---------------------------------------------------------------------------
 
-    async def _failed(self, login_id: UUID | None, failure: _FactorFailed, client_ip: str | None) -> RpcFailure:
-        """Record a failed factor; the answer never says which part was wrong."""
-        assert login_id is not None
-        await self._record_failure(login_id, failure.reason, client_ip)
-        return RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED)
-
-    async def _spend_attempt(self, token: str, client_ip: str | None, *, remote: bool) -> None:
+    async def _take_attempt(self, session: AsyncSession, login_id: UUID) -> None:
         """Take one of the login's max_failed_attempts before its code or signature is
-        checked, in a committed conditional UPDATE: however many requests race on one
-        login, at most max_failed_attempts codes are ever checked. A login whose attempts
-        are all taken answers 401 without a check (audited as attempts_exhausted). Logins
-        that take no code here (another method, expired, unknown) are left to the caller,
-        which answers for them."""
-        now = self.ctx.clock.now()
-        approve = method_name(MfaMethod.MOBILE_APPROVE)
-        async with self.ctx.transaction() as session:
-            spent = (
-                await session.exec(
-                    _SPEND[remote],
-                    params={"b_token": token_hash(token), "b_now": now, "b_limit": self.ctx.settings.max_failed_attempts},
-                )
-            ).first()
-            if spent is not None:
-                return
-            login = (await session.exec(select(MfaLogin).where(MfaLogin.token_hash == token_hash(token)))).first()
-            if (
-                login is None
-                or login.state != LoginState.PENDING
-                or login.expires_at <= now
-                or (login.method == approve) != remote
-            ):
-                return
-            await self._audit_failure(session, login, "attempts_exhausted", client_ip)
-        metrics.LOGINS.labels(login.method, "attempts_exhausted").inc()
-        log.info("MFA login %s refused: its attempts are all taken", login.id)
-        raise RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED)
+        checked, in the transaction that checks it and records the outcome. The login's
+        row is locked by then (FOR UPDATE; SQLite's write lock), so racing requests on one
+        login take turns, each sees the attempts of those before it, and none is answered
+        before its attempt is committed: at most max_failed_attempts codes are ever
+        checked. A login whose attempts are all taken fails without a check (audited as
+        attempts_exhausted)."""
+        taken = await session.exec(
+            _TAKE_ATTEMPT, params={"b_id": login_id, "b_limit": self.ctx.settings.max_failed_attempts}
+        )
+        if taken.rowcount != 1:
+            raise _FactorFailed(ATTEMPTS_EXHAUSTED)
+
+    def _refused(self, login: MfaLogin, reason: str) -> RpcFailure:
+        """The answer to a failed factor, once its failure is committed; it never says
+        which part was wrong."""
+        metrics.LOGINS.labels(login.method, reason).inc()
+        if reason == ATTEMPTS_EXHAUSTED:
+            log.info("MFA login %s refused: its attempts are all taken", login.id)
+        else:
+            log.info("MFA login %s failed (%s), attempt %s", login.id, reason, login.failed_attempts)
+        return RpcFailure(ErrorStatus.UNAUTHENTICATED, UNAUTHORIZED)
 
     async def _audit_failure(
         self, session: AsyncSession, login: MfaLogin, reason: str, client_ip: str | None, user: User | None = None
@@ -558,52 +546,53 @@ class Mfa:
                 )
             )
 
-    async def _record_failure(self, login_id: UUID, reason: str, client_ip: str | None) -> None:
-        """Count a failed factor against the login (dead once all its attempts failed), the
-        user's client address (locked out for a growing while after every
-        max_failed_attempts in a row from it) and the user (locked until an administrator
-        unlocks after mfa_hard_lock_failures in a row from anywhere). Always audited, also
-        when a racing request already finished the login."""
+    async def _count_failure(self, session: AsyncSession, login_id: UUID, reason: str, client_ip: str | None) -> MfaLogin:
+        """In the transaction that checked the factor: count its failure against the login
+        (dead once all its attempts failed), the user's client address (locked out for a
+        growing while after every max_failed_attempts in a row from it) and the user (locked
+        until an administrator unlocks after mfa_hard_lock_failures in a row from anywhere),
+        and audit it. A login refused for its attempts was not checked: only audited."""
         limit = self.ctx.settings.max_failed_attempts
         now = self.ctx.clock.now()
-        async with self.ctx.transaction() as session:
-            login = (await session.exec(select(MfaLogin).where(MfaLogin.id == login_id).with_for_update())).one()
-            user = (await session.exec(select(User).where(User.id == login.user_id).with_for_update())).one()
-            login.failed_attempts += 1
-            login_dead = login.state == LoginState.PENDING and login.failed_attempts >= limit
-            if login_dead:
-                login.state = LoginState.FAILED
-                for field, value in FORGOTTEN_WHEN_ENDED.items():
-                    setattr(login, field, value)
-            session.add(login)
-            locked_until = None
-            hard_locked = False
-            if reason != "locked_out":
-                # the user row is locked above, so this read-modify-write of the user's
-                # counters is serialised on PostgreSQL too
-                key = _address_key(client_ip)
-                counter = await session.get(MfaAddressFailures, (user.id, key)) or MfaAddressFailures(
-                    user_id=user.id, client_ip=key  # type: ignore[arg-type]
-                )
-                counter.failures += 1
-                if counter.failures % limit == 0:
-                    lock_s = min(FIRST_USER_LOCK_S * 2 ** (counter.failures // limit - 1), MAX_USER_LOCK_S)
-                    locked_until = now + timedelta(seconds=lock_s)
-                    counter.locked_until = locked_until
-                session.add(counter)
-                user.mfa_failures += 1
-                hard_locked = user.mfa_failures == self.ctx.settings.mfa_hard_lock_failures
-                session.add(user)
-            ids = await self._audit_failure(session, login, reason, client_ip, user)
-            if login_dead or locked_until is not None or hard_locked:
-                enqueue_event(
-                    session,
-                    MfaLocked(**ids, login_id=login.id, method=login.method,  # type: ignore[arg-type]
-                              failed_attempts=login.failed_attempts, login_dead=login_dead,
-                              user_locked_until=locked_until, hard_locked=hard_locked, client_ip=client_ip),
-                )
-        metrics.LOGINS.labels(login.method, reason).inc()
-        log.info("MFA login %s failed (%s), attempt %s", login_id, reason, login.failed_attempts)
+        login = (await session.exec(select(MfaLogin).where(MfaLogin.id == login_id).with_for_update())).one()
+        if reason == ATTEMPTS_EXHAUSTED:
+            await self._audit_failure(session, login, reason, client_ip)
+            return login
+        user = (await session.exec(select(User).where(User.id == login.user_id).with_for_update())).one()
+        login.failed_attempts += 1
+        login_dead = login.state == LoginState.PENDING and login.failed_attempts >= limit
+        if login_dead:
+            login.state = LoginState.FAILED
+            for field, value in FORGOTTEN_WHEN_ENDED.items():
+                setattr(login, field, value)
+        session.add(login)
+        locked_until = None
+        hard_locked = False
+        if reason != "locked_out":
+            # the user row is locked above, so this read-modify-write of the user's
+            # counters is serialised on PostgreSQL too
+            key = _address_key(client_ip)
+            counter = await session.get(MfaAddressFailures, (user.id, key)) or MfaAddressFailures(
+                user_id=user.id, client_ip=key  # type: ignore[arg-type]
+            )
+            counter.failures += 1
+            if counter.failures % limit == 0:
+                lock_s = min(FIRST_USER_LOCK_S * 2 ** (counter.failures // limit - 1), MAX_USER_LOCK_S)
+                locked_until = now + timedelta(seconds=lock_s)
+                counter.locked_until = locked_until
+            session.add(counter)
+            user.mfa_failures += 1
+            hard_locked = user.mfa_failures == self.ctx.settings.mfa_hard_lock_failures
+            session.add(user)
+        ids = await self._audit_failure(session, login, reason, client_ip, user)
+        if login_dead or locked_until is not None or hard_locked:
+            enqueue_event(
+                session,
+                MfaLocked(**ids, login_id=login.id, method=login.method,  # type: ignore[arg-type]
+                          failed_attempts=login.failed_attempts, login_dead=login_dead,
+                          user_locked_until=locked_until, hard_locked=hard_locked, client_ip=client_ip),
+            )
+        return login
 
     async def expire_logins(self) -> int:
         """Close logins past their expiry and drop old ones: finished ones after a week,

@@ -448,7 +448,7 @@ async def test_racing_codes_on_one_login_are_checked_at_most_max_failed_attempts
     checked = [e for e in failed if e["reason"] != "attempts_exhausted"]
     assert len(checked) + len(successes) <= 5, failed
     assert [e["reason"] for e in failed if e not in checked] == ["attempts_exhausted"] * (len(failed) - len(checked))
-    assert await h.sql("SELECT attempts FROM mfa_login") == [(min(5, len(codes)),)]
+    assert await h.sql("SELECT attempts FROM mfa_login") == [(len(checked) + len(successes),)]  # one per check
     if successes:
         assert len(checked) < 5  # the right code was among the first five checked
 
@@ -574,3 +574,18 @@ async def test_unfinished_logins_are_dropped_after_an_hour_finished_ones_kept(h:
     h.clock.advance(3601)
     await h.core.mfa.expire_logins()
     assert await h.sql("SELECT state FROM mfa_login") == [("finished",)]
+
+
+async def test_a_login_whose_attempts_are_all_taken_refuses_even_the_right_code_unchecked(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    token, _ = await h.client.start(location.id, device.pubkey, 0, OWNER)
+    async with h.core.db.transaction() as session:  # taken by checks that were never recorded
+        await session.exec(text("UPDATE mfa_login SET attempts = 5"))  # type: ignore[call-overload]
+    await expect_failure(h.client.finish(token, h.code(secret), None, OWNER), ErrorStatus.UNAUTHENTICATED)
+    failed = await failed_events(h, 1)
+    assert [(e["reason"], e["failed_attempts"]) for e in failed] == [("attempts_exhausted", 0)]
+    # not counted as a wrong code: the user's and the address's counters are untouched
+    assert await h.sql("SELECT attempts, failed_attempts, state FROM mfa_login") == [(5, 0, "pending")]
+    assert await h.sql('SELECT mfa_failures FROM "user"') == [(0,)]
