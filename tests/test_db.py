@@ -9,14 +9,19 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import asyncpg
 import pytest
 import pytest_asyncio
-from sqlalchemy import bindparam, event, insert, select, update
+from sqlalchemy import bindparam, event, insert, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, MultipleResultsFound, NoResultFound
 
+from core_service import db as core_db
 from core_service.db import Database, JoinedRead, NotCommitted, prepared
 from core_service.models import Device, Location, MfaLogin, Outbox, User
+from tests.conftest import new_database_url
 
 USERS = User.__table__
 LOCATIONS = Location.__table__
@@ -229,3 +234,55 @@ async def test_a_failed_commit_fails_every_transaction_waiting_for_it(db: Databa
     assert "disk I/O error" in str(results[0])
     assert await outbox_types(db) == []  # none of them was committed
     assert await add_event(db, "next") == ["next"]  # and the next transaction works
+
+
+# --- PostgreSQL: pooled connections that died -------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def pg(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    """A core database on PostgreSQL, with one connection used and back in the pool."""
+    database = Database(new_database_url("postgres", request, tmp_path))
+    await database.migrate()
+    assert await one_value(database, "SELECT 1") == 1
+    yield database
+    await database.close()
+
+
+async def one_value(database: Database, sql: str) -> object:
+    async with database.transaction() as session:
+        return (await session.exec(text(sql))).scalar_one()  # type: ignore[call-overload]
+
+
+async def terminate_its_connections(database: Database) -> int:
+    """End, from the server's side, every other connection to this test's database, as a
+    database restart would."""
+    dsn = make_url(database.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        count = await connection.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await connection.close()
+    await asyncio.sleep(0.2)  # the client sees its sockets close
+    return count
+
+
+@pytest.mark.postgres
+async def test_a_connection_the_database_closed_is_replaced_before_use(pg: Database) -> None:
+    assert await terminate_its_connections(pg) >= 1
+    # the next transaction gets a live connection, without a ping
+    assert await one_value(pg, "SELECT 2") == 2
+
+
+@pytest.mark.postgres
+async def test_an_idle_connection_that_died_unnoticed_is_pinged_and_replaced(
+    pg: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a peer that went away silently (no closed socket seen): only a ping finds out
+    monkeypatch.setattr(asyncpg.Connection, "is_closed", lambda _self: False)
+    monkeypatch.setattr(core_db, "PING_AFTER_IDLE_S", 0.0)
+    assert await terminate_its_connections(pg) >= 1
+    assert await one_value(pg, "SELECT 3") == 3
