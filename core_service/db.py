@@ -99,6 +99,7 @@ class JoinedRead:
 PREPARED = "wgmfa_prepared"  # the execution option that marks a `prepared` statement
 _GIVEN = object()  # a parameter slot the caller's params fill
 _MAX_PREPARED_ROWS = 64  # a longer multi-row INSERT goes through SQLAlchemy (its batching)
+_NUMBERED = re.compile(r"\$(\d+)")  # asyncpg's placeholders
 
 
 def prepared(statement: Any) -> Any:
@@ -144,10 +145,18 @@ class _Statement:
         # per column, SQLAlchemy's result processor or None; applied as each Row is made
         result_processors = [column.type._cached_result_processor(dialect, None) for column in columns]
         self.result_processors = result_processors if any(result_processors) else None
-        # a multi-row INSERT repeats its VALUES group once per row (with `?` placeholders;
-        # numbered ones would have to be renumbered)
-        many_values = compiled._insertmanyvalues if many and dialect.paramstyle == "qmark" else None
-        self.values_group = f"({many_values.single_values_expr})" if many_values is not None else None
+        # a multi-row INSERT repeats its VALUES group once per row: as it is with `?`
+        # placeholders (SQLite), renumbered per row with `$n` ones (asyncpg), where the
+        # group holds every parameter of the statement
+        many_values = compiled._insertmanyvalues if many else None
+        self.values_group: str | None = None
+        self.numbered = dialect.paramstyle == "numeric_dollar"
+        if many_values is not None and (
+            dialect.paramstyle == "qmark"
+            or (self.numbered and many_values.num_positional_params_counted == len(self.slots))
+        ):
+            self.values_group = f"({many_values.single_values_expr})"
+        self._many_sql: dict[int, str] = {}  # a multi-row INSERT's SQL, per number of rows
 
     def parameters(self, params: dict[str, Any]) -> list[Any]:
         values = []
@@ -171,9 +180,20 @@ class _Statement:
         dicts for a multi-row INSERT."""
         if not isinstance(params, list):
             return self.sql, self.parameters(params or {})
-        assert self.values_group is not None
-        sql = self.sql.replace(self.values_group, ", ".join([self.values_group] * len(params)), 1)
+        sql = self._many_sql.get(len(params))
+        if sql is None:
+            sql = self._many_sql[len(params)] = self._for_rows(len(params))
         return sql, [value for row in params for value in self.parameters(row)]
+
+    def _for_rows(self, rows: int) -> str:
+        group = self.values_group
+        assert group is not None
+        if self.numbered:
+            width = len(self.slots)
+            groups = [_NUMBERED.sub(lambda n: f"${int(n.group(1)) + row * width}", group) for row in range(rows)]
+        else:
+            groups = [group] * rows
+        return self.sql.replace(group, ", ".join(groups), 1)
 
 
 class PreparedResult:

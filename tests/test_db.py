@@ -123,6 +123,32 @@ async def test_a_prepared_result_answers_as_sqlalchemys_result(db: Database) -> 
     assert db._prepared[_PREPARED_USER_NAMES] is not None  # the driver path, not a fallback
 
 
+async def test_a_multi_row_insert_runs_on_the_driver_with_each_rows_values(db: Database) -> None:
+    driver_path: list[bool] = []
+
+    def statement(_conn, _cursor, sql, _params, context, _many) -> None:  # type: ignore[no-untyped-def]
+        if sql.startswith("INSERT INTO outbox"):
+            driver_path.append(context is None)  # SQLAlchemy's own execution has a context
+
+    event.listen(db.sync_engine, "before_cursor_execute", statement)
+    try:
+        for rows in (3, 1, 3):  # the SQL of each row count is made once and used again
+            async with db.transaction() as session:
+                values = [
+                    {"kind": "event", "event_type": f"r{rows}.{i}", "payload": f'{{"i": {i}}}', "created_at": NOW}
+                    for i in range(rows)
+                ]
+                ids = (await session.exec(_OUTBOX_ROWS, params=values)).scalars().all()
+                assert len(set(ids)) == rows
+    finally:
+        event.remove(db.sync_engine, "before_cursor_execute", statement)
+    assert driver_path == [True, True, True]
+    async with db.reader() as session:
+        stored = (await session.exec(select(OUTBOX.c.event_type, OUTBOX.c.payload).order_by(OUTBOX.c.id))).all()
+    expected = [(f"r{rows}.{i}", f'{{"i": {i}}}') for rows in (3, 1, 3) for i in range(rows)]
+    assert [tuple(row) for row in stored] == expected
+
+
 async def test_prepared_statements_share_the_transaction_and_its_rollback(db: Database) -> None:
     with pytest.raises(RuntimeError):
         async with db.transaction() as session:
