@@ -35,9 +35,9 @@ _LIVE_SESSIONS = prepared(
         SESSIONS.c.state.in_(LIVE_SESSION_STATES),
     )
 )
-_SUPERSEDE = (
+_SUPERSEDE = prepared(  # one session at a time: a list of ids would make its SQL differ per call
     sql_update(SESSIONS)
-    .where(SESSIONS.c.id.in_(bindparam("b_ids", expanding=True)))
+    .where(SESSIONS.c.id == bindparam("b_id"))
     .values(state=SessionState.REVOKED, revoked_at=bindparam("b_now"), revoke_reason=RevokeReason.REPLACED, psk_enc=None)
 )
 _INSERT_SESSION = prepared(insert(SESSIONS).returning(SESSIONS.c.id))
@@ -199,13 +199,12 @@ async def authorize(
         raise RpcFailure(ErrorStatus.INVALID_ARGUMENT, "device not found")
     generation, address = placed
     live = (await session.exec(_LIVE_SESSIONS, params=where)).all()
-    if live:  # superseded: it leaves the live index before the new one enters
-        await session.exec(_SUPERSEDE, params={"b_ids": [old.id for old in live], "b_now": now})
-        for old in live:
-            enqueue_event(
-                session,
-                session_revoked(location, device, user, old.id, old.generation, RevokeReason.REPLACED, SessionState(old.state)),
-            )
+    for old in live:  # superseded: it leaves the live index before the new one enters
+        await session.exec(_SUPERSEDE, params={"b_id": old.id, "b_now": now})
+        enqueue_event(
+            session,
+            session_revoked(location, device, user, old.id, old.generation, RevokeReason.REPLACED, SessionState(old.state)),
+        )
 
     psk = generate_psk()
     expires_at = now + timedelta(seconds=location.session_lifetime_s)

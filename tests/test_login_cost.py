@@ -25,11 +25,13 @@ CLIENT = rpc.ClientInfo(ip="192.0.2.10")
 
 @contextmanager
 def counted(h: Harness) -> Iterator[dict[str, list]]:
-    seen: dict[str, list] = {"statements": [], "commits": []}
+    seen: dict[str, list] = {"statements": [], "commits": [], "through_sqlalchemy": []}
     engine = h.core.db.sync_engine
 
-    def statement(_conn, _cursor, sql, _params, _context, _many) -> None:  # type: ignore[no-untyped-def]
+    def statement(_conn, _cursor, sql, _params, context, _many) -> None:  # type: ignore[no-untyped-def]
         seen["statements"].append(sql[:120])
+        if context is not None:  # SQLAlchemy's own execution, not a prepared statement's
+            seen["through_sqlalchemy"].append(sql[:120])
 
     def commit(_conn) -> None:  # type: ignore[no-untyped-def]
         seen["commits"].append(1)
@@ -43,7 +45,7 @@ def counted(h: Harness) -> Iterator[dict[str, list]]:
         event.remove(engine, "commit", commit)
 
 
-async def two_logins_counted(h: Harness) -> None:
+async def two_logins_counted(h: Harness, *, prepared: bool = True) -> None:
     location, _ = await h.location()
     secret = await h.user("alice")
     device = await h.device("alice", "laptop", "office")
@@ -55,6 +57,8 @@ async def two_logins_counted(h: Harness) -> None:
         assert len(psk) == 44
         assert len(seen["statements"]) <= STATEMENTS_PER_LOGIN[round_], seen["statements"]
         assert len(seen["commits"]) <= TRANSACTIONS_PER_LOGIN
+        if prepared:  # every statement compiled once, none through SQLAlchemy's general path
+            assert seen["through_sqlalchemy"] == [], seen["through_sqlalchemy"]
         h.clock.advance(30)
     sessions = await h.sql("SELECT state FROM vpn_session ORDER BY id")
     assert [s for (s,) in sessions] == ["revoked", "authorized"]
@@ -72,4 +76,4 @@ async def test_the_same_on_sqlite_through_aiosqlites_thread(nats_url: str, tmp_p
     url = f"sqlite+aiosqlite:///{tmp_path / 'core.db'}"
     async with running_core(nats_url, url, tmp_path, outbox_interval_s=3600, sqlite_inline=False) as h:
         assert not h.core.db.inline
-        await two_logins_counted(h)
+        await two_logins_counted(h, prepared=False)  # aiosqlite: SQLAlchemy runs everything
