@@ -76,10 +76,33 @@ def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (the first is the state)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time a process and its children have used so far: the children alive now, and
+    those that ended (counted into the parent's when it waited for them). PostgreSQL's
+    postmaster and its backends."""
+    fields = _stat(pid)
+    ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = _stat(entry.name)
+        except OSError:  # gone meanwhile
+            continue
+        if int(child[1]) == pid:
+            ticks += sum(int(v) for v in child[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -93,20 +116,26 @@ class ServerCpu:
     """The CPU the services use during a phase, per operation, and how busy the whole
     machine was (other work included: on a shared machine the figures are a floor)."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], trees: dict[str, int] | None = None) -> None:
         self.pids = pids
+        self.trees = trees or {}  # measured with their children (PostgreSQL's backends)
         self.began: dict[str, float] = {}
         self.machine = (0.0, 0.0)
 
+    def _used(self) -> dict[str, float]:
+        return {name: process_cpu_seconds(pid) for name, pid in self.pids.items()} | {
+            name: tree_cpu_seconds(pid) for name, pid in self.trees.items()
+        }
+
     def start(self) -> None:
-        self.began = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.began = self._used()
         self.machine = machine_cpu_seconds()
 
     def per_operation_ms(self, operations: int) -> dict[str, float]:
         busy, total = machine_cpu_seconds()
         report = {
-            f"{name}_cpu_ms_per_op": (process_cpu_seconds(pid) - self.began[name]) * 1000 / max(operations, 1)
-            for name, pid in self.pids.items()
+            f"{name}_cpu_ms_per_op": (used - self.began[name]) * 1000 / max(operations, 1)
+            for name, used in self._used().items()
         }
         report["machine_busy"] = (busy - self.machine[0]) / max(total - self.machine[1], 1e-9)
         return report
@@ -295,7 +324,7 @@ async def run(args: argparse.Namespace, nats_url: str, nats_pid: int | None = No
         pids = {"core": stack.core.process.pid, "proxy": stack.proxy.process.pid}
         if nats_pid is not None:
             pids["nats"] = nats_pid
-        servers = ServerCpu(pids)
+        servers = ServerCpu(pids, {"postgres": cluster.postmaster_pid()} if cluster else None)
 
         async def measured(name: str, count: int, job, connection_url: str | None = None) -> dict:  # type: ignore[no-untyped-def]
             servers.start()
@@ -391,7 +420,8 @@ def show(report: dict) -> None:
             f"  {r['name']:<46} {r['per_second']:8.1f}/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"
             f"   client CPU {r['client_cpu'] * 100:3.0f}%   CPU ms/op: core {r['core_cpu_ms_per_op']:5.2f},"
             f" proxy {r['proxy_cpu_ms_per_op']:5.2f}, nats {r.get('nats_cpu_ms_per_op', 0):5.2f}"
-            f"   machine busy {r['machine_busy'] * 100:3.0f}%"
+            + (f", postgres {r['postgres_cpu_ms_per_op']:5.2f}" if "postgres_cpu_ms_per_op" in r else "")
+            + f"   machine busy {r['machine_busy'] * 100:3.0f}%"
         )
     print(f"  Python generator: a login costs {1 / report['login_vs_http_noop']:.1f} HTTP no-ops,"
           f" {1 / report['login_vs_nats_noop']:.1f} NATS no-ops")

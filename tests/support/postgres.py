@@ -68,6 +68,10 @@ class PostgresCluster:
         options = f"-p {self.port} -k {self.base_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data_dir), "-o", options, "-l", str(self.base_dir / "postgres.log"), "-w", "start")
 
+    def postmaster_pid(self) -> int:
+        """The server's first process; its backends are its children."""
+        return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
     def create_database(self, name: str) -> str:
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "wgmfa", name)
         return self.url(name)
