@@ -1,6 +1,7 @@
 """Every subject wgmfa uses. Handlers build subjects only through this module."""
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -82,6 +83,7 @@ def stats_of_location(location_id: int) -> str:
     return f"{STATS_PREFIX}.{token(location_id)}.*"
 
 
+@functools.lru_cache(maxsize=256)  # event types are a fixed set; every published event asks
 def event(event_type: str) -> str:
     """wgmfa.events.<area>.<what> for an event type `area.what`."""
     return f"{EVENTS_PREFIX}.{'.'.join(token(part) for part in event_type.split('.'))}"
