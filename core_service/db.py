@@ -466,7 +466,7 @@ def _replace_dead_connections(engine: Engine) -> None:
             return  # new, or just back in the pool
         try:
             dialect.do_ping(dbapi_connection)
-        except dialect.loaded_dbapi.Error as error:  # a new connection, or the database's error
+        except dialect.loaded_dbapi.Error as error:  # whatever it met: the pool tries a new connection
             raise DisconnectionError(f"the ping of an idle connection failed: {error}") from error
 
 
