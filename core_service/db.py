@@ -146,14 +146,15 @@ class _Statement:
         result_processors = [column.type._cached_result_processor(dialect, None) for column in columns]
         self.result_processors = result_processors if any(result_processors) else None
         # a multi-row INSERT repeats its VALUES group once per row: as it is with `?`
-        # placeholders (SQLite), renumbered per row with `$n` ones (asyncpg), where the
-        # group holds every parameter of the statement
+        # placeholders (SQLite), renumbered per row with `$n` ones (asyncpg). Only where the
+        # group holds every parameter of the statement: each row's values follow the last's.
         many_values = compiled._insertmanyvalues if many else None
         self.values_group: str | None = None
         self.numbered = dialect.paramstyle == "numeric_dollar"
-        if many_values is not None and (
-            dialect.paramstyle == "qmark"
-            or (self.numbered and many_values.num_positional_params_counted == len(self.slots))
+        if (
+            many_values is not None
+            and dialect.paramstyle in ("qmark", "numeric_dollar")
+            and many_values.num_positional_params_counted == len(self.slots)
         ):
             self.values_group = f"({many_values.single_values_expr})"
         self._many_sql: dict[int, str] = {}  # a multi-row INSERT's SQL, per number of rows
