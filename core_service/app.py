@@ -73,7 +73,7 @@ class Core:
         mfa = self.mfa = Mfa(ctx, mailer)
         enroll = self.enrollments = Enrollments(ctx, mailer)
         self.oidc_admin = OidcAdmin(ctx, RelyingParty(ctx))
-        dataplane = self.dataplane = DataPlane(ctx)
+        dataplane = self.dataplane = DataPlane(ctx, self.peers)
         endpoints = bus.rpc_router()
         endpoints.endpoint(subjects.RPC_CORE_HELLO, self._hello)
         endpoints.endpoint(subjects.RPC_MFA_START, mfa.start)

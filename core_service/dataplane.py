@@ -14,6 +14,8 @@ from core_service.context import CoreContext
 from core_service.models import Device, Location, LocationDevice, PeerStat, VpnSession
 from core_service.outbox import enqueue_event
 from core_service.sessions import names, parties, revoke
+from events.outcomes import stream_sequence
+from events.peer_log import PeerLog
 from schemas.common import LIVE_SESSION_STATES, SessionState
 from schemas.events import PeerAuthorized, PeerRevoked, SessionConnected, StatsSample
 
@@ -27,12 +29,18 @@ STATS_KEPT_INTERVALS = 10
 
 
 class DataPlane:
-    def __init__(self, ctx: CoreContext) -> None:
+    def __init__(self, ctx: CoreContext, peers: PeerLog) -> None:
         self.ctx = ctx
+        self.peers = peers
 
     async def on_peer_state(self, state: PeerAuthorized | PeerRevoked) -> None:
         """A revoke ends the session it names (if that is still the live one) and forgets
         its PSK. Revokes the core published itself find the session already ended."""
+        # the device's next state (a login after the reaper's revoke) goes out over this one
+        # without a read of the subject
+        sequence = stream_sequence()
+        if sequence is not None:
+            self.peers.seen(state, sequence)
         if not isinstance(state, PeerRevoked):
             return
         await self._release_placement(state)

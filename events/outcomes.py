@@ -106,14 +106,21 @@ class RpcOutcomes(BaseMiddleware):
         return RpcReply(ok=True, result=result.model_dump(mode="json") if result is not None else {})
 
 
-# which delivery of the stream message being handled this is: for a handler, which takes
+# the JetStream metadata of the stream message being handled: for a handler, which takes
 # its payload only (events.bus.payload_decoder)
-_DELIVERY: ContextVar[int] = ContextVar("wgmfa_stream_delivery", default=1)
+_DELIVERY: ContextVar[Any] = ContextVar("wgmfa_stream_delivery", default=None)
 
 
 def delivery_attempt() -> int:
     """Which delivery of the stream message being handled this is (1: the first)."""
-    return _DELIVERY.get()
+    metadata = _DELIVERY.get()
+    return metadata.num_delivered if metadata is not None else 1
+
+
+def stream_sequence() -> int | None:
+    """The stream sequence of the stream message being handled (None outside a handler)."""
+    metadata = _DELIVERY.get()
+    return metadata.sequence.stream if metadata is not None else None
 
 
 class StreamOutcomes(BaseMiddleware):
@@ -126,7 +133,7 @@ class StreamOutcomes(BaseMiddleware):
 
     async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: Any) -> Any:
         subject, data, headers = _original(msg)
-        delivery = _DELIVERY.set(msg.raw_message.metadata.num_delivered)
+        delivery = _DELIVERY.set(msg.raw_message.metadata)
         try:
             return await call_next(msg)
         except _FLOW_CONTROL:

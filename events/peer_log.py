@@ -1,7 +1,13 @@
 """The peer log: stream WGMFA_PEERS keeps one message per `wgmfa.peer.<location>.<device>`,
 the device's desired state at that location. Writers publish only over an older state
 (by generation), with the subject's last sequence expected, so that concurrent writers
-(cores, reapers) can never put an older state last."""
+(cores, reapers) can never put an older state last.
+
+A writer remembers the sequence of each subject's last state it saw (its own publishes, and
+what its consumer of the stream delivers) and publishes over it without reading the
+subject first; the expected sequence makes the server refuse the publish when anything
+came since, and then the subject is read as before. A subject it has seen nothing of is
+expected empty the same way."""
 from __future__ import annotations
 
 import logging
@@ -24,12 +30,34 @@ class PeerStateRecord:
     state: PeerAuthorized | PeerRevoked | None  # None: the last message does not decode
 
 
+# Subjects whose last sequence a writer remembers: about 120 bytes each, the oldest
+# forgotten first (a forgotten subject costs one refused publish, then one read).
+REMEMBERED_SUBJECTS = 100_000
+
+
 class PeerLog:
-    def __init__(self, bus: Bus, *, signing_key: str | None = None) -> None:
+    def __init__(self, bus: Bus, *, signing_key: str | None = None, remembered: int = REMEMBERED_SUBJECTS) -> None:
         self.bus = bus
         # The core's: a last authorization that this key did not sign (a forgery by a
         # credential that may publish revokes) does not hold back the true next state.
         self.signing_key = signing_key
+        self.remembered = remembered
+        # (location, device) -> (stream sequence, order) of the last state seen on its subject
+        self._last: dict[tuple[int, int], tuple[int, tuple[int, int]]] = {}
+
+    def seen(self, state: PeerAuthorized | PeerRevoked, sequence: int) -> None:
+        """`state` is on its subject at stream sequence `sequence` (a later one replaces it)."""
+        if self.remembered <= 0:
+            return
+        key = (state.location_id, state.device_id)
+        known = self._last.get(key)
+        if known is not None:
+            if known[0] >= sequence:
+                return
+            del self._last[key]  # re-inserted last: the oldest seen is forgotten first
+        elif len(self._last) >= self.remembered:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (sequence, peer_state_order(state))
 
     async def last_peer_state(self, location_id: int, device_id: int) -> PeerStateRecord | None:
         last = await nats_direct.last_message(
@@ -58,6 +86,8 @@ class PeerLog:
     async def publish_peer_state(self, state: PeerAuthorized | PeerRevoked, *, attempts: int = 10) -> bool:
         """Compare-and-set: True when `state` is (now) the subject's last message."""
         subject = subjects.peer(state.location_id, state.device_id)
+        if await self._publish_over_remembered(subject, state):
+            return True
         for _ in range(attempts):
             last = await self.last_peer_state(state.location_id, state.device_id)
             if last is not None and last.state is not None and not self._forged(last.state):
@@ -70,9 +100,31 @@ class PeerLog:
                     )
                     return False
             try:
-                await self.bus.publish(subject, state, expected_last_subject_seq=last.sequence if last else 0)
-                return True
+                ack = await self.bus.publish(subject, state, expected_last_subject_seq=last.sequence if last else 0)
             except Exception as exc:
                 if not nats_direct.is_wrong_last_sequence(exc):
                     raise
+                continue
+            if not ack.duplicate:
+                self.seen(state, ack.seq)
+            return True
         raise BusUnavailable(f"could not publish to {subject}: the subject keeps changing")
+
+    async def _publish_over_remembered(self, subject: str, state: PeerAuthorized | PeerRevoked) -> bool:
+        """Publish `state` over the subject's remembered last state (or over nothing, when
+        none is remembered) if it is newer: True when the server took it as the next message.
+        A remembered state as new as `state` or newer (it may be a forgery, or `state` itself)
+        is left to the read, which checks it."""
+        known = self._last.get((state.location_id, state.device_id))
+        if known is not None and known[1] >= peer_state_order(state):
+            return False
+        try:
+            ack = await self.bus.publish(subject, state, expected_last_subject_seq=known[0] if known else 0)
+        except Exception as exc:
+            if nats_direct.is_wrong_last_sequence(exc):
+                return False
+            raise
+        if ack.duplicate:  # published before (a retried outbox row): whether it is still last, the read tells
+            return False
+        self.seen(state, ack.seq)
+        return True

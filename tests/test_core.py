@@ -383,6 +383,35 @@ async def test_a_revoke_from_the_reaper_ends_the_session(h: Harness) -> None:
     assert [(e["reason"], e["previous_state"]) for e in await h.events("session.revoked")] == [("idle", "authorized")]
 
 
+async def test_after_the_reapers_revoke_the_next_login_is_published_without_reading_the_peer_log(h: Harness) -> None:
+    location, _ = await h.location()
+    secret = await h.user()
+    device = await h.device("alice", "laptop", "office")
+    await h.login(location.id, device.pubkey, h.code(secret))
+    authorized = await PeerLog(h.bus).last_peer_state(location.id, device.device_id)
+    revoke = PeerRevoked(location_id=location.id, device_id=device.device_id, generation=1,
+                         session_id=authorized.state.session_id, pubkey=device.pubkey, reason="idle")
+    await h.bus.publish(subjects.peer(location.id, device.device_id), revoke, expected_last_subject_seq=authorized.sequence)
+
+    async def revoked() -> bool:
+        return await session_states(h) == [("revoked", "idle")]
+
+    await eventually(revoked, what="the core to end the session")
+    reads = []
+    read = h.core.peers.last_peer_state
+
+    async def counted(location_id: int, device_id: int):  # type: ignore[no-untyped-def]
+        reads.append(device_id)
+        return await read(location_id, device_id)
+
+    h.core.peers.last_peer_state = counted  # type: ignore[method-assign]
+    h.clock.advance(30)
+    psk = await h.login(location.id, device.pubkey, h.code(secret))
+    assert reads == []  # its consumer delivered the revoke: the core knew what it publishes over
+    state = (await PeerLog(h.bus).last_peer_state(location.id, device.device_id)).state
+    assert isinstance(state, PeerAuthorized) and state.generation == 2 and psk
+
+
 async def test_the_first_handshake_after_authorization_marks_the_session_connected(h: Harness) -> None:
     location, _ = await h.location()
     secret = await h.user()
