@@ -240,6 +240,11 @@ class Bus:
                 await broker.start()  # its publishers; routers come with serve()
                 return bus
             except nats_direct.CONNECT_ERRORS as exc:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # nats-py retries its servers on any error, a cancel that landed as a
+                    # connection was refused included: the wait stops here all the same
+                    raise asyncio.CancelledError from None
                 if deadline is not None and loop.time() + delay > deadline:
                     raise BusUnavailable(f"cannot connect to NATS at {url}: {exc or type(exc).__name__}") from None
                 log.warning("waiting for NATS at %s: %s", url, exc or type(exc).__name__)
