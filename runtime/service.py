@@ -59,6 +59,7 @@ async def run_until_signalled(name: str, settings: BusSettings, service: Service
     configure_logging(name, settings.log_level)
     log = logging.getLogger(name)
     stop = stop_event()
+    log.info("%s starting", name)  # from here a SIGTERM stops it in order
     starting = asyncio.create_task(service.start())
     signalled = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)

@@ -40,3 +40,24 @@ def test_nonsense_settings_are_refused_at_start_with_the_reason(program: str, se
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "wgmfa: settings refused:" in done.stderr and reason in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_service_told_to_stop_while_it_waits_for_nats_stops(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WGMFA_")}
+    env.update(WGMFA_NATS_URL="nats://127.0.0.1:1", WGMFA_STATE_DIR=str(tmp_path))
+    for _ in range(3):  # the stop lands at a different point of its attempts each time
+        with subprocess.Popen([sys.executable, "-m", "reaper_worker"], env=env, cwd=REPO, stderr=subprocess.PIPE,
+                              text=True) as process:
+            try:
+                assert process.stderr is not None
+                for line in process.stderr:
+                    if "reaper starting" in line:
+                        break
+            finally:
+                process.terminate()
+                try:
+                    code = process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    raise
+            assert code == 0
