@@ -21,6 +21,7 @@ TINY = {
     "gateway": ["--sizes", "20", "--backend", "fake"],
     "memory": ["--sessions", "20", "--concurrency", "4", "--per-location", "15", "--step", "10"],
     "rpc": ["--requests", "40", "--concurrency", "2", "--clients", "2", "--rounds", "1"],
+    "peer_log": ["--devices", "5", "--rounds", "1"],
 }
 
 
@@ -84,3 +85,11 @@ def test_memory_bench_holds_the_sessions_it_made() -> None:
 def test_rpc_bench_measures_both_handlers() -> None:
     report = run_bench("rpc")
     assert report["raw_per_second"] > 0 and report["faststream_per_second"] > 0 and report["faststream_vs_raw"] > 0
+
+
+def test_peer_log_bench_publishes_both_ways() -> None:
+    report = run_bench("peer_log")
+    for kind in ("read then publish", "remembered"):
+        (run,) = report["rounds"][kind]
+        assert run["states"] == 10 and run["per_second"] > 0 and run["cpu_us_per_state"] >= 0
+    assert report["cpu_ratio"] >= 0 and report["p50_ratio"] > 0
