@@ -30,7 +30,7 @@ class PeerStateRecord:
     state: PeerAuthorized | PeerRevoked | None  # None: the last message does not decode
 
 
-# Subjects whose last sequence a writer remembers: about 120 bytes each, the oldest
+# Subjects whose last sequence a writer remembers: about 250 bytes each, the oldest
 # forgotten first (a forgotten subject costs one refused publish, then one read).
 REMEMBERED_SUBJECTS = 100_000
 
