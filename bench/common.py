@@ -8,6 +8,7 @@ import json
 import os
 import statistics
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 from wgmfa.nats_server import temporary_nats_server
 
@@ -26,6 +27,17 @@ def wireguard_place(requested: str | None) -> Iterator[tuple[str, str | None]]:
 
     with Topology() as topology:
         yield kind, topology.gateway
+
+
+def proc_stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (the first is the state)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

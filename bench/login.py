@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyotp
 
-from bench.common import nats_server, run_benchmark
+from bench.common import nats_server, process_cpu_seconds, proc_stat, run_benchmark
 from events import subjects
 from events.bus import Bus
 from schemas import rpc
@@ -76,28 +76,17 @@ def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _stat(pid: int | str) -> list[str]:
-    """/proc/PID/stat's fields after the command name (the first is the state)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time a process and its children have used so far: the children alive now, and
     those that ended (counted into the parent's when it waited for them). PostgreSQL's
     postmaster and its backends."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            child = _stat(entry.name)
+            child = proc_stat(entry.name)
         except OSError:  # gone meanwhile
             continue
         if int(child[1]) == pid:

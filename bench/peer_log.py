@@ -14,12 +14,10 @@ the publish latency. nats-server syncs every JetStream write to disk, as deploye
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
-from bench.common import nats_server, percentiles, run_benchmark
+from bench.common import nats_server, percentiles, process_cpu_seconds, run_benchmark
 from events import subjects
 from events.bus import Bus
 from events.peer_log import PeerLog
@@ -28,11 +26,6 @@ from schemas.events import PeerAuthorized, PeerRevoked
 from schemas.signing import PeerSigner
 
 SIGNER = PeerSigner(b"b" * 32)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def states(location: int, devices: int) -> list[PeerAuthorized | PeerRevoked]:
@@ -55,7 +48,7 @@ async def measure(bus: Bus, server_pid: int, kind: str, location: int, devices: 
     log = PeerLog(bus, signing_key=SIGNER.public_key)
     todo = states(location, devices)
     latencies = []
-    cpu0, server0, began = time.process_time(), cpu_seconds(server_pid), time.perf_counter()
+    cpu0, server0, began = time.process_time(), process_cpu_seconds(server_pid), time.perf_counter()
     for state in todo:
         start = time.perf_counter()
         if kind == "remembered":
@@ -69,7 +62,7 @@ async def measure(bus: Bus, server_pid: int, kind: str, location: int, devices: 
     return {
         "states": len(todo), "per_second": len(todo) / elapsed,
         "cpu_us_per_state": (time.process_time() - cpu0) / len(todo) * 1e6,
-        "server_cpu_us_per_state": (cpu_seconds(server_pid) - server0) / len(todo) * 1e6,
+        "server_cpu_us_per_state": (process_cpu_seconds(server_pid) - server0) / len(todo) * 1e6,
         **percentiles(latencies),
     }
 
