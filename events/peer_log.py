@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from faststream.nats import PubAck
 from pydantic import ValidationError
 
 from events import nats_direct, streams, subjects
@@ -99,15 +100,8 @@ class PeerLog:
                         state.type, state.generation, subject, last.state.type, last.state.generation,
                     )
                     return False
-            try:
-                ack = await self.bus.publish(subject, state, expected_last_subject_seq=last.sequence if last else 0)
-            except Exception as exc:
-                if not nats_direct.is_wrong_last_sequence(exc):
-                    raise
-                continue
-            if not ack.duplicate:
-                self.seen(state, ack.seq)
-            return True
+            if await self._publish_expecting(subject, state, last.sequence if last else 0) is not None:
+                return True
         raise BusUnavailable(f"could not publish to {subject}: the subject keeps changing")
 
     async def _publish_over_remembered(self, subject: str, state: PeerAuthorized | PeerRevoked) -> bool:
@@ -118,13 +112,20 @@ class PeerLog:
         known = self._last.get((state.location_id, state.device_id))
         if known is not None and known[1] >= peer_state_order(state):
             return False
+        ack = await self._publish_expecting(subject, state, known[0] if known else 0)
+        # a duplicate was published before (a retried outbox row): whether it is still last, the read tells
+        return ack is not None and not ack.duplicate
+
+    async def _publish_expecting(self, subject: str, state: PeerAuthorized | PeerRevoked, sequence: int) -> PubAck | None:
+        """Publish `state` if the subject's last message is at stream sequence `sequence`
+        (0: the subject is empty): its ack, or None when the server refused it because
+        another message came last. What it stored is remembered."""
         try:
-            ack = await self.bus.publish(subject, state, expected_last_subject_seq=known[0] if known else 0)
+            ack = await self.bus.publish(subject, state, expected_last_subject_seq=sequence)
         except Exception as exc:
             if nats_direct.is_wrong_last_sequence(exc):
-                return False
+                return None
             raise
-        if ack.duplicate:  # published before (a retried outbox row): whether it is still last, the read tells
-            return False
-        self.seen(state, ack.seq)
-        return True
+        if not ack.duplicate:
+            self.seen(state, ack.seq)
+        return ack
