@@ -365,7 +365,10 @@ async def session_states(h: Harness) -> list[tuple[str, str | None]]:
     return [(s.state.value, s.revoke_reason) for s in sessions]
 
 
-async def test_a_revoke_from_the_reaper_ends_the_session(h: Harness) -> None:
+async def login_reaped_as_idle(h: Harness) -> tuple[rpc.LocationInfo, rpc.DeviceConfig, str]:
+    """alice logs in from her laptop at the office, and the reaper revokes that session as
+    idle (as it publishes: over the authorization it saw); once the core has ended it, her
+    location, device and TOTP secret."""
     location, _ = await h.location()
     secret = await h.user()
     device = await h.device("alice", "laptop", "office")
@@ -379,24 +382,17 @@ async def test_a_revoke_from_the_reaper_ends_the_session(h: Harness) -> None:
         return await session_states(h) == [("revoked", "idle")]
 
     await eventually(revoked, what="the core to end the session")
+    return location, device, secret
+
+
+async def test_a_revoke_from_the_reaper_ends_the_session(h: Harness) -> None:
+    await login_reaped_as_idle(h)
     assert await h.sql("SELECT psk_enc FROM vpn_session") == [(None,)]
     assert [(e["reason"], e["previous_state"]) for e in await h.events("session.revoked")] == [("idle", "authorized")]
 
 
 async def test_after_the_reapers_revoke_the_next_login_is_published_without_reading_the_peer_log(h: Harness) -> None:
-    location, _ = await h.location()
-    secret = await h.user()
-    device = await h.device("alice", "laptop", "office")
-    await h.login(location.id, device.pubkey, h.code(secret))
-    authorized = await PeerLog(h.bus).last_peer_state(location.id, device.device_id)
-    revoke = PeerRevoked(location_id=location.id, device_id=device.device_id, generation=1,
-                         session_id=authorized.state.session_id, pubkey=device.pubkey, reason="idle")
-    await h.bus.publish(subjects.peer(location.id, device.device_id), revoke, expected_last_subject_seq=authorized.sequence)
-
-    async def revoked() -> bool:
-        return await session_states(h) == [("revoked", "idle")]
-
-    await eventually(revoked, what="the core to end the session")
+    location, device, secret = await login_reaped_as_idle(h)
     reads = []
     read = h.core.peers.last_peer_state
 
