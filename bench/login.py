@@ -256,7 +256,7 @@ async def run(args: argparse.Namespace, nats_url: str, nats_pid: int | None = No
     cluster = None
     database_url = None
     if args.postgres:
-        cluster = PostgresCluster(work / "pg")
+        cluster = PostgresCluster(work / "pg", durable=True)
         cluster.start()
         database_url = cluster.create_database("bench")
     settings = {"rate_limit_per_s": "0", "log_level": "WARNING"}
@@ -371,6 +371,8 @@ async def run(args: argparse.Namespace, nats_url: str, nats_pid: int | None = No
             "database": "postgresql" if args.postgres else "sqlite",
             "concurrency": args.concurrency,
             "core_processes": args.core_processes,
+            # what a commit waits for: PostgreSQL's fsync of its WAL, as SQLite's and JetStream's writes wait for theirs
+            "postgres_settings": {name: cluster.setting(name) for name in ("fsync", "synchronous_commit")} if cluster else None,
             "results": results,
             "login_vs_http_noop": logins["per_second"] / floor_http["per_second"],
             "login_vs_nats_noop": logins["per_second"] / floor_nats["per_second"],
@@ -403,7 +405,9 @@ def cli() -> None:
 
 
 def show(report: dict) -> None:
-    print(f"database {report['database']}, concurrency {report['concurrency']}, core processes {report['core_processes']}")
+    durability = report.get("postgres_settings")
+    settings = f" ({', '.join(f'{k} {v}' for k, v in durability.items())})" if durability else ""
+    print(f"database {report['database']}{settings}, concurrency {report['concurrency']}, core processes {report['core_processes']}")
     for r in report["results"]:
         print(
             f"  {r['name']:<46} {r['per_second']:8.1f}/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"

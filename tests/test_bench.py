@@ -54,6 +54,7 @@ def test_login_bench_runs_on_postgresql_with_two_cores() -> None:
         pytest.skip(str(exc))
     report = run_bench("login", "--postgres", "--core-processes", "2")
     assert report["database"] == "postgresql" and report["core_processes"] == 2
+    assert report["postgres_settings"] == {"fsync": "on", "synchronous_commit": "on"}  # commits on disk, as measured
     # PostgreSQL's own CPU (server and backends) is measured with the services' (in clock
     # ticks: a tiny phase may show none, all of the logins together do)
     logins = [r for r in report["results"] if "login" in r["name"]]

@@ -35,8 +35,13 @@ def free_port() -> int:
 
 
 class PostgresCluster:
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(self, base_dir: Path, *, durable: bool = False) -> None:
+        """A throwaway cluster. Tests run it without fsync (what they check does not
+        depend on a power cut); `durable` keeps PostgreSQL's default, a commit on disk
+        before it returns, for benchmarks, which compare it with SQLite's and JetStream's
+        synced writes."""
         self.base_dir = Path(base_dir)
+        self.durable = durable
         self.data_dir = self.base_dir / "data"
         self.bin_dir = _bin_dir()
         self.port = 0
@@ -65,12 +70,19 @@ class PostgresCluster:
             os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
         self._run("initdb", "-D", str(self.data_dir), "-U", "wgmfa", "--auth=trust", "-E", "UTF8", "--no-sync")
         self.port = free_port()
-        options = f"-p {self.port} -k {self.base_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        options = f"-p {self.port} -k {self.base_dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off"
         self._run("pg_ctl", "-D", str(self.data_dir), "-o", options, "-l", str(self.base_dir / "postgres.log"), "-w", "start")
 
     def postmaster_pid(self) -> int:
         """The server's first process; its backends are its children."""
         return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+    def setting(self, name: str) -> str:
+        """A server setting as it is in effect (SHOW)."""
+        return self._run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "wgmfa", "-d", "postgres", "-Atc",
+                         f"SHOW {name}").strip()
 
     def create_database(self, name: str) -> str:
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "wgmfa", name)
