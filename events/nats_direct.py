@@ -16,6 +16,8 @@ requests. These calls are here because FastStream 0.7 has no API for them:
   reader for one person that starts where it is told (all, since a time, new) and keeps
   nothing on the server;
 - reading a stored message by sequence (the server's clock, from the stamp on our own event);
+- replacing a durable pull consumer an earlier version made with the push consumer of
+  the same name (the server does not change a consumer's kind);
 - keeping a connection's reconnect attempts bounded while connecting and unbounded once
   connected (nats-py reads one option for both).
 """
@@ -102,6 +104,32 @@ async def stream_state(broker: NatsBroker, name: str, *, timeout: float = 5.0) -
     except (nats.js.errors.NotFoundError, nats.errors.TimeoutError, asyncio.TimeoutError,
             nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
         raise StreamMissing(f"stream {name} is not there: {exc or type(exc).__name__}") from None
+
+
+async def push_in_place_of_pull(broker: NatsBroker, stream: str, config: ConsumerConfig, *, timeout: float = 5.0) -> None:
+    """Make the durable consumer `config` names a push consumer, where an earlier version
+    left it a pull consumer (the server will not turn one into the other): that one is
+    deleted and this one created to go on after the last message the old one had
+    acknowledged in order (messages it acknowledged beyond that come once more)."""
+    js = jetstream(broker, timeout)
+    name = config.durable_name
+    assert name is not None
+    try:
+        info = await js.consumer_info(stream, name)
+    except nats.js.errors.NotFoundError:
+        return  # created as a push consumer when its subscriber starts
+    if info.config.deliver_subject is not None:
+        return
+    acknowledged = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+    log.info("consumer %s on %s: replacing the pull consumer with a push consumer, from stream sequence %s",
+             name, stream, acknowledged + 1)
+    await js.delete_consumer(stream, name)
+    replacement = dataclasses.replace(config, deliver_subject=client(broker).new_inbox())
+    if acknowledged:
+        replacement = dataclasses.replace(
+            replacement, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=acknowledged + 1
+        )
+    await js.add_consumer(stream, replacement)
 
 
 STREAM_ALREADY_IN_USE = 10058

@@ -61,11 +61,13 @@ def inbox_prefix(role_name: str) -> str:
 
 
 def _durable(stream: str, name: str, filter_subject: str) -> list[str]:
-    """Create (with this filter only), look up, pull from and acknowledge one named consumer."""
+    """Create (with this filter only), look up and acknowledge one named consumer, which
+    pushes its messages to the role's inbox (events.bus.StreamRouter.consumer); delete it
+    to replace the pull consumer of that name an earlier version made."""
     return [
         f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter_subject}",
         f"$JS.API.CONSUMER.INFO.{stream}.{name}",
-        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+        f"$JS.API.CONSUMER.DELETE.{stream}.{name}",
         f"$JS.ACK.{stream}.{name}.>",
     ]
 

@@ -112,6 +112,14 @@ def deploy(tmp_path: Path) -> Iterator[Bed]:
         bed.stop()
 
 
+async def ignore_peer_state(state: PeerAuthorized | PeerRevoked) -> None:
+    pass
+
+
+async def ignore_sample(sample: StatsSample) -> None:
+    pass
+
+
 @pytest_asyncio.fixture(params=["embedded", "deploy"])
 async def bed(request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
     bed: Bed = request.getfixturevalue(request.param)
@@ -121,8 +129,10 @@ async def bed(request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
             # three TLS nodes elect their JetStream leader at their own pace on a loaded machine
             await core.ensure_streams(3 if bed.kind == "deploy" else 1, wait_s=180)
             # the core's durables exist, as in a running system
-            await nats_direct.jetstream(core.broker, 5).pull_subscribe(subjects.PEER_ALL, durable="core-peers", stream=streams.PEERS.name)
-            await nats_direct.jetstream(core.broker, 5).pull_subscribe(subjects.STATS_ALL, durable="core-stats", stream=streams.STATS.name)
+            durables = core.stream_router()
+            durables.consumer(ignore_peer_state, stream=streams.PEERS.name, durable="core-peers", filter_subject=subjects.PEER_ALL)
+            durables.consumer(ignore_sample, stream=streams.STATS.name, durable="core-stats", filter_subject=subjects.STATS_ALL)
+            await core.serve(durables)
             break
         except nats.errors.ConnectionClosedError:
             # the embedded server's configuration reload (the gateways just admitted) may
@@ -170,10 +180,10 @@ async def test_core_serves_rpc_owns_streams_and_publishes_peer_state(bed: Bed) -
         assert await PeerLog(core).publish_peer_state(state)
         assert (await PeerLog(core).last_peer_state(LOCATION, 1)).state == state  # type: ignore[union-attr]
         await core.publish_event(UserCreated(user_id=1, username="alice"))
-        # it does not call admin RPC, read others' inboxes, or delete consumers or streams
+        # it does not call admin RPC, read others' inboxes, or delete another's consumer or a stream
         await refused_publish(raw, errors, subjects.admin_rpc("user_add"))
         await refused_subscribe(raw, errors, "_INBOX_proxy.>")
-        await refused_publish(raw, errors, f"$JS.API.CONSUMER.DELETE.{streams.PEERS.name}.core-peers")
+        await refused_publish(raw, errors, f"$JS.API.CONSUMER.DELETE.{streams.PEERS.name}.{permissions.gateway_durable(LOCATION, GATEWAY)}")
         await refused_publish(raw, errors, f"$JS.API.STREAM.DELETE.{streams.EVENTS.name}")
     finally:
         await raw.close()
