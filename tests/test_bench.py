@@ -22,6 +22,7 @@ TINY = {
     "memory": ["--sessions", "20", "--concurrency", "4", "--per-location", "15", "--step", "10"],
     "rpc": ["--requests", "40", "--concurrency", "2", "--clients", "2", "--rounds", "1"],
     "peer_log": ["--devices", "5", "--rounds", "1"],
+    "consumer": ["--messages", "20", "--rate", "200", "--rounds", "1"],
 }
 
 
@@ -94,3 +95,12 @@ def test_peer_log_bench_publishes_both_ways() -> None:
         (run,) = report["rounds"][kind]
         assert run["states"] == 10 and run["per_second"] > 0 and run["cpu_us_per_state"] >= 0
     assert report["cpu_ratio"] >= 0 and report["p50_ratio"] > 0
+
+
+def test_consumer_bench_consumes_every_message_both_ways() -> None:
+    report = run_bench("consumer")
+    for load in ("one by one", "backlog"):
+        for kind in ("pull, one fetch per message", "durable consumer"):
+            (run,) = report["rounds"][load][kind]
+            assert run["messages"] == 20 and run["per_second"] > 0 and run["consumer_cpu_us"] >= 0
+        assert report["ratios"][load]["consumer_cpu_us"] >= 0
