@@ -110,26 +110,48 @@ async def push_in_place_of_pull(broker: NatsBroker, stream: str, config: Consume
     """Make the durable consumer `config` names a push consumer, where an earlier version
     left it a pull consumer (the server will not turn one into the other): that one is
     deleted and this one created to go on after the last message the old one had
-    acknowledged in order (messages it acknowledged beyond that come once more)."""
+    acknowledged in order (messages it acknowledged beyond that come once more). Processes
+    of a role starting together may each try: they compute the same start from the pull
+    consumer, the first to create the push consumer wins, and the others see it (a create
+    racing a delete fails on the server, and is tried again)."""
     js = jetstream(broker, timeout)
     name = config.durable_name
     assert name is not None
-    try:
-        info = await js.consumer_info(stream, name)
-    except nats.js.errors.NotFoundError:
-        return  # created as a push consumer when its subscriber starts
-    if info.config.deliver_subject is not None:
-        return
-    acknowledged = info.ack_floor.stream_seq if info.ack_floor is not None else 0
-    log.info("consumer %s on %s: replacing the pull consumer with a push consumer, from stream sequence %s",
-             name, stream, acknowledged + 1)
-    await js.delete_consumer(stream, name)
-    replacement = dataclasses.replace(config, deliver_subject=client(broker).new_inbox())
+    current: Any = await _consumer_or_none(js, stream, name)
+    if current is None or current.config.deliver_subject is not None:
+        return  # none (its subscriber creates it) or pushed already
+    acknowledged = current.ack_floor.stream_seq if current.ack_floor is not None else 0
+    replacement = config
     if acknowledged:
         replacement = dataclasses.replace(
-            replacement, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=acknowledged + 1
+            config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=acknowledged + 1
         )
-    await js.add_consumer(stream, replacement)
+    for attempt in range(1, REPLACE_ATTEMPTS + 1):
+        try:
+            if current is not None:
+                log.info("consumer %s on %s: replacing the pull consumer with a push consumer, from stream sequence %s",
+                         name, stream, acknowledged + 1)
+                await js.delete_consumer(stream, name)
+            await js.add_consumer(stream, replacement)
+            return
+        except nats.js.errors.Error as exc:
+            if attempt == REPLACE_ATTEMPTS:
+                raise
+            log.info("consumer %s on %s: replacing it raced another process (%s); looking again", name, stream, exc)
+        await asyncio.sleep(0.1 * attempt)
+        current = await _consumer_or_none(js, stream, name)
+        if current is not None and current.config.deliver_subject is not None:
+            return  # another process of the role replaced it
+
+
+async def _consumer_or_none(js: JetStreamContext, stream: str, name: str) -> Any:
+    try:
+        return await js.consumer_info(stream, name)
+    except nats.js.errors.NotFoundError:
+        return None
+
+
+REPLACE_ATTEMPTS = 5
 
 
 STREAM_ALREADY_IN_USE = 10058

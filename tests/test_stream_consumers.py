@@ -56,11 +56,60 @@ async def test_the_core_replaces_a_pull_consumer_and_goes_on_after_what_it_ackno
         await eventually(replaced_and_caught_up, timeout=10, what="core-peers pushing and caught up")
         info = await js.consumer_info(streams.PEERS.name, "core-peers")
         assert info.config.deliver_group == "core-peers"
+        assert info.config.deliver_subject == f"{permissions.inbox_prefix(permissions.CORE)}.core-peers"
         assert info.delivered.consumer_seq == 1  # the third state only: the first two were not handled again
         assert info.num_redelivered == 0
     finally:
         await core.stop()
         await harness.close()
+
+
+async def test_processes_of_a_role_starting_together_each_replace_the_pull_consumer_and_are_all_served(
+    nats_server: SecuredNats, tmp_path: Path
+) -> None:
+    harness = await nats.connect(nats_server.url)
+    js = harness.jetstream()
+    first = Core(CoreSettings(nats_url=nats_server.plain_url, nats_nkey_seed=nats_server.seed(permissions.CORE),
+                              state_dir=tmp_path))
+    await first.start()  # the streams
+    await first.stop()
+    await js.delete_consumer(streams.PEERS.name, "core-peers")
+    await js.add_consumer(streams.PEERS.name, ConsumerConfig(
+        durable_name="core-peers", filter_subject=subjects.PEER_ALL, ack_policy=AckPolicy.EXPLICIT,
+    ))
+    handled: dict[str, list[int]] = {"a": [], "b": []}
+    buses = [await nats_server.connect(permissions.CORE) for _ in handled]
+    try:
+        routers = []
+        for bus, name in zip(buses, handled):
+            router = bus.stream_router()
+            router.consumer(revoke_recorder(handled[name]), stream=streams.PEERS.name, durable="core-peers",
+                            filter_subject=subjects.PEER_ALL)
+            routers.append(router)
+        # an upgrade: both find the pull consumer and replace it
+        await asyncio.gather(*(bus.serve(router) for bus, router in zip(buses, routers)))
+        count = 40
+        for device_id in range(1, count + 1):
+            await js.publish(subjects.peer(1, device_id), revoke(device_id).model_dump_json().encode())
+
+        async def all_handled() -> bool:
+            return len(handled["a"]) + len(handled["b"]) >= count
+
+        await eventually(all_handled, timeout=15, what="every state handled")
+        assert sorted(handled["a"] + handled["b"]) == list(range(1, count + 1))
+        info = await js.consumer_info(streams.PEERS.name, "core-peers")
+        assert info.config.deliver_subject is not None and info.config.deliver_group == "core-peers"
+    finally:
+        for bus in buses:
+            await bus.close()
+        await harness.close()
+
+
+def revoke_recorder(handled: list[int]):  # type: ignore[no-untyped-def]
+    async def handle(state: PeerRevoked) -> None:
+        handled.append(state.device_id)
+
+    return handle
 
 
 def recorder(handled: list[int]):  # type: ignore[no-untyped-def]
