@@ -106,6 +106,9 @@ async def stream_state(broker: NatsBroker, name: str, *, timeout: float = 5.0) -
         raise StreamMissing(f"stream {name} is not there: {exc or type(exc).__name__}") from None
 
 
+REPLACE_ATTEMPTS = 5  # of a durable's replacement, against other processes of the role doing the same
+
+
 async def push_in_place_of_pull(broker: NatsBroker, stream: str, config: ConsumerConfig, *, timeout: float = 5.0) -> None:
     """Make the durable consumer `config` names a push consumer, where an earlier version
     left it a pull consumer (the server will not turn one into the other): that one is
@@ -145,13 +148,11 @@ async def push_in_place_of_pull(broker: NatsBroker, stream: str, config: Consume
 
 
 async def _consumer_or_none(js: JetStreamContext, stream: str, name: str) -> Any:
+    """The consumer's info, or None when there is no consumer of that name."""
     try:
         return await js.consumer_info(stream, name)
     except nats.js.errors.NotFoundError:
         return None
-
-
-REPLACE_ATTEMPTS = 5
 
 
 STREAM_ALREADY_IN_USE = 10058
