@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -23,21 +24,31 @@ def revoke(device_id: int) -> PeerRevoked:
     return PeerRevoked(location_id=1, device_id=device_id, generation=1, pubkey=f"k{device_id}", reason=RevokeReason.IDLE)
 
 
+def core_as_its_role(nats_server: SecuredNats, state_dir: Path) -> Core:
+    return Core(CoreSettings(nats_url=nats_server.plain_url, nats_nkey_seed=nats_server.seed(permissions.CORE),
+                             state_dir=state_dir))
+
+
+async def leave_a_pull_core_peers(nats_server: SecuredNats, js: Any, state_dir: Path) -> None:
+    """The streams, and `core-peers` as an earlier version left it: a pull consumer."""
+    core = core_as_its_role(nats_server, state_dir)
+    await core.start()  # declares the streams, makes core-peers a push consumer
+    await core.stop()
+    await js.delete_consumer(streams.PEERS.name, "core-peers")
+    await js.add_consumer(streams.PEERS.name, ConsumerConfig(
+        durable_name="core-peers", filter_subject=subjects.PEER_ALL, ack_policy=AckPolicy.EXPLICIT,
+    ))
+
+
 async def test_the_core_replaces_a_pull_consumer_and_goes_on_after_what_it_acknowledged(
     nats_server: SecuredNats, tmp_path: Path
 ) -> None:
     harness = await nats.connect(nats_server.url)
     js = harness.jetstream()
-    core = Core(CoreSettings(nats_url=nats_server.plain_url, nats_nkey_seed=nats_server.seed(permissions.CORE),
-                             state_dir=tmp_path))
+    core = core_as_its_role(nats_server, tmp_path)
     try:
-        await core.start()  # declares the streams, makes core-peers a push consumer
-        await core.stop()
         # what an earlier version left: core-peers as a pull consumer, two of three states acknowledged
-        await js.delete_consumer(streams.PEERS.name, "core-peers")
-        await js.add_consumer(streams.PEERS.name, ConsumerConfig(
-            durable_name="core-peers", filter_subject=subjects.PEER_ALL, ack_policy=AckPolicy.EXPLICIT,
-        ))
+        await leave_a_pull_core_peers(nats_server, js, tmp_path)
         for device_id in (1, 2, 3):
             await js.publish(subjects.peer(1, device_id), revoke(device_id).model_dump_json().encode())
         pull = await js.pull_subscribe_bind("core-peers", stream=streams.PEERS.name)
@@ -45,8 +56,7 @@ async def test_the_core_replaces_a_pull_consumer_and_goes_on_after_what_it_ackno
             await message.ack_sync()
         await pull.unsubscribe()
 
-        core = Core(CoreSettings(nats_url=nats_server.plain_url, nats_nkey_seed=nats_server.seed(permissions.CORE),
-                                 state_dir=tmp_path))
+        core = core_as_its_role(nats_server, tmp_path)
         await core.start()  # as its own role: may delete and create its durable, nothing more
 
         async def replaced_and_caught_up() -> bool:
@@ -69,14 +79,7 @@ async def test_processes_of_a_role_starting_together_each_replace_the_pull_consu
 ) -> None:
     harness = await nats.connect(nats_server.url)
     js = harness.jetstream()
-    first = Core(CoreSettings(nats_url=nats_server.plain_url, nats_nkey_seed=nats_server.seed(permissions.CORE),
-                              state_dir=tmp_path))
-    await first.start()  # the streams
-    await first.stop()
-    await js.delete_consumer(streams.PEERS.name, "core-peers")
-    await js.add_consumer(streams.PEERS.name, ConsumerConfig(
-        durable_name="core-peers", filter_subject=subjects.PEER_ALL, ack_policy=AckPolicy.EXPLICIT,
-    ))
+    await leave_a_pull_core_peers(nats_server, js, tmp_path)
     handled: dict[str, list[int]] = {"a": [], "b": []}
     buses = [await nats_server.connect(permissions.CORE) for _ in handled]
     try:
