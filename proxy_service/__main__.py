@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 from events.bus import DEAD_LETTERS
 from runtime.logs import configure_logging
 from runtime.metrics import serving_metrics
+from runtime.service import settle_garbage_collector
 from runtime.settings import load_settings
 from proxy_service.app import create_app
 from proxy_service.edge import ClientAddress, slow_client_protocol
@@ -38,6 +39,7 @@ client_facing = uvicorn.Server(
 
 
 async def main() -> None:
+    settle_garbage_collector()  # the app is made; its NATS connection comes once serving
     async with serving_metrics(registry, settings.metrics_host, settings.metrics_port):
         await client_facing.serve()
 
