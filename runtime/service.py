@@ -61,7 +61,7 @@ YOUNG_GENERATION_THRESHOLD = 10_000
 
 def settle_garbage_collector() -> None:
     """Once the process has started: take what it made while starting (its modules, the
-    app, the libraries' caches; about 200 000 objects in the core) out of the garbage
+    app, the libraries' caches; about 215 000 objects in the core) out of the garbage
     collector's sight, and collect the young generation less often. Before, a full
     collection traversed all of them every few seconds under load, 110 ms each with the
     event loop stopped, and the collector took 5 % of the core's CPU during logins and

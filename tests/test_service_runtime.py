@@ -45,14 +45,15 @@ SERVICE = textwrap.dedent(
 
 
 def test_a_started_service_keeps_what_its_start_made_out_of_garbage_collections() -> None:
-    """Full collections of a service's start-up heap (200 000 objects in the core) stopped
+    """Full collections of a service's start-up heap (215 000 objects in the core) stopped
     its loop for about 110 ms every few seconds under load: once started, a service takes
     them out of collections and collects its young generation less often; what it makes
     afterwards is still collected."""
     done = subprocess.run([sys.executable, "-c", SERVICE], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["starting"] == {"frozen": 0, "young": 700}  # CPython's defaults while starting
+    assert report["starting"]["frozen"] == 0  # CPython's defaults while starting
+    assert report["starting"]["young"] != YOUNG_GENERATION_THRESHOLD
     assert report["running"]["frozen"] > 1000
     assert report["running"]["young"] == YOUNG_GENERATION_THRESHOLD
     assert report["start's objects collected"] is False
