@@ -143,7 +143,8 @@ async def main(args: argparse.Namespace) -> dict:
 
 
 def show(report: dict) -> None:
-    print(f"{report['messages']} messages per run, median of {args_rounds(report)} alternating rounds")
+    runs_of_each = len(report["rounds"]["backlog"][KINDS[0]])
+    print(f"{report['messages']} messages per run, median of {runs_of_each} alternating rounds")
     for load, kinds in report["rounds"].items():
         title = f"one by one at {report['rate']:g}/s" if load == "one by one" else "a backlog"
         print(f"  {title}:")
@@ -153,10 +154,6 @@ def show(report: dict) -> None:
                   f"{statistics.median(r['per_second'] for r in runs):6.0f}/s")
         ratio = report["ratios"][load]
         print(f"    durable consumer / pull: consumer CPU {ratio['consumer_cpu_us']:.2f}, nats-server CPU {ratio['server_cpu_us']:.2f}")
-
-
-def args_rounds(report: dict) -> int:
-    return len(next(iter(next(iter(report["rounds"].values())).values())))
 
 
 def cli() -> None:
