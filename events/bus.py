@@ -503,17 +503,25 @@ def log_context_once(subscriber: S) -> S:
     return subscriber
 
 
-class EventRouter(NatsRouter):
+class ServiceRouter(NatsRouter):
+    """A router of a service's subscribers, each with its log context made once
+    (log_context_once)."""
+
+    def subscriber(self, *args: Any, **kwargs: Any) -> Any:
+        return log_context_once(super().subscriber(*args, **kwargs))
+
+
+class EventRouter(ServiceRouter):
     """Plain subscribers (no replies, no stream): each handler takes its message model."""
 
     def __init__(self, bus: Bus) -> None:
         super().__init__(middlewares=bus.message_metrics)
 
     def listen(self, subject: str, handler: Callable[..., Any]) -> None:
-        log_context_once(self.subscriber(subject, title=subject))(handler, decoder=payload_decoder(handler))
+        self.subscriber(subject, title=subject)(handler, decoder=payload_decoder(handler))
 
 
-class RpcRouter(NatsRouter):
+class RpcRouter(ServiceRouter):
     """RPC endpoints: each handler takes its request model and returns its result model
     (events.outcomes wraps it in the reply envelope); the AsyncAPI document names both."""
 
@@ -538,13 +546,11 @@ class RpcRouter(NatsRouter):
         if concurrency is None:
             concurrency = ADMIN_RPC_CONCURRENCY if subject.startswith(subjects.RPC_ADMIN_PREFIX) else RPC_CONCURRENCY
         for worker in range(concurrency):
-            log_context_once(self.subscriber(
-                subject, queue=queue, title=subject if worker == 0 else f"{subject} #{worker + 1}",
-                include_in_schema=worker == 0,
-            ))(handler, decoder=decoder)
+            self.subscriber(subject, queue=queue, title=subject if worker == 0 else f"{subject} #{worker + 1}",
+                            include_in_schema=worker == 0)(handler, decoder=decoder)
 
 
-class StreamRouter(NatsRouter):
+class StreamRouter(ServiceRouter):
     """Stream consumers: a failure redelivers with a growing delay up to `max_deliver`
     (0: forever), then dead-letters; see events.outcomes."""
 
@@ -589,7 +595,7 @@ class StreamRouter(NatsRouter):
             max_ack_pending=CONSUMER_MAX_ACK_PENDING,
         )
         self.durables.append((stream, config))
-        log_context_once(self.subscriber(
+        self.subscriber(
             filter_subject,
             stream=JStream(stream, declare=False),
             queue=durable,  # nats-py's durable name too (FastStream warns when `durable` is given with a push consumer)
@@ -597,4 +603,4 @@ class StreamRouter(NatsRouter):
             config=config,
             ack_policy=AckPolicy.NACK_ON_ERROR,
             title=title or filter_subject,
-        ))(handler, decoder=payload_decoder(handler))
+        )(handler, decoder=payload_decoder(handler))
