@@ -274,7 +274,13 @@ class Stack:
                     assert self.core.process and self.core.process.poll() is None, f"core exited:\n{self.core.log()}"
                     return False
 
-            await eventually(answered, timeout=timeout, interval=0.1, what="the core")
+            try:
+                await eventually(answered, timeout=timeout, interval=0.1, what="the core")
+            except AssertionError as error:
+                if self.core.process is None or self.core.process.poll() is not None:
+                    raise  # it exited: the error carries its log
+                # alive but silent: what it was doing is in its log
+                raise AssertionError(f"{error}; the end of the core's log:\n{self.core.log()[-8000:]}") from None
         finally:
             await bus.close()
 
