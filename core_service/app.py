@@ -40,7 +40,9 @@ class Core:
     def __init__(self, settings: CoreSettings, *, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.db = Database(settings.resolved_database_url(), sqlite_inline=settings.sqlite_inline)
+        self.db = Database(
+            settings.resolved_database_url(), pool_size=settings.database_pool_size, sqlite_inline=settings.sqlite_inline
+        )
         secret = settings.secret_key.get_secret_value() if settings.secret_key else None
         self.vault = Vault(load_master_key(secret, settings.state_dir))
         self.bus: Bus | None = None

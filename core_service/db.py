@@ -27,6 +27,8 @@ from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 from sqlmodel.sql.expression import SelectOfScalar
 
+from core_service.settings import DATABASE_POOL_SIZE
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger(__name__)
 
@@ -480,7 +482,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, sqlite_inline: bool = False) -> None:
+    def __init__(self, url: str, *, pool_size: int = DATABASE_POOL_SIZE, sqlite_inline: bool = False) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         path = make_url(url).database if self.is_sqlite else None

@@ -6,6 +6,11 @@ from pydantic import Field, SecretStr, model_validator
 
 from runtime.settings import LivenessSettings
 
+# PostgreSQL connections a core keeps: the requests of one client-facing subject it handles
+# at once (events.bus.RPC_CONCURRENCY: a login is on one of them at a time), and a few
+# for its background work (the outbox, its consumers, housekeeping)
+DATABASE_POOL_SIZE = 20
+
 
 class CoreSettings(LivenessSettings):
     database_url: str | None = None
@@ -15,6 +20,11 @@ class CoreSettings(LivenessSettings):
     """Base64 of 32 bytes; encrypts secrets at rest and derives the core's RPC key. Every
     core of one deployment needs the same. Default: <state_dir>/core-secret.key, created
     on first start."""
+    database_pool_size: int = Field(DATABASE_POOL_SIZE, ge=1, le=1000)
+    """PostgreSQL only: connections the core keeps open; a busy moment opens up to as many
+    again, each closed once its transaction is done. PostgreSQL starts a process for each
+    connection, so a pool smaller than the core's steady load opens and closes them all
+    the time (each new one also prepares the login's statements again)."""
     sqlite_inline: bool = True
     """SQLite only: run statements on the core's event loop instead of through aiosqlite's
     thread, write transactions on one connection kept for them and committed together when

@@ -19,8 +19,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, MultipleResultsFound, NoResultFound
 
 from core_service import db as core_db
+from core_service.app import Core
 from core_service.db import Database, JoinedRead, NotCommitted, prepared
 from core_service.models import Device, Location, MfaLogin, Outbox, User
+from core_service.settings import CoreSettings
+from events.bus import RPC_CONCURRENCY
 from tests.conftest import new_database_url
 
 USERS = User.__table__
@@ -312,3 +315,42 @@ async def test_an_idle_connection_that_died_unnoticed_is_pinged_and_replaced(
     monkeypatch.setattr(core_db, "PING_AFTER_IDLE_S", 0.0)
     assert await terminate_its_connections(pg) >= 1
     assert await one_value(pg, "SELECT 3") == 3
+
+
+@pytest.mark.postgres
+async def test_a_core_under_steady_load_opens_no_new_database_connection(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL starts a process for every connection, and a new one prepares the
+    login's statements again: a core handling as many requests at once as it takes on one
+    subject keeps the connections its first such moment opened."""
+    core = Core(CoreSettings(database_url=new_database_url("postgres", request, tmp_path), state_dir=tmp_path))
+    database = core.db
+    await database.migrate()
+    opened: list[object] = []
+    event.listen(database.sync_engine, "connect", lambda connection, _record: opened.append(connection))
+
+    async def request_holding_a_connection() -> None:
+        async with database.transaction() as session:
+            await session.exec(text("SELECT pg_sleep(0.05)"))  # type: ignore[call-overload]
+
+    try:
+        await asyncio.gather(*(request_holding_a_connection() for _ in range(RPC_CONCURRENCY)))
+        assert len(opened) == RPC_CONCURRENCY  # they did run at once
+        for _ in range(3):
+            await asyncio.gather(*(request_holding_a_connection() for _ in range(RPC_CONCURRENCY)))
+        assert len(opened) == RPC_CONCURRENCY
+    finally:
+        await database.close()
+
+
+@pytest.mark.postgres
+async def test_the_pool_size_is_the_operators_setting(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WGMFA_DATABASE_POOL_SIZE", "4")
+    core = Core(CoreSettings(database_url=new_database_url("postgres", request, tmp_path), state_dir=tmp_path))
+    try:
+        assert core.db.engine is not None and core.db.engine.pool.size() == 4  # type: ignore[attr-defined]
+    finally:
+        await core.db.close()
