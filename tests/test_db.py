@@ -330,15 +330,21 @@ async def test_a_core_under_steady_load_opens_no_new_database_connection(
     opened: list[object] = []
     event.listen(database.sync_engine, "connect", lambda connection, _record: opened.append(connection))
 
-    async def request_holding_a_connection() -> None:
-        async with database.transaction() as session:
-            await session.exec(text("SELECT pg_sleep(0.05)"))  # type: ignore[call-overload]
+    async def requests_at_once() -> None:
+        all_in = asyncio.Barrier(RPC_CONCURRENCY)
+
+        async def request_holding_a_connection() -> None:
+            async with database.transaction() as session:
+                await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
+                await all_in.wait()  # every request holds its connection at the same time
+
+        await asyncio.wait_for(asyncio.gather(*(request_holding_a_connection() for _ in range(RPC_CONCURRENCY))), 30)
 
     try:
-        await asyncio.gather(*(request_holding_a_connection() for _ in range(RPC_CONCURRENCY)))
-        assert len(opened) == RPC_CONCURRENCY  # they did run at once
+        await requests_at_once()
+        assert len(opened) == RPC_CONCURRENCY
         for _ in range(3):
-            await asyncio.gather(*(request_holding_a_connection() for _ in range(RPC_CONCURRENCY)))
+            await requests_at_once()
         assert len(opened) == RPC_CONCURRENCY
     finally:
         await database.close()
