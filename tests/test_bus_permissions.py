@@ -134,6 +134,8 @@ async def bed(request: pytest.FixtureRequest) -> AsyncIterator[Bed]:
             durables.consumer(ignore_sample, stream=streams.STATS.name, durable="core-stats", filter_subject=subjects.STATS_ALL)
             await core.serve(durables)
             break
+        except BusUnavailable as error:
+            raise BusUnavailable(f"{error}\n{bed.log_tails()}") from error
         except nats.errors.ConnectionClosedError:
             # the embedded server's configuration reload (the gateways just admitted) may
             # reset a connection made while it runs: connect again

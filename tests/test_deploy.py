@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 from pathlib import Path
 
@@ -167,3 +168,29 @@ async def _drain(sub):  # type: ignore[no-untyped-def]
             yield await sub.next_msg(timeout=1)
         except (asyncio.TimeoutError, Exception):
             return
+
+
+async def test_the_test_cluster_starts_again_when_a_node_cannot_bind_its_port(tmp_path: Path, monkeypatch) -> None:
+    """A port picked free can be taken before its node binds it. Such a node exits, and a
+    cluster that misses a node at its first start never elects a JetStream leader: the
+    cluster is started again on other ports."""
+    import tests.support.deploy as deploy
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(deploy, "free_port", lambda: next(ports, None) or free_port())
+    cluster = start_deploy_cluster(tmp_path / "cluster")
+    core = None
+    try:
+        assert all(process.poll() is None for process in cluster.processes)
+        assert str(taken.getsockname()[1]) not in cluster.url
+        core = await cluster.connect(permissions.CORE)
+        await core.ensure_streams(3, wait_s=30)
+    finally:
+        if core is not None:
+            await core.close()
+        cluster.stop()
+        taken.close()
+
