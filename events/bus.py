@@ -5,6 +5,7 @@ of each message)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import typing
@@ -42,6 +43,8 @@ T = TypeVar("T")
 S = TypeVar("S")
 
 STOP_TIMEOUT_S = 10.0
+# how long a service waits at its start for JetStream to answer (a cluster electing its leaders)
+JETSTREAM_WAIT_S = 60.0
 RPC_CONCURRENCY = 16  # requests of one client-facing subject a process handles at once
 ADMIN_RPC_CONCURRENCY = 4  # an administrator's commands come one by one
 # Messages a durable consumer's server hands out before their acks: enough that delivery
@@ -306,32 +309,51 @@ class Bus:
                     await asyncio.sleep(1)
 
     async def ensure_streams(
-        self, replicas: int = 1, *, limits: streams.StreamLimits | None = None, wait_s: float = 60.0
+        self, replicas: int = 1, *, limits: streams.StreamLimits | None = None, wait_s: float = JETSTREAM_WAIT_S
     ) -> None:
         """Declare the streams, waiting while a starting cluster elects its JetStream leader."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            reason = await nats_direct.declare_streams(self.broker, replicas, limits, timeout=self.publish_timeout_s)
-            if reason is None:
-                return
-            if loop.time() > deadline:
-                raise BusUnavailable(f"JetStream is not available: {reason}")
-            log.warning("waiting for JetStream: %s", reason)
-            await asyncio.sleep(1)
+        await self._when_jetstream_answers(
+            "the streams", lambda: nats_direct.declare_streams(self.broker, replicas, limits, timeout=self.publish_timeout_s),
+            wait_s,
+        )
 
-    async def serve(self, *routers: NatsRouter) -> None:
+    async def serve(self, *routers: NatsRouter, wait_s: float = JETSTREAM_WAIT_S) -> None:
         """Start these routers' subscribers (the connection is already up, and the broker
         started with it: FastStream's `start` would start every subscriber again), and
         return once the server has their subscriptions, so that a request sent next finds
-        them."""
+        them. A durable consumer is made again while JetStream cannot answer for a moment
+        (a node of the cluster lost as the service starts), rather than failing the start."""
         for router in routers:
             for stream, config in router.durables if isinstance(router, StreamRouter) else ():
-                await nats_direct.push_in_place_of_pull(self.broker, stream, config, timeout=self.publish_timeout_s)
+                await self._when_jetstream_answers(
+                    f"consumer {config.durable_name}",
+                    functools.partial(nats_direct.push_in_place_of_pull, self.broker, stream, config, timeout=self.publish_timeout_s),
+                    wait_s,
+                )
             self.broker.include_router(router)
             for subscriber in router.subscribers:
-                await subscriber.start()
+                # nats-py keeps nothing of a subscription whose consumer was not made, so
+                # starting it again creates (or binds to) the durable afresh
+                await self._when_jetstream_answers(f"subscriber {subscriber.subject.broker_address}", subscriber.start, wait_s)
         await nats_direct.client(self.broker).flush()
+
+    async def _when_jetstream_answers(self, what: str, request: Callable[[], Awaitable[None]], wait_s: float) -> None:
+        """Make `request` again, once a second, while JetStream says it cannot answer for now;
+        BusUnavailable when it still cannot after `wait_s`. Any other error is raised at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            try:
+                await request()
+                return
+            except Exception as exc:
+                reason = nats_direct.jetstream_not_ready(exc)
+                if reason is None:
+                    raise
+            if loop.time() > deadline:
+                raise BusUnavailable(f"JetStream is not available for {what}: {reason}")
+            log.warning("waiting for JetStream (%s): %s", what, reason)
+            await asyncio.sleep(1)
 
     async def close(self) -> None:
         self.closing = True

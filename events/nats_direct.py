@@ -177,20 +177,19 @@ async def _ensure_streams(js: JetStreamContext, replicas: int, limits: streams.S
             await js.update_stream(config)
 
 
-async def declare_streams(
-    broker: NatsBroker, replicas: int, limits: streams.StreamLimits | None, *, timeout: float
-) -> str | None:
-    """Declare the streams; None when done, else why JetStream is not ready yet."""
-    try:
-        await _ensure_streams(jetstream(broker, timeout), replicas, limits)
-        return None
-    except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, asyncio.TimeoutError,
-            nats.js.errors.NoStreamResponseError) as exc:
+async def declare_streams(broker: NatsBroker, replicas: int, limits: streams.StreamLimits | None, *, timeout: float) -> None:
+    await _ensure_streams(jetstream(broker, timeout), replicas, limits)
+
+
+def jetstream_not_ready(exc: BaseException) -> str | None:
+    """Why JetStream could not do a request for now, when `exc` says so (a starting cluster
+    electing its leader, a lost node's streams and consumers moving to the others, an
+    answer that did not come in time); None for any other error."""
+    if isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.js.errors.NoStreamResponseError, *TIMEOUTS)):
         return str(exc) or type(exc).__name__
-    except nats.js.errors.APIError as exc:
-        if exc.err_code not in JETSTREAM_NOT_READY:
-            raise
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code in JETSTREAM_NOT_READY:
         return str(exc)
+    return None
 
 
 async def stored_message(broker: NatsBroker, stream: str, sequence: int, *, timeout: float = 5.0) -> RawStreamMsg:

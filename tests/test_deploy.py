@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 from pathlib import Path
 
 import nats as nats_client
 import pyotp
+import pytest
 import yaml
 
 from events import nats_direct
-from events import permissions, subjects
+from events import permissions, streams, subjects
 from wgmfa.nats_server import nats_server_binary
-from schemas.events import UserCreated
+from schemas.common import RevokeReason
+from schemas.events import PeerRevoked, UserCreated
 from tests.support.deploy import start_deploy_cluster
 from tests.support.stack import REPO, Stack, eventually, free_port
 from wgmfa import credentials as creds
@@ -194,3 +197,39 @@ async def test_the_test_cluster_starts_again_when_a_node_cannot_bind_its_port(tm
         cluster.stop()
         taken.close()
 
+
+async def test_a_service_starting_while_the_cluster_has_no_quorum_serves_once_it_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A durable consumer cannot be made while two nodes of three are away: the service
+    waits for them and then serves, rather than failing its start."""
+    cluster = start_deploy_cluster(tmp_path / "cluster")
+    core = await cluster.connect(permissions.CORE, node=0)
+    away = cluster.processes[1:]
+    handled: list[PeerRevoked] = []
+    try:
+        await core.ensure_streams(3)
+
+        async def handle(state: PeerRevoked) -> None:
+            handled.append(state)
+
+        durables = core.stream_router()
+        durables.consumer(handle, stream=streams.PEERS.name, durable="core-peers", filter_subject=subjects.PEER_ALL)
+        for process in away:
+            process.send_signal(signal.SIGSTOP)
+        caplog.clear()
+        serving = asyncio.create_task(core.serve(durables))
+        await eventually(lambda: "waiting for JetStream" in caplog.text or serving.done(),
+                         timeout=30, what="a request for the consumer to go unanswered")
+        for process in away:
+            process.send_signal(signal.SIGCONT)
+        await asyncio.wait_for(serving, 60)
+        state = PeerRevoked(location_id=1, device_id=7, generation=1, pubkey="k7", reason=RevokeReason.IDLE)
+        await nats_direct.jetstream(core.broker, 10).publish(subjects.peer(1, 7), state.model_dump_json().encode())
+        await eventually(lambda: handled, timeout=15, what="the consumer to be served")
+        assert handled == [state]
+    finally:
+        for process in away:
+            process.send_signal(signal.SIGCONT)
+        await core.close()
+        cluster.stop()
