@@ -164,8 +164,9 @@ TIMEOUTS = (nats.errors.TimeoutError, asyncio.TimeoutError, TimeoutError)
 NOT_CONNECTED = (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError)
 
 
-async def _ensure_streams(js: JetStreamContext, replicas: int, limits: streams.StreamLimits | None) -> None:
+async def declare_streams(broker: NatsBroker, replicas: int, limits: streams.StreamLimits | None, *, timeout: float) -> None:
     """Create the streams, or bring an existing one to this configuration."""
+    js = jetstream(broker, timeout)
     for base in streams.ALL_STREAMS:
         config = (limits or streams.StreamLimits()).apply(dataclasses.replace(base, num_replicas=replicas))
         try:
@@ -175,10 +176,6 @@ async def _ensure_streams(js: JetStreamContext, replicas: int, limits: streams.S
                 raise
             log.info("updating stream %s to the current configuration", config.name)
             await js.update_stream(config)
-
-
-async def declare_streams(broker: NatsBroker, replicas: int, limits: streams.StreamLimits | None, *, timeout: float) -> None:
-    await _ensure_streams(jetstream(broker, timeout), replicas, limits)
 
 
 def jetstream_not_ready(exc: BaseException) -> str | None:
