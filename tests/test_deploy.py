@@ -17,6 +17,7 @@ from events import permissions, streams, subjects
 from wgmfa.nats_server import nats_server_binary
 from schemas.common import RevokeReason
 from schemas.events import PeerRevoked, UserCreated
+from tests.support import deploy
 from tests.support.deploy import start_deploy_cluster
 from tests.support.stack import REPO, Stack, eventually, free_port
 from wgmfa import credentials as creds
@@ -173,12 +174,12 @@ async def _drain(sub):  # type: ignore[no-untyped-def]
             return
 
 
-async def test_the_test_cluster_starts_again_when_a_node_cannot_bind_its_port(tmp_path: Path, monkeypatch) -> None:
+async def test_the_test_cluster_starts_again_when_a_node_cannot_bind_its_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A port picked free can be taken before its node binds it. Such a node exits, and a
     cluster that misses a node at its first start never elects a JetStream leader: the
     cluster is started again on other ports."""
-    import tests.support.deploy as deploy
-
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()

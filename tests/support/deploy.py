@@ -104,9 +104,10 @@ def start_deploy_cluster(work: Path, ready_timeout_s: float = 30.0) -> Bed:
     gateways = creds.deploy_gateways()
     env = dict(line.split("=", 1) for line in creds.deploy_env(gateways).splitlines())
     seeds = {role: env[creds.env_name(role)] for role in creds.deploy_roles(gateways)}
+    files = creds.deploy_files(gateways)
     failures = []
     for _ in range(START_ATTEMPTS):
-        bed = _start_nodes(work, certs, env, seeds, creds.deploy_files(gateways))
+        bed = _start_nodes(work, certs, env, seeds, files)
         failure = bed.wait_listening(ready_timeout_s)
         if failure is None:
             return bed
